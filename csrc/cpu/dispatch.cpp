@@ -1,0 +1,214 @@
+#include "dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace sparseops::cpu {
+
+// ---- instruction-set selection ---------------------------------------------------------------
+
+static bool cpu_has(Isa isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    case Isa::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default:
+      return true;
+  }
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "default";
+  }
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa isa : {Isa::Default, Isa::Avx2, Isa::Avx512})
+    if (cpu_has(isa)) out.push_back(isa);
+  return out;
+}
+
+static Isa best_isa() { return supported_isas().back(); }
+
+static Isa parse_isa(const std::string& name) {
+  if (name.empty() || name == "auto") return best_isa();
+  for (Isa isa : {Isa::Default, Isa::Avx2, Isa::Avx512}) {
+    if (name == isa_name(isa)) {
+      TORCH_CHECK_VALUE(cpu_has(isa), "sparseops: this CPU does not support the '", name, "' kernels");
+      return isa;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "sparseops: unknown CPU instruction set '", name,
+                    "' (expected auto, default, avx2 or avx512)");
+}
+
+static std::atomic<int>& isa_slot() {
+  // SPARSEOPS_CPU_ISA caps the variant (like ATEN_CPU_CAPABILITY does for torch's own kernels).
+  static std::atomic<int> slot{[] {
+    const char* env = std::getenv("SPARSEOPS_CPU_ISA");
+    return static_cast<int>(parse_isa(env ? env : ""));
+  }()};
+  return slot;
+}
+
+Isa active_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
+void set_active_isa(const std::string& name) { isa_slot().store(static_cast<int>(parse_isa(name))); }
+
+#define SPARSEOPS_ISA_CALL(fn, ...)                                     \
+  switch (active_isa()) {                                               \
+    case Isa::Avx512: return isa_avx512::fn(__VA_ARGS__);               \
+    case Isa::Avx2: return isa_avx2::fn(__VA_ARGS__);                   \
+    default: return isa_default::fn(__VA_ARGS__);                       \
+  }
+
+// ---- parallel execution ----------------------------------------------------------------------
+
+// Runs f(t) for t in [0, n) on torch's pool, handing out tasks one at a time: rows of a pruned
+// matrix differ in length, so a static split would leave threads idle.
+template <class F>
+static void parallel_tasks(int64_t n, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(t);
+  });
+}
+
+// Elementwise work is uniform: a static split in contiguous chunks.
+template <class F>
+static void parallel_range(int64_t n, const F& f) {
+  at::parallel_for(0, n, 32768, f);
+}
+
+template <typename T, typename I>
+void spmm(const SpmmArgs<T, I>& a) {
+  constexpr int64_t MB = spmm_m_block<T>();
+  const int64_t row_blocks = (a.rows + kSpmmRowBlock - 1) / kSpmmRowBlock;
+  const int64_t m_blocks = (a.M + MB - 1) / MB;
+  // Row blocks innermost: consecutive tasks share the same columns of B^T (reuse in L2).
+  parallel_tasks(row_blocks * m_blocks, [&](int64_t t) {
+    const int64_t rb = t % row_blocks, mb = t / row_blocks;
+    const int64_t r0 = rb * kSpmmRowBlock, r1 = std::min(a.rows, r0 + kSpmmRowBlock);
+    SPARSEOPS_ISA_CALL(spmm_tile, a, r0, r1, mb * MB);
+  });
+}
+
+template <typename T, typename I>
+void sddmm(const SddmmArgs<T, I>& a) {
+  constexpr int64_t R = 4;
+  parallel_tasks((a.rows + R - 1) / R, [&](int64_t t) {
+    SPARSEOPS_ISA_CALL(sddmm_rows, a, t * R, std::min(a.rows, (t + 1) * R));
+  });
+}
+
+template <typename T, typename I>
+void gather(const GatherArgs<T, I>& a, int64_t rows) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { SPARSEOPS_ISA_CALL(gather_rows, a, r0, r1); });
+}
+
+template <typename I>
+int64_t count_invalid_csr(const I* row_ptr, const I* col, int64_t rows, int64_t cols, int64_t nnz) {
+  if (row_ptr[0] != 0 || row_ptr[rows] != nnz) return 1;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    int64_t local = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = row_ptr[r], e = row_ptr[r + 1];
+      if (b < 0 || e < b || e > nnz) {
+        ++local;
+        continue;
+      }
+      for (int64_t j = b; j < e; ++j) local += (col[j] < 0) | (col[j] >= cols);
+    }
+    bad += local;
+  });
+  return bad.load();
+}
+template int64_t count_invalid_csr<int32_t>(const int32_t*, const int32_t*, int64_t, int64_t, int64_t);
+template int64_t count_invalid_csr<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t, int64_t);
+
+template <typename T>
+void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt) {
+  constexpr int64_t KB = 16;
+  parallel_tasks((K + KB - 1) / KB, [&](int64_t t) {
+    SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB));
+  });
+}
+
+template <typename T>
+int64_t soft_mask_fwd(const SoftMaskArgs<T>& a) {
+  std::atomic<int64_t> nan{0};
+  parallel_range(a.n, [&](int64_t i0, int64_t i1) {
+    int64_t local = 0;
+    switch (active_isa()) {
+      case Isa::Avx512: local = isa_avx512::soft_mask_fwd(a, i0, i1); break;
+      case Isa::Avx2: local = isa_avx2::soft_mask_fwd(a, i0, i1); break;
+      default: local = isa_default::soft_mask_fwd(a, i0, i1);
+    }
+    nan += local;
+  });
+  return nan.load();
+}
+
+template <typename T>
+void soft_mask_bwd(const SoftMaskArgs<T>& a) {
+  parallel_range(a.n, [&](int64_t i0, int64_t i1) { SPARSEOPS_ISA_CALL(soft_mask_bwd, a, i0, i1); });
+}
+
+template <typename T>
+double soft_mask_sum(const T* s, T beta, int64_t n, int64_t* nan_count) {
+  // Fixed chunks (not one per thread) so the result does not depend on the thread count.
+  constexpr int64_t C = 32768;
+  const int64_t chunks = (n + C - 1) / C;
+  std::vector<double> partial(chunks, 0.0);
+  std::vector<int64_t> nan(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * C, i1 = std::min(n, i0 + C);
+      switch (active_isa()) {
+        case Isa::Avx512: partial[c] = isa_avx512::soft_mask_sum(s, beta, i0, i1, &nan[c]); break;
+        case Isa::Avx2: partial[c] = isa_avx2::soft_mask_sum(s, beta, i0, i1, &nan[c]); break;
+        default: partial[c] = isa_default::soft_mask_sum(s, beta, i0, i1, &nan[c]);
+      }
+    }
+  });
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    total += partial[c];
+    *nan_count += nan[c];
+  }
+  return total;
+}
+
+template <typename T>
+void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n) {
+  parallel_range(n, [&](int64_t i0, int64_t i1) { SPARSEOPS_ISA_CALL(soft_mask_l1_bwd, s, coef, beta, ds, i0, i1); });
+}
+
+#define SPARSEOPS_DISPATCH_TI(T, I)                                  \
+  template void spmm<T, I>(const SpmmArgs<T, I>&);                   \
+  template void sddmm<T, I>(const SddmmArgs<T, I>&);                 \
+  template void gather<T, I>(const GatherArgs<T, I>&, int64_t);
+#define SPARSEOPS_DISPATCH_T(T)                                                           \
+  SPARSEOPS_DISPATCH_TI(T, int32_t)                                                       \
+  SPARSEOPS_DISPATCH_TI(T, int64_t)                                                       \
+  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t);       \
+  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&);                              \
+  template void soft_mask_bwd<T>(const SoftMaskArgs<T>&);                                 \
+  template double soft_mask_sum<T>(const T*, T, int64_t, int64_t*);                       \
+  template void soft_mask_l1_bwd<T>(const T*, T, T, T*, int64_t);
+SPARSEOPS_DISPATCH_T(float)
+SPARSEOPS_DISPATCH_T(double)
+
+}  // namespace sparseops::cpu

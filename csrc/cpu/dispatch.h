@@ -1,0 +1,19 @@
+// Whole-tensor CPU kernels: split into tasks, run in parallel on torch's thread pool, each task
+// on the kernel variant for the instruction set in use (kernels.h).
+#pragma once
+#include "kernels.h"
+
+namespace sparseops::cpu {
+
+template <typename T, typename I> void spmm(const SpmmArgs<T, I>& a);
+template <typename T, typename I> void sddmm(const SddmmArgs<T, I>& a);
+template <typename T, typename I> void gather(const GatherArgs<T, I>& a, int64_t rows);
+// Number of broken CSR entries: row_ptr not rising within [0, nnz], or a column outside [0, cols).
+template <typename I> int64_t count_invalid_csr(const I* row_ptr, const I* col, int64_t rows, int64_t cols, int64_t nnz);
+template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt);
+template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>& a);  // returns the NaN count of s
+template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>& a);
+template <typename T> double soft_mask_sum(const T* s, T beta, int64_t n, int64_t* nan_count);
+template <typename T> void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n);
+
+}  // namespace sparseops::cpu

@@ -1,0 +1,12 @@
+// The CPU kernels compiled for the avx2 instruction set (see kernels_impl.h).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels.h"
+
+#pragma GCC target("avx2,fma")
+namespace sparseops::cpu::isa_avx2 {
+#include "kernels_impl.h"
+}  // namespace sparseops::cpu::isa_avx2

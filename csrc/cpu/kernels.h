@@ -1,0 +1,98 @@
+// ISA-independent interface of the CPU kernels. Each kernel body (kernels_impl.h) is compiled
+// once per instruction set (isa_default.cpp, isa_avx2.cpp, isa_avx512.cpp) and the variant is
+// chosen at run time (dispatch.cpp), so one binary runs on any x86-64 and uses AVX-512 where
+// the CPU has it. Kernels work on one task (a tile or a block of rows); dispatch.cpp runs the
+// tasks in parallel on torch's OpenMP pool.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sparseops::cpu {
+
+enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
+Isa active_isa();
+void set_active_isa(const std::string& name);  // "default", "avx2", "avx512" or "auto"
+std::vector<Isa> supported_isas();
+std::string isa_name(Isa isa);
+
+// Y[m, r] = bias[r] + sum_{j in row r} vals[j] * bt[col[j] * ldb + m]    (Y is M x rows, row stride ldy)
+// bt holds B transposed, zero-padded to ldb columns (a multiple of spmm_m_block<T>()).
+template <typename T, typename I>
+struct SpmmArgs {
+  int64_t rows, M, ldb, ldy;
+  const I* row_ptr;
+  const I* col;
+  const T* vals;
+  const T* bt;
+  const T* bias;  // may be null
+  T* y;
+};
+
+// out[r, c] = dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
+// a and b are zero-padded to ld (a multiple of the vector width) so the dot needs no tail.
+template <typename T, typename I>
+struct SddmmArgs {
+  int64_t rows, cols, ld;
+  const I* row_ptr;
+  const I* col;
+  const T* a;
+  const T* b;
+  T* out;  // rows x cols, dense
+};
+
+// Values of a CSR matrix read from a dense matrix through its indices:
+// vals[j] = w[r * ldr + col[j] * ldc] for j in row r (ldr, ldc pick W or W^T).
+template <typename T, typename I>
+struct GatherArgs {
+  const I* row_ptr;
+  const I* col;
+  const T* w;
+  int64_t ldr, ldc;
+  T* vals;
+};
+
+// Soft mask: m = sigmoid(beta * s); out = w * scale * m;
+// backward dw = g * scale * m, ds = g * w * scale * beta * m * (1 - m).
+template <typename T>
+struct SoftMaskArgs {
+  int64_t n;
+  const T* w;
+  const T* s;
+  const T* g;
+  T beta, scale;
+  T* out;  // forward output, or dw
+  T* ds;   // backward only
+};
+
+#define SPARSEOPS_DECLARE_ISA(ns)                                                         \
+  namespace ns {                                                                          \
+  template <typename T, typename I> void spmm_tile(const SpmmArgs<T, I>&, int64_t r0,     \
+                                                   int64_t r1, int64_t m0);               \
+  template <typename T, typename I> void sddmm_rows(const SddmmArgs<T, I>&, int64_t r0,   \
+                                                    int64_t r1);                          \
+  template <typename T, typename I> void gather_rows(const GatherArgs<T, I>&, int64_t r0, \
+                                                     int64_t r1);                         \
+  template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, \
+                                           T* xt, int64_t ldt, int64_t k0, int64_t k1);   \
+  /* forward; returns how many s in [i0, i1) are NaN */                                  \
+  template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \
+  template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \
+  /* returns sum of sigmoid(beta*s) over [i0, i1); adds the NaN count of s to *bad */         \
+  template <typename T> double soft_mask_sum(const T* s, T beta, int64_t i0, int64_t i1,  \
+                                             int64_t* bad);                               \
+  template <typename T> void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds,          \
+                                              int64_t i0, int64_t i1);                    \
+  }
+
+SPARSEOPS_DECLARE_ISA(isa_default)
+SPARSEOPS_DECLARE_ISA(isa_avx2)
+SPARSEOPS_DECLARE_ISA(isa_avx512)
+
+// Rows of B^T a tile covers (the SpMM register block): 4 vectors of 64 bytes.
+template <typename T>
+constexpr int64_t spmm_m_block() { return 4 * 64 / sizeof(T); }
+// Rows of the sparse operand per SpMM tile.
+constexpr int64_t kSpmmRowBlock = 32;
+
+}  // namespace sparseops::cpu

@@ -1,0 +1,365 @@
+// Kernel bodies, compiled once per instruction set: each isa_*.cpp includes this file inside its
+// own namespace after a `#pragma GCC target(...)`. Written with GCC vector extensions: a 64-byte
+// vector is one zmm register under AVX-512, two ymm under AVX2 and four xmm under SSE2, so the
+// same source gives all three variants. No OpenMP here: dispatch.cpp owns the parallelism.
+// (Included only from isa_*.cpp, after <algorithm>, <cmath>, <cstring> and kernels.h.)
+
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t itype __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t itype __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename V, typename T>
+static inline __attribute__((always_inline)) V loadu(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+static inline __attribute__((always_inline)) void storeu(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+template <typename T, typename V>
+static inline T hsum(V v) {
+  T s = 0;
+  for (int l = 0; l < Vec<T>::W; ++l) s += v[l];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSR SpMM, one tile: rows [r0, r1) of the sparse operand times columns [m0, m0 + MB) of B.
+// NOTE: the vectorised dimension is M (the batch), contiguous in bt, so each kept entry costs
+// MB/W vector FMAs on one broadcast value; two kept entries per step give 8 independent
+// accumulator chains, enough to hide FMA latency. The tile is written out transposed so Y keeps
+// torch's row-major [M, rows] layout without a separate transpose pass.
+template <typename T, typename I>
+void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  constexpr int64_t MB = spmm_m_block<T>();
+  static_assert(MB == 4 * W, "the tile holds 4 vectors per row");
+  alignas(64) T tile[kSpmmRowBlock][MB];
+  const T* bt = a.bt + m0;
+  for (int64_t r = r0; r < r1; ++r) {
+    V p0 = {}, p1 = {}, p2 = {}, p3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
+    int64_t j = a.row_ptr[r];
+    const int64_t end = a.row_ptr[r + 1];
+    for (; j + 1 < end; j += 2) {
+      const T u = a.vals[j], v = a.vals[j + 1];
+      const T* bu = bt + static_cast<int64_t>(a.col[j]) * a.ldb;
+      const T* bv = bt + static_cast<int64_t>(a.col[j + 1]) * a.ldb;
+      p0 += u * loadu<V>(bu);
+      p1 += u * loadu<V>(bu + W);
+      p2 += u * loadu<V>(bu + 2 * W);
+      p3 += u * loadu<V>(bu + 3 * W);
+      q0 += v * loadu<V>(bv);
+      q1 += v * loadu<V>(bv + W);
+      q2 += v * loadu<V>(bv + 2 * W);
+      q3 += v * loadu<V>(bv + 3 * W);
+    }
+    if (j < end) {
+      const T u = a.vals[j];
+      const T* bu = bt + static_cast<int64_t>(a.col[j]) * a.ldb;
+      p0 += u * loadu<V>(bu);
+      p1 += u * loadu<V>(bu + W);
+      p2 += u * loadu<V>(bu + 2 * W);
+      p3 += u * loadu<V>(bu + 3 * W);
+    }
+    T* t = tile[r - r0];
+    storeu(t, p0 + q0);
+    storeu(t + W, p1 + q1);
+    storeu(t + 2 * W, p2 + q2);
+    storeu(t + 3 * W, p3 + q3);
+  }
+  const int64_t m1 = std::min(a.M, m0 + MB);
+  const int64_t nr = r1 - r0;
+  for (int64_t m = m0; m < m1; ++m) {
+    T* yrow = a.y + m * a.ldy + r0;
+    const int64_t mm = m - m0;
+    if (a.bias) {
+      for (int64_t r = 0; r < nr; ++r) yrow[r] = tile[r][mm] + a.bias[r0 + r];
+    } else {
+      for (int64_t r = 0; r < nr; ++r) yrow[r] = tile[r][mm];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDDMM over rows [r0, r1): out[r, c] = dot(a[r], b[c]) for kept (r, c); the rest of the row is 0.
+// NOTE: four kept entries share each load of a[r] (1.25 loads per FMA instead of 2).
+template <typename T, typename I>
+void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  const int64_t ld = s.ld;  // a multiple of 4 * W
+  for (int64_t r = r0; r < r1; ++r) {
+    T* orow = s.out + r * s.cols;
+    std::fill(orow, orow + s.cols, T(0));
+    const T* ar = s.a + r * ld;
+    int64_t j = s.row_ptr[r];
+    const int64_t end = s.row_ptr[r + 1];
+    for (; j + 3 < end; j += 4) {
+      const T* b0 = s.b + static_cast<int64_t>(s.col[j]) * ld;
+      const T* b1 = s.b + static_cast<int64_t>(s.col[j + 1]) * ld;
+      const T* b2 = s.b + static_cast<int64_t>(s.col[j + 2]) * ld;
+      const T* b3 = s.b + static_cast<int64_t>(s.col[j + 3]) * ld;
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {}, d0 = {}, d1 = {}, d2 = {}, d3 = {};
+      for (int64_t m = 0; m < ld; m += 2 * W) {
+        const V x0 = loadu<V>(ar + m), x1 = loadu<V>(ar + m + W);
+        c0 += x0 * loadu<V>(b0 + m);
+        d0 += x1 * loadu<V>(b0 + m + W);
+        c1 += x0 * loadu<V>(b1 + m);
+        d1 += x1 * loadu<V>(b1 + m + W);
+        c2 += x0 * loadu<V>(b2 + m);
+        d2 += x1 * loadu<V>(b2 + m + W);
+        c3 += x0 * loadu<V>(b3 + m);
+        d3 += x1 * loadu<V>(b3 + m + W);
+      }
+      orow[s.col[j]] = hsum<T>(c0 + d0);
+      orow[s.col[j + 1]] = hsum<T>(c1 + d1);
+      orow[s.col[j + 2]] = hsum<T>(c2 + d2);
+      orow[s.col[j + 3]] = hsum<T>(c3 + d3);
+    }
+    for (; j < end; ++j) {
+      const T* b0 = s.b + static_cast<int64_t>(s.col[j]) * ld;
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int64_t m = 0; m < ld; m += 4 * W) {
+        c0 += loadu<V>(ar + m) * loadu<V>(b0 + m);
+        c1 += loadu<V>(ar + m + W) * loadu<V>(b0 + m + W);
+        c2 += loadu<V>(ar + m + 2 * W) * loadu<V>(b0 + m + 2 * W);
+        c3 += loadu<V>(ar + m + 3 * W) * loadu<V>(b0 + m + 3 * W);
+      }
+      orow[s.col[j]] = hsum<T>((c0 + c1) + (c2 + c3));
+    }
+  }
+}
+
+template <typename T, typename I>
+void gather_rows(const GatherArgs<T, I>& g, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* wr = g.w + r * g.ldr;
+    for (int64_t j = g.row_ptr[r], end = g.row_ptr[r + 1]; j < end; ++j)
+      g.vals[j] = wr[static_cast<int64_t>(g.col[j]) * g.ldc];
+  }
+}
+
+// xt[k, m] = x[m, k] for k in [k0, k1), m < M; xt[k, m] = 0 for M <= m < ldt (the SpMM padding).
+template <typename T>
+void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
+                   int64_t k1) {
+  (void)K;
+  constexpr int64_t B = 16;
+  for (int64_t mb = 0; mb < M; mb += B) {
+    const int64_t me = std::min(M, mb + B);
+    for (int64_t k = k0; k < k1; ++k) {
+      T* dst = xt + k * ldt;
+      for (int64_t m = mb; m < me; ++m) dst[m] = x[m * ldx + k];
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * ldt + M, xt + (k + 1) * ldt, T(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sigmoid. float: vectorised e^x (Cephes-style: x = n ln2 + r, degree-6 polynomial, ~1 ulp).
+// e^-z overflows to +inf for z < -88.37, so m is exactly 0 there, as in torch.sigmoid, and the
+// derivative m * (1 - m) = m * (e * m) is computed without cancellation and set to 0 where m is.
+typedef Vec<float>::type VF;
+typedef Vec<float>::itype VI;
+
+static inline VF vexp(VF x) {
+  const VF hi = VF{} + 88.3762626647949f, lo = VF{} - 87.3365478515625f;
+  const VF inf = VF{} + __builtin_inff();
+  const VF xc = x > hi ? hi : (x < lo ? lo : x);
+  const VF magic = VF{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VF nf = (xc * 1.44269504088896341f + magic) - magic;
+  const VF r = (xc - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  VF p = VF{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const VF y = p * (r * r) + r + 1.0f;
+  const VI n = __builtin_convertvector(nf, VI);
+  const VI bits = (n + 127) << 23;
+  VF e = y * (VF)bits;  // a cast between vector types of one size is a bit cast
+  e = x > hi ? inf : e;
+  return x < lo ? VF{} : e;
+}
+
+static inline void vsigmoid(VF z, VF& m, VF& dm) {
+  const VF e = vexp(-z);
+  m = 1.0f / (1.0f + e);
+  dm = e < __builtin_inff() ? m * (e * m) : VF{};
+}
+
+static inline void ssigmoid(double z, double& m, double& dm) {
+  const double e = std::exp(-z);
+  m = 1.0 / (1.0 + e);
+  dm = std::isinf(e) ? 0.0 : m * (e * m);
+}
+
+// Loads n < W floats into a zero-padded vector (the tail of an elementwise loop).
+static inline VF load_tail(const float* p, int64_t n) {
+  VF v = {};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+static inline void store_tail(float* p, VF v, int64_t n) {
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+
+template <typename T>
+int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
+  int64_t bad = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = Vec<float>::W;
+    VI nan = {};
+    int64_t i = i0;
+    for (; i + W <= i1; i += W) {
+      const VF s = loadu<VF>(a.s + i);
+      VF m, dm;
+      vsigmoid(s * a.beta, m, dm);
+      storeu(a.out + i, loadu<VF>(a.w + i) * a.scale * m);
+      nan |= s != s;
+    }
+    if (i < i1) {
+      const int64_t n = i1 - i;
+      const VF s = load_tail(a.s + i, n);
+      VF m, dm;
+      vsigmoid(s * a.beta, m, dm);
+      store_tail(a.out + i, load_tail(a.w + i, n) * a.scale * m, n);
+      nan |= s != s;
+    }
+    for (int l = 0; l < W; ++l) bad -= nan[l];  // true lanes are -1
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      double m, dm;
+      ssigmoid(a.beta * a.s[i], m, dm);
+      a.out[i] = a.w[i] * a.scale * m;
+      bad += std::isnan(a.s[i]);
+    }
+  }
+  return bad;
+}
+
+template <typename T>
+void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
+  const T sb = a.scale * a.beta;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = Vec<float>::W;
+    int64_t i = i0;
+    for (; i + W <= i1; i += W) {
+      VF m, dm;
+      vsigmoid(loadu<VF>(a.s + i) * a.beta, m, dm);
+      const VF g = loadu<VF>(a.g + i);
+      storeu(a.out + i, g * a.scale * m);
+      storeu(a.ds + i, g * loadu<VF>(a.w + i) * sb * dm);
+    }
+    if (i < i1) {
+      const int64_t n = i1 - i;
+      VF m, dm;
+      vsigmoid(load_tail(a.s + i, n) * a.beta, m, dm);
+      const VF g = load_tail(a.g + i, n);
+      store_tail(a.out + i, g * a.scale * m, n);
+      store_tail(a.ds + i, g * load_tail(a.w + i, n) * sb * dm, n);
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      double m, dm;
+      ssigmoid(a.beta * a.s[i], m, dm);
+      a.out[i] = a.g[i] * a.scale * m;
+      a.ds[i] = a.g[i] * a.w[i] * sb * dm;
+    }
+  }
+}
+
+template <typename T>
+double soft_mask_sum(const T* s, T beta, int64_t i0, int64_t i1, int64_t* bad) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = Vec<float>::W;
+    VF acc = {};
+    VI nan = {};
+    double total = 0;
+    int64_t i = i0;
+    for (int64_t blk = 0; i + W <= i1; i += W) {
+      const VF x = loadu<VF>(s + i);
+      VF m, dm;
+      vsigmoid(x * beta, m, dm);
+      acc += m;
+      nan |= x != x;
+      if (++blk == 1024) {  // spill to double now and then: a float sum of millions drifts
+        total += hsum<float>(acc);
+        acc = VF{};
+        blk = 0;
+      }
+    }
+    if (i < i1) {
+      const int64_t n = i1 - i;
+      const VF x = load_tail(s + i, n);
+      VF m, dm;
+      vsigmoid(x * beta, m, dm);
+      for (int64_t l = 0; l < n; ++l) acc[l] += m[l];
+      nan |= x != x;
+    }
+    for (int l = 0; l < W; ++l) *bad -= nan[l];
+    return total + hsum<float>(acc);
+  } else {
+    double total = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      double m, dm;
+      ssigmoid(beta * s[i], m, dm);
+      total += m;
+      *bad += std::isnan(s[i]);
+    }
+    return total;
+  }
+}
+
+template <typename T>
+void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t i0, int64_t i1) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = Vec<float>::W;
+    int64_t i = i0;
+    for (; i + W <= i1; i += W) {
+      VF m, dm;
+      vsigmoid(loadu<VF>(s + i) * beta, m, dm);
+      storeu(ds + i, dm * coef);
+    }
+    if (i < i1) {
+      VF m, dm;
+      vsigmoid(load_tail(s + i, i1 - i) * beta, m, dm);
+      store_tail(ds + i, dm * coef, i1 - i);
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      double m, dm;
+      ssigmoid(beta * s[i], m, dm);
+      ds[i] = coef * dm;
+    }
+  }
+}
+
+// Explicit instantiations for float/double and int32/int64 indices.
+#define SPARSEOPS_INSTANTIATE_TI(T, I)                                                  \
+  template void spmm_tile<T, I>(const SpmmArgs<T, I>&, int64_t, int64_t, int64_t);     \
+  template void sddmm_rows<T, I>(const SddmmArgs<T, I>&, int64_t, int64_t);             \
+  template void gather_rows<T, I>(const GatherArgs<T, I>&, int64_t, int64_t);
+#define SPARSEOPS_INSTANTIATE_T(T)                                                      \
+  SPARSEOPS_INSTANTIATE_TI(T, int32_t)                                                  \
+  SPARSEOPS_INSTANTIATE_TI(T, int64_t)                                                  \
+  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t,      \
+                                 int64_t, int64_t);                                     \
+  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);         \
+  template void soft_mask_bwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);            \
+  template double soft_mask_sum<T>(const T*, T, int64_t, int64_t, int64_t*);           \
+  template void soft_mask_l1_bwd<T>(const T*, T, T, T*, int64_t, int64_t);
+SPARSEOPS_INSTANTIATE_T(float)
+SPARSEOPS_INSTANTIATE_T(double)

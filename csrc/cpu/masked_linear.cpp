@@ -1,0 +1,236 @@
+// CPU implementations of masked_linear and its backward (schemas in csrc/ops.cpp), and the dense
+// fallback used where the mask is too dense for the sparse kernels to win.
+//
+// Data flow: x [M, K] is transposed once into xt [K, ldt] (zero-padded to the SpMM's M block) so
+// that each kept weight w[n, k] multiplies a contiguous row xt[k, :]; the forward is a CSR SpMM of
+// W's layout, dx the same kernel on W^T's layout and grad^T, dw an SDDMM of grad^T and xt rows at
+// the kept entries. Weight values are gathered from the dense w through the indices on every call.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "dispatch.h"
+
+namespace sparseops {
+namespace {
+
+struct Dims {
+  int64_t M, K, N, nnz;
+};
+
+Dims check_layout(const char* op, const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                  const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {
+  TORCH_CHECK_VALUE(w.dim() == 2, "sparseops.", op, ": w must be 2-D [out_features, in_features], got shape ",
+                    w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  check_index(op, row_ptr, "layout.row_ptr", N + 1);
+  const int64_t nnz = col_idx.numel();
+  check_index(op, col_idx, "layout.col_idx", -1);
+  check_index(op, t_row_ptr, "layout.t_row_ptr", K + 1);
+  check_index(op, t_col_idx, "layout.t_col_idx", nnz);
+  for (const auto* t : {&row_ptr, &col_idx, &t_row_ptr, &t_col_idx}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == row_ptr.scalar_type(), "sparseops.", op,
+                     ": the layout's index tensors must share one dtype, got ", row_ptr.scalar_type(), " and ",
+                     t->scalar_type());
+    check_same_device(op, w, "w", *t, "layout");
+  }
+  TORCH_CHECK_VALUE(nnz <= N * K, "sparseops.", op, ": layout has ", nnz, " entries for a ", N, "x", K,
+                    " weight");
+  return {0, K, N, nnz};
+}
+
+// Raises if a CSR structure is broken, so a bad layout never reads out of bounds.
+void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col, int64_t rows, int64_t cols,
+               const char* which) {
+  auto rp = row_ptr.contiguous(), c = col.contiguous();
+  int64_t bad = 0;
+  AT_DISPATCH_INDEX_TYPES(rp.scalar_type(), "check_csr", [&] {
+    bad = cpu::count_invalid_csr(rp.data_ptr<index_t>(), c.data_ptr<index_t>(), rows, cols, c.numel());
+  });
+  TORCH_CHECK_VALUE(bad == 0, "sparseops.", op, ": the layout's ", which,
+                    " CSR is invalid (row pointers must rise from 0 to nnz and columns lie in [0, ", cols,
+                    ")); rebuild it with sparseops.layout.csr_layout(mask)");
+}
+
+int64_t padded_rows(int64_t M, at::ScalarType st) {
+  const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
+  return std::max<int64_t>(1, (M + MB - 1) / MB) * MB;
+}
+
+// a [M, C] (row-major) -> [C, ldt] with zero padding.
+at::Tensor transpose_padded(const at::Tensor& a, int64_t ldt) {
+  const int64_t M = a.size(0), C = a.size(1);
+  auto out = at::empty({C, ldt}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "transpose_pad", [&] {
+    cpu::transpose_pad(a.data_ptr<scalar_t>(), M, C, C, out.data_ptr<scalar_t>(), ldt);
+  });
+  return out;
+}
+
+// Values of a CSR layout of W (ldr = K, ldc = 1) or of W^T (ldr = 1, ldc = K), gathered from w.
+at::Tensor gather_values(const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& col, int64_t ldr,
+                         int64_t ldc) {
+  auto vals = at::empty({col.numel()}, w.options());
+  const int64_t rows = row_ptr.numel() - 1;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "gather_values", [&] {
+    AT_DISPATCH_INDEX_TYPES(row_ptr.scalar_type(), "gather_values", [&] {
+      cpu::GatherArgs<scalar_t, index_t> g{row_ptr.data_ptr<index_t>(), col.data_ptr<index_t>(),
+                                           w.data_ptr<scalar_t>(), ldr, ldc, vals.data_ptr<scalar_t>()};
+      cpu::gather(g, rows);
+    });
+  });
+  return vals;
+}
+
+// y [M, rows] = A (CSR, rows x cols) @ B where bt = B^T padded [cols, ldt].
+void spmm_into(at::Tensor& y, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
+               const at::Tensor& bt, int64_t M, const at::Tensor& bias) {
+  const int64_t rows = row_ptr.numel() - 1;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "spmm", [&] {
+    AT_DISPATCH_INDEX_TYPES(row_ptr.scalar_type(), "spmm", [&] {
+      cpu::SpmmArgs<scalar_t, index_t> a{rows,
+                                         M,
+                                         bt.size(1),
+                                         rows,
+                                         row_ptr.data_ptr<index_t>(),
+                                         col.data_ptr<index_t>(),
+                                         vals.data_ptr<scalar_t>(),
+                                         bt.data_ptr<scalar_t>(),
+                                         bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                                         y.data_ptr<scalar_t>()};
+      cpu::spmm(a);
+    });
+  });
+}
+
+void check_bias(const char* op, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_floating(op, *bias, "bias", false);
+  check_same_dtype(op, w, "w", *bias, "bias");
+  check_same_device(op, w, "w", *bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), "sparseops.", op,
+                    ": bias must have shape [", w.size(0), "], got ", bias->sizes());
+}
+
+void check_x(const char* op, const at::Tensor& x, const at::Tensor& w, const char* name = "x") {
+  check_floating(op, x, name, false);
+  check_floating(op, w, "w", false);
+  check_same_dtype(op, w, "w", x, name);
+  check_same_device(op, w, "w", x, name);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sparseops.", op, ": ", name, " must have at least one dimension");
+}
+
+at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                             const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear";
+  check_x(op, x, w);
+  auto d = check_layout(op, w, row_ptr, col_idx, t_row_ptr, t_col_idx);
+  check_bias(op, w, bias);
+  TORCH_CHECK_VALUE(x.size(-1) == d.K, "sparseops.masked_linear: x has ", x.size(-1),
+                    " features in its last dimension but w expects ", d.K);
+  check_csr(op, row_ptr, col_idx, d.N, d.K, "row");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = d.N;
+  const int64_t M = x.numel() / std::max<int64_t>(d.K, 1);
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto y = at::empty({M, d.N}, x.options());
+  if (M == 0 || d.N == 0) return y.view(out_shape);
+  auto wc = w.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const int64_t ldt = padded_rows(M, x.scalar_type());
+  auto xt = transpose_padded(x.reshape({M, d.K}).contiguous(), ldt);
+  auto vals = gather_values(wc, rp, ci, d.K, 1);
+  spmm_into(y, rp, ci, vals, xt, M, b);
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_ptr,
+    const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+    std::array<bool, 3> output_mask) {
+  const char* op = "masked_linear_backward";
+  check_x(op, x, w);
+  check_x(op, grad, w, "grad");
+  auto d = check_layout(op, w, row_ptr, col_idx, t_row_ptr, t_col_idx);
+  TORCH_CHECK_VALUE(x.size(-1) == d.K, "sparseops.", op, ": x has ", x.size(-1), " features, w expects ", d.K);
+  TORCH_CHECK_VALUE(grad.size(-1) == d.N && grad.numel() / std::max<int64_t>(d.N, 1) ==
+                                                x.numel() / std::max<int64_t>(d.K, 1),
+                    "sparseops.", op, ": grad has shape ", grad.sizes(), ", expected the output shape of x ",
+                    x.sizes(), " through a ", d.N, "x", d.K, " weight");
+  const int64_t M = x.numel() / std::max<int64_t>(d.K, 1);
+  at::Tensor dx, dw, db;
+  auto empty = at::empty({0}, w.options());
+  const int64_t ldt = padded_rows(M, x.scalar_type());
+  auto g2 = grad.reshape({M, d.N}).contiguous();
+  at::Tensor gt;
+  if ((output_mask[0] || output_mask[1]) && M > 0) gt = transpose_padded(g2, ldt);
+  if (output_mask[0]) {
+    check_csr(op, t_row_ptr, t_col_idx, d.K, d.N, "transposed");
+    dx = at::empty({M, d.K}, x.options());
+    if (M > 0 && d.K > 0) {
+      auto rp = t_row_ptr.contiguous(), ci = t_col_idx.contiguous();
+      auto vals = gather_values(w.contiguous(), rp, ci, 1, d.K);
+      spmm_into(dx, rp, ci, vals, gt, M, at::Tensor());
+    }
+    dx = dx.view(x.sizes());
+  }
+  if (output_mask[1]) {
+    check_csr(op, row_ptr, col_idx, d.N, d.K, "row");
+    if (M == 0) {
+      dw = at::zeros_like(w);
+    } else {
+      auto xt = transpose_padded(x.reshape({M, d.K}).contiguous(), ldt);
+      dw = at::empty({d.N, d.K}, w.options());
+      auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sddmm", [&] {
+        AT_DISPATCH_INDEX_TYPES(rp.scalar_type(), "sddmm", [&] {
+          cpu::SddmmArgs<scalar_t, index_t> a{d.N,
+                                              d.K,
+                                              ldt,
+                                              rp.data_ptr<index_t>(),
+                                              ci.data_ptr<index_t>(),
+                                              gt.data_ptr<scalar_t>(),
+                                              xt.data_ptr<scalar_t>(),
+                                              dw.data_ptr<scalar_t>()};
+          cpu::sddmm(a);
+        });
+      });
+    }
+  }
+  if (output_mask[2]) db = g2.sum(0);
+  return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
+}
+
+// The dense fallback (any device): the masked weight is a temporary, freed when the GEMM returns.
+at::Tensor masked_linear_dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask,
+                               const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear_dense";
+  check_defined(op, x, "x");
+  check_defined(op, w, "w");
+  check_defined(op, mask, "mask");
+  TORCH_CHECK_VALUE(w.dim() == 2, "sparseops.", op, ": w must be 2-D, got shape ", w.sizes());
+  TORCH_CHECK_VALUE(mask.sizes() == w.sizes(), "sparseops.", op, ": mask must have the shape of w ", w.sizes(),
+                    ", got ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "sparseops.", op, ": mask must be bool, got ",
+                   mask.scalar_type());
+  check_same_device(op, w, "w", x, "x");
+  check_same_device(op, w, "w", mask, "mask");
+  check_same_dtype(op, w, "w", x, "x");
+  if (bias.has_value() && bias->defined()) check_same_dtype(op, w, "w", *bias, "bias");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.size(1), "sparseops.", op, ": x has shape ", x.sizes(),
+                    " but w expects ", w.size(1), " input features");
+  return at::linear(x, w * mask, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
+  m.impl("masked_linear", &masked_linear_cpu);
+  m.impl("masked_linear_backward", &masked_linear_backward_cpu);
+  m.impl("masked_linear_dense", &masked_linear_dense);
+}
+
+// The dense fallback is plain ATen, so the same function serves CUDA tensors.
+TORCH_LIBRARY_IMPL(sparseops, CUDA, m) { m.impl("masked_linear_dense", &masked_linear_dense); }
+
+}  // namespace sparseops

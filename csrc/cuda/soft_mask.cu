@@ -1,0 +1,198 @@
+// CUDA kernels for the Continuous Sparsification soft mask (schemas in csrc/ops.cpp).
+// Elementwise, one pass each, grid-stride loops; fp32/fp64/fp16/bf16 storage, fp32 math for the
+// half types. Launched on the current stream; no host synchronisation except soft_mask_l1_backward,
+// which reads its scalar gradient on the device instead of on the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+namespace sparseops {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// m = sigmoid(z), dm = m * (1 - m) computed as m * (e * m) with e = exp(-z): no cancellation, and
+// exactly 0 where exp overflows (m == 0), as torch.sigmoid saturates.
+template <typename A>
+__device__ __forceinline__ void sigmoid_pair(A z, A& m, A& dm) {
+  const A e = exp(-z);
+  m = A(1) / (A(1) + e);
+  dm = isinf(e) ? A(0) : m * (e * m);
+}
+
+int blocks_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 8));
+}
+
+template <typename T>
+__global__ void soft_mask_fwd_kernel(const T* __restrict__ w, const T* __restrict__ s, T* __restrict__ out,
+                                     int64_t n, float beta, float scale) {
+  using A = typename Acc<T>::type;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A m, dm;
+    sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
+    out[i] = static_cast<T>(A(w[i]) * A(scale) * m);
+  }
+}
+
+template <typename T>
+__global__ void soft_mask_bwd_kernel(const T* __restrict__ g, const T* __restrict__ w, const T* __restrict__ s,
+                                     T* __restrict__ dw, T* __restrict__ ds, int64_t n, float beta, float scale) {
+  using A = typename Acc<T>::type;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A m, dm;
+    sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
+    const A gi = A(g[i]);
+    dw[i] = static_cast<T>(gi * A(scale) * m);
+    ds[i] = static_cast<T>(gi * A(w[i]) * A(scale) * A(beta) * dm);
+  }
+}
+
+// Block-level sum of sigmoid(beta*s) into one double per block (deterministic second pass on host side
+// of the graph: at::sum over the partials).
+template <typename T>
+__global__ void soft_mask_sum_kernel(const T* __restrict__ s, double* __restrict__ partial, int64_t n, float beta) {
+  using A = typename Acc<T>::type;
+  __shared__ double buf[256];
+  double acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A m, dm;
+    sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
+    acc += double(m);
+  }
+  buf[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = buf[0];
+}
+
+template <typename T>
+__global__ void soft_mask_l1_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ s, T* __restrict__ ds,
+                                        int64_t n, float beta, float scale) {
+  using A = typename Acc<T>::type;
+  const A coef = A(grad[0]) * A(scale) * A(beta);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A m, dm;
+    sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
+    ds[i] = static_cast<T>(coef * dm);
+  }
+}
+
+void check_pair(const char* op, const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
+  check_floating(op, w, "w", true);
+  check_floating(op, s, "s", true);
+  check_same_device(op, w, "w", s, "s");
+  check_same_dtype(op, w, "w", s, "s");
+  TORCH_CHECK_VALUE(w.sizes() == s.sizes(), "sparseops.", op, ": s must have the shape of w ", w.sizes(), ", got ",
+                    s.sizes());
+  check_finite(op, beta, "beta");
+  check_finite(op, scale, "scale");
+}
+
+constexpr int kThreads = 256;
+
+at::Tensor soft_mask_cuda(const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
+  check_pair("soft_mask", w, s, beta, scale);
+  const c10::cuda::CUDAGuard guard(w.device());
+  auto wc = w.contiguous(), sc = s.contiguous();
+  auto out = at::empty_like(wc);
+  const int64_t n = wc.numel();
+  if (n == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_mask_cuda", [&] {
+    soft_mask_fwd_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        wc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, beta, scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_mask_backward_cuda(const at::Tensor& grad, const at::Tensor& w,
+                                                           const at::Tensor& s, double beta, double scale) {
+  check_pair("soft_mask_backward", w, s, beta, scale);
+  check_floating("soft_mask_backward", grad, "grad", true);
+  check_same_device("soft_mask_backward", w, "w", grad, "grad");
+  check_same_dtype("soft_mask_backward", w, "w", grad, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "sparseops.soft_mask_backward: grad must have the shape of w");
+  const c10::cuda::CUDAGuard guard(w.device());
+  auto gc = grad.contiguous(), wc = w.contiguous(), sc = s.contiguous();
+  auto dw = at::empty_like(wc), ds = at::empty_like(sc);
+  const int64_t n = wc.numel();
+  if (n == 0) return {dw, ds};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_mask_backward_cuda", [&] {
+    soft_mask_bwd_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        gc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+        ds.data_ptr<scalar_t>(), n, beta, scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dw, ds};
+}
+
+at::Tensor soft_mask_l1_cuda(const at::Tensor& s, double beta, double scale) {
+  check_floating("soft_mask_l1", s, "s", true);
+  check_finite("soft_mask_l1", beta, "beta");
+  check_finite("soft_mask_l1", scale, "scale");
+  const c10::cuda::CUDAGuard guard(s.device());
+  auto sc = s.contiguous();
+  const int64_t n = sc.numel();
+  const int blocks = std::min(blocks_for(n, kThreads), 1024);
+  auto partial = at::zeros({blocks}, s.options().dtype(at::kDouble));
+  if (n > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "soft_mask_l1_cuda", [&] {
+      soft_mask_sum_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(sc.data_ptr<scalar_t>(),
+                                                                       partial.data_ptr<double>(), n, beta);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return (partial.sum() * scale).to(s.scalar_type());
+}
+
+at::Tensor soft_mask_l1_backward_cuda(const at::Tensor& grad, const at::Tensor& s, double beta, double scale) {
+  check_floating("soft_mask_l1_backward", s, "s", true);
+  check_floating("soft_mask_l1_backward", grad, "grad", true);
+  check_same_device("soft_mask_l1_backward", s, "s", grad, "grad");
+  TORCH_CHECK_VALUE(grad.numel() == 1, "sparseops.soft_mask_l1_backward: grad must be a scalar");
+  const c10::cuda::CUDAGuard guard(s.device());
+  auto sc = s.contiguous();
+  auto gc = grad.reshape({1}).to(s.scalar_type()).contiguous();
+  auto ds = at::empty_like(sc);
+  const int64_t n = sc.numel();
+  if (n == 0) return ds;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "soft_mask_l1_backward_cuda", [&] {
+    soft_mask_l1_bwd_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), n, beta, scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ds;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
+  m.impl("soft_mask", &soft_mask_cuda);
+  m.impl("soft_mask_backward", &soft_mask_backward_cuda);
+  m.impl("soft_mask_l1", &soft_mask_l1_cuda);
+  m.impl("soft_mask_l1_backward", &soft_mask_l1_backward_cuda);
+}
+
+}  // namespace sparseops
+
+// `import sparseops._cuda` loads this library; its static initialisers register the kernels above.
+#include <Python.h>
+extern "C" PyObject* PyInit__cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,55 @@
+// Every sparseops op schema, in one place. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake (meta) implementations and autograd formulas are registered from sparseops/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+#include <string>
+#include <vector>
+
+extern "C" {
+// `import sparseops._C` loads this library, whose static initialisers register the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparseops, m) {
+  // Continuous Sparsification soft mask: out = w * scale * sigmoid(beta * s).
+  m.def("soft_mask(Tensor w, Tensor s, float beta, float scale) -> Tensor");
+  // One pass: dw = g * scale * m, ds = g * w * scale * beta * m * (1 - m).
+  m.def("soft_mask_backward(Tensor grad, Tensor w, Tensor s, float beta, float scale) -> (Tensor, Tensor)");
+  // CS penalty: scale * sum(sigmoid(beta * s)), a 0-dim tensor in s's dtype.
+  m.def("soft_mask_l1(Tensor s, float beta, float scale) -> Tensor");
+  // ds = grad * scale * beta * m * (1 - m), grad a 0-dim tensor.
+  m.def("soft_mask_l1_backward(Tensor grad, Tensor s, float beta, float scale) -> Tensor");
+
+  // y = x @ (w * mask)^T + bias with the mask given as CSR of W (row_ptr, col_idx) and of W^T
+  // (t_row_ptr, t_col_idx); weight values are read from the dense w through the indices.
+  m.def("masked_linear(Tensor x, Tensor w, Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr, "
+        "Tensor t_col_idx, Tensor? bias) -> Tensor");
+  // Backward of masked_linear in one op (grad is transposed once for both products):
+  // dx = grad @ (w * mask) as an SpMM with the transposed layout, dw = grad^T @ x at kept entries
+  // only (SDDMM; zero elsewhere), dbias = grad summed over rows. Outputs not asked for in
+  // output_mask come back as empty tensors.
+  m.def("masked_linear_backward(Tensor grad, Tensor x, Tensor w, Tensor row_ptr, Tensor col_idx, "
+        "Tensor t_row_ptr, Tensor t_col_idx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The dense fallback: the same math through dense GEMMs, used where the mask is too dense for
+  // the sparse kernels to win. Saves nothing but its inputs (no masked copy of w is kept).
+  m.def("masked_linear_dense(Tensor x, Tensor w, Tensor mask, Tensor? bias) -> Tensor");
+
+  // Introspection for `python -m sparseops info` and tests of every ISA variant.
+  m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
+  m.def("_cpu_isa_supported() -> str[]", [] {
+    std::vector<std::string> out;
+    for (auto isa : sparseops::cpu::supported_isas()) out.push_back(sparseops::cpu::isa_name(isa));
+    return out;
+  });
+  m.def("_set_cpu_isa(str isa) -> str", [](const std::string& name) {
+    auto previous = sparseops::cpu::isa_name(sparseops::cpu::active_isa());
+    sparseops::cpu::set_active_isa(name);
+    return previous;
+  });
+}

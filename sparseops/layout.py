@@ -1,0 +1,122 @@
+"""Mask -> compressed index structures for the sparse kernels.
+
+A `CsrLayout` holds the CSR structure of W (row_ptr, col_idx) and of W^T (t_row_ptr, t_col_idx)
+for one boolean mask, with int32 indices where they fit. It holds no weight values: kernels read
+them from the dense weight through the indices on every call, because weights change every
+optimiser step while masks change only when pruning.
+
+`csr_layout(mask)` caches the layout per mask tensor and rebuilds it when the mask's version
+counter moves, so a mask edited in place (`mask[...] = 0`, `mask.copy_(...)`, `mask.mul_(...)`)
+is never served stale. Writes that bypass the version counter (through `mask.data`, or from
+outside torch, e.g. a numpy view) are not seen: call `invalidate(mask)` after those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, eq=False)
+class CsrLayout:
+    mask: torch.Tensor  # bool, [out_features, in_features]
+    row_ptr: torch.Tensor  # [N + 1]
+    col_idx: torch.Tensor  # [nnz]
+    t_row_ptr: torch.Tensor  # [K + 1], CSR of W^T
+    t_col_idx: torch.Tensor  # [nnz]
+    nnz: int
+    # A detached alias of the mask it was built from: it shares that tensor's version counter,
+    # so an in-place edit of the mask makes the layout stale (and never silently used).
+    source: torch.Tensor
+    built_version: int
+
+    @property
+    def stale(self) -> bool:
+        return self.source._version != self.built_version
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)
+
+    @property
+    def density(self) -> float:
+        n = self.mask.numel()
+        return self.nnz / n if n else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def tensors(self):
+        """The index tensors in the order the ops take them."""
+        return self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx
+
+    def __repr__(self):
+        return (f"CsrLayout(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
+                f"index_dtype={self.row_ptr.dtype}, device={self.mask.device})")
+
+
+def as_bool_mask(mask, *, name: str = "mask") -> torch.Tensor:
+    """Validates a mask (bool, or numbers that are all 0 or 1) and returns it as bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sparseops: {name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.layout != torch.strided:
+        raise ValueError(f"sparseops: {name} must be a dense tensor, got layout {mask.layout}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"sparseops: {name} must be bool or real 0/1 values, got {mask.dtype}")
+    binary = (mask == 0) | (mask == 1)
+    if not bool(binary.all()):
+        bad = mask[~binary].flatten()[:3].tolist()
+        raise ValueError(f"sparseops: {name} must hold only 0 and 1 (or be bool); found values such as {bad}")
+    return mask != 0
+
+
+def _csr(mask: torch.Tensor, index_dtype: torch.dtype):
+    rows = mask.shape[0]
+    nz = mask.nonzero()  # row-major order: rows ascending, columns ascending within a row
+    counts = torch.bincount(nz[:, 0], minlength=rows)
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    return row_ptr.to(index_dtype), nz[:, 1].to(index_dtype).contiguous()
+
+
+def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
+    """Builds a CsrLayout from a 2-D mask without caching."""
+    m = as_bool_mask(mask)
+    if m.dim() != 2:
+        raise ValueError(f"sparseops: mask must be 2-D [out_features, in_features], got shape {tuple(m.shape)}")
+    nnz = int(m.sum())
+    index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
+    row_ptr, col_idx = _csr(m, index_dtype)
+    t_row_ptr, t_col_idx = _csr(m.t(), index_dtype)
+    return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, mask.detach(), mask._version)
+
+
+_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _key(mask: torch.Tensor):
+    return (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)
+
+
+def csr_layout(mask: torch.Tensor) -> CsrLayout:
+    """The CsrLayout of `mask`, from the cache when the mask has not changed since it was built."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
+    key = _key(mask)
+    hit = _cache.get(mask)
+    if hit is not None and hit[0] == key and not hit[1].stale:
+        return hit[1]
+    layout = build_csr_layout(mask)
+    _cache[mask] = (key, layout)
+    return layout
+
+
+def invalidate(mask: torch.Tensor) -> None:
+    """Forgets the cached layout of `mask` (after writes the version counter does not see)."""
+    _cache.pop(mask, None)

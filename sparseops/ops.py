@@ -1,0 +1,314 @@
+"""Python side of the sparseops ops: fake (meta) implementations and autograd formulas for the
+schemas declared in csrc/ops.cpp, the backend choice, and the public functions that use them.
+
+Backend rules (../shared/DESIGN.md): `auto` runs the compiled kernel for the tensors' device and,
+for the masked matmul, the dense fallback where the mask is denser than the measured break-even
+(thresholds.json). `SPARSEOPS_BACKEND` or `sparseops.backend(...)` forces one of
+cpu | cuda | triton | reference | dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from importlib import resources
+from numbers import Real
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+from . import reference
+from .layout import CsrLayout, csr_layout
+
+try:  # the CUDA kernels live in a second library, built only where nvcc and a CUDA torch are
+    from . import _cuda  # noqa: F401
+
+    CUDA_EXTENSION_ERROR = None
+except ImportError as exc:  # a CPU-only build, or CUDA libraries that cannot be loaded here
+    CUDA_EXTENSION_ERROR = str(exc)
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
+ops = torch.ops.sparseops
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+
+
+def _load_thresholds() -> dict:
+    with resources.files(__package__).joinpath("thresholds.json").open() as f:
+        return json.load(f)
+
+
+THRESHOLDS = _load_thresholds()
+
+
+def _env_backend() -> str:
+    name = os.environ.get("SPARSEOPS_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"sparseops: SPARSEOPS_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def _env_max_density() -> float | None:
+    v = os.environ.get("SPARSEOPS_MAX_DENSITY")
+    return None if v in (None, "") else _check_density(float(v), "SPARSEOPS_MAX_DENSITY")
+
+
+def _check_density(v, name):
+    if not isinstance(v, Real) or not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"sparseops: {name} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.backend = _env_backend()
+        self.max_density = _env_max_density()
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def backend(name: str | None = None, *, max_density: float | None = None):
+    """Forces a backend (and/or the density above which masked ops run dense) inside a block.
+
+    >>> with sparseops.backend("reference"):
+    ...     y = sparseops.masked_linear(x, w, mask)
+    """
+    if name is not None:
+        name = str(name).lower()
+        if name not in BACKENDS:
+            raise ValueError(f"sparseops.backend: name must be one of {BACKENDS}, got {name!r}")
+    if max_density is not None:
+        max_density = _check_density(max_density, "sparseops.backend: max_density")
+    saved = (_state.backend, _state.max_density)
+    _state.backend = name or saved[0]
+    _state.max_density = saved[1] if max_density is None else max_density
+    try:
+        yield
+    finally:
+        _state.backend, _state.max_density = saved
+
+
+def get_backend() -> str:
+    return _state.backend
+
+
+def max_density(op: str, device_type: str) -> float:
+    """The density above which `op` runs its dense fallback on `device_type`."""
+    if _state.max_density is not None:
+        return _state.max_density
+    return float(THRESHOLDS.get(device_type, {}).get(op, 1.0))
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
+
+
+def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
+    """Which implementation of `op` runs for tensors on `device`: a name from BACKENDS."""
+    name = _state.backend
+    if name == "auto":
+        if device.type in kernels and has_kernel(op, device.type):
+            return device.type
+        return "reference"
+    if name in ("reference", "dense"):
+        return name
+    if name == "triton":
+        raise NotImplementedError(f"sparseops.{op}: there is no Triton kernel for this op yet")
+    if name not in kernels or not has_kernel(op, name):
+        why = f" ({CUDA_EXTENSION_ERROR})" if name == "cuda" and CUDA_EXTENSION_ERROR else ""
+        raise NotImplementedError(f"sparseops.{op}: no compiled {name} kernel for this op{why}")
+    if device.type != name:
+        raise ValueError(f"sparseops.{op}: backend {name!r} needs {name} tensors, got tensors on {device}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft mask (Continuous Sparsification)
+
+
+def _check_scalar(op: str, v, name: str) -> float:
+    if isinstance(v, torch.Tensor) or not isinstance(v, Real) or isinstance(v, bool):
+        raise TypeError(f"sparseops.{op}: {name} must be a Python number, got {type(v).__name__}")
+    return float(v)
+
+
+@torch.library.register_fake("sparseops::soft_mask")
+def _(w, s, beta, scale):
+    torch._check(w.shape == s.shape, lambda: f"sparseops.soft_mask: s must have the shape of w {tuple(w.shape)}")
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("sparseops::soft_mask_backward")
+def _(grad, w, s, beta, scale):
+    return (torch.empty_like(w, memory_format=torch.contiguous_format),
+            torch.empty_like(s, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("sparseops::soft_mask_l1")
+def _(s, beta, scale):
+    return s.new_empty(())
+
+
+@torch.library.register_fake("sparseops::soft_mask_l1_backward")
+def _(grad, s, beta, scale):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+def _soft_mask_setup(ctx, inputs, output):
+    w, s, beta, scale = inputs
+    ctx.save_for_backward(w, s)
+    ctx.beta, ctx.scale = beta, scale
+
+
+def _soft_mask_backward(ctx, grad):
+    w, s = ctx.saved_tensors
+    dw, ds = ops.soft_mask_backward(grad, w, s, ctx.beta, ctx.scale)
+    return dw, ds, None, None
+
+
+torch.library.register_autograd("sparseops::soft_mask", _soft_mask_backward, setup_context=_soft_mask_setup)
+
+
+def _soft_mask_l1_setup(ctx, inputs, output):
+    s, beta, scale = inputs
+    ctx.save_for_backward(s)
+    ctx.beta, ctx.scale = beta, scale
+
+
+def _soft_mask_l1_backward(ctx, grad):
+    (s,) = ctx.saved_tensors
+    return ops.soft_mask_l1_backward(grad, s, ctx.beta, ctx.scale), None, None
+
+
+torch.library.register_autograd("sparseops::soft_mask_l1", _soft_mask_l1_backward,
+                                setup_context=_soft_mask_l1_setup)
+
+
+def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torch.Tensor:
+    """`w * scale * sigmoid(beta * s)`, Continuous Sparsification's masked weight, fused: one pass
+    forward and one pass for both gradients. `scale` is 1/sigmoid(s0) in the official CS code."""
+    beta = _check_scalar("soft_mask", beta, "beta")
+    scale = _check_scalar("soft_mask", scale, "scale")
+    if not isinstance(w, torch.Tensor) or not isinstance(s, torch.Tensor):
+        raise TypeError("sparseops.soft_mask: w and s must be tensors")
+    if _resolve("soft_mask", w.device, ("cpu", "cuda")) == "reference":
+        return reference.soft_mask(w, s, beta, scale)
+    return ops.soft_mask(w, s, beta, scale)
+
+
+def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torch.Tensor:
+    """`scale * sum(sigmoid(beta * s))`, CS's penalty on the mask, with a fused gradient."""
+    beta = _check_scalar("soft_mask_l1", beta, "beta")
+    scale = _check_scalar("soft_mask_l1", scale, "scale")
+    if not isinstance(s, torch.Tensor):
+        raise TypeError("sparseops.soft_mask_l1: s must be a tensor")
+    if _resolve("soft_mask_l1", s.device, ("cpu", "cuda")) == "reference":
+        return reference.soft_mask_l1(s, beta, scale)
+    return ops.soft_mask_l1(s, beta, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked linear
+
+
+@torch.library.register_fake("sparseops::masked_linear")
+def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
+    torch._check(w.dim() == 2, lambda: "sparseops.masked_linear: w must be 2-D")
+    torch._check(x.shape[-1] == w.shape[1], lambda: "sparseops.masked_linear: x and w disagree on in_features")
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.register_fake("sparseops::masked_linear_backward")
+def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
+    empty = w.new_empty((0,))
+    return (x.new_empty(x.shape) if output_mask[0] else empty,
+            w.new_empty(w.shape) if output_mask[1] else empty,
+            w.new_empty((w.shape[0],)) if output_mask[2] else empty)
+
+
+@torch.library.register_fake("sparseops::masked_linear_dense")
+def _(x, w, mask, bias):
+    torch._check(x.shape[-1] == w.shape[1], lambda: "sparseops.masked_linear_dense: x and w disagree")
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _masked_linear_setup(ctx, inputs, output):
+    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias = inputs
+    ctx.save_for_backward(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward(ctx, grad):
+    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[6]
+    dx, dw, db = ops.masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx,
+                                            [need_x, need_w, need_b])
+    return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None)
+
+
+torch.library.register_autograd("sparseops::masked_linear", _masked_linear_backward,
+                                setup_context=_masked_linear_setup)
+
+
+def _masked_linear_dense_setup(ctx, inputs, output):
+    x, w, mask, bias = inputs
+    ctx.save_for_backward(x, w, mask)  # all alive anyway: no masked copy of w is kept
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_dense_backward(ctx, grad):
+    x, w, mask = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[3]
+    g2 = grad.reshape(-1, w.shape[0])
+    dx = (grad @ (w * mask)) if need_x else None
+    dw = (g2.t() @ x.reshape(-1, w.shape[1])).mul_(mask) if need_w else None
+    db = g2.sum(0) if need_b else None
+    return dx, dw, None, db
+
+
+torch.library.register_autograd("sparseops::masked_linear_dense", _masked_linear_dense_backward,
+                                setup_context=_masked_linear_dense_setup)
+
+
+def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (w * mask)^T + bias` where only the kept weights cost time.
+
+    `layout` is a CsrLayout (sparseops.layout.csr_layout(mask)) or the mask itself (bool or 0/1,
+    shape of w), whose layout is then built once and cached until the mask changes. `x` may have
+    any leading dimensions. Gradients: dx through the transposed layout, dw at kept entries only
+    (zero elsewhere), dbias as usual.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("sparseops.masked_linear: x and w must be tensors")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"sparseops.masked_linear: bias must be a tensor or None, got {type(bias).__name__}")
+    if isinstance(layout, torch.Tensor):
+        layout = csr_layout(layout)
+    elif not isinstance(layout, CsrLayout):
+        raise TypeError("sparseops.masked_linear: layout must be a CsrLayout or a mask tensor, "
+                        f"got {type(layout).__name__}")
+    elif layout.stale:
+        raise ValueError("sparseops.masked_linear: layout is stale (its mask was changed in place after it "
+                         "was built); call sparseops.layout.csr_layout(mask) again, or pass the mask")
+    if tuple(w.shape) != layout.shape:
+        raise ValueError(f"sparseops.masked_linear: the mask has shape {layout.shape} but w has {tuple(w.shape)}")
+    if layout.mask.device != w.device:
+        raise ValueError(f"sparseops.masked_linear: the mask is on {layout.mask.device} but w is on {w.device}")
+    impl = _resolve("masked_linear", w.device, ("cpu",))
+    if impl == "reference":
+        if _state.backend == "reference":
+            return reference.masked_linear(x, w, layout.mask, bias)
+        impl = "dense"  # no sparse kernel for this device yet: the fused dense path
+    if impl == "cpu" and _state.backend == "auto" and layout.density > max_density("masked_linear", "cpu"):
+        impl = "dense"
+    if impl == "dense":
+        return ops.masked_linear_dense(x, w, layout.mask, bias)
+    return ops.masked_linear(x, w, *layout.tensors(), bias)

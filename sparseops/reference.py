@@ -1,0 +1,19 @@
+"""Plain-torch implementations of every sparseops op: the ground truth the kernels are tested
+against (in float64 on the CPU), and the path for devices without a compiled kernel."""
+import torch
+import torch.nn.functional as F
+
+
+def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
+    """Continuous Sparsification's soft mask: w * scale * sigmoid(beta * s)."""
+    return w * scale * torch.sigmoid(beta * s)
+
+
+def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
+    """CS's L0 surrogate penalty: scale * sum(sigmoid(beta * s))."""
+    return scale * torch.sigmoid(beta * s).sum()
+
+
+def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
+    """x @ (w * mask)^T + bias."""
+    return F.linear(x, w * mask, bias)
