@@ -103,9 +103,16 @@ def max_density(op: str, device_type: str) -> float:
     return float(THRESHOLDS.get(device_type, {}).get(op, 1.0))
 
 
+# Which compiled kernels are registered, read once (a plain dict is cheap and torch.compile-friendly).
+_KERNELS = {
+    (op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
+    for op in ("soft_mask", "soft_mask_l1", "masked_linear", "masked_linear_dense")
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
+    return _KERNELS.get((op, device_type), False)
 
 
 def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
@@ -129,6 +136,17 @@ def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Soft mask (Continuous Sparsification)
+
+
+def _check_tensors(op: str, **tensors) -> None:
+    """Dense tensors on one device (the dispatcher would otherwise pick a device silently)."""
+    for name, t in tensors.items():
+        if t is not None and t.layout != torch.strided:
+            raise ValueError(f"sparseops.{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"sparseops.{op}: all tensors must be on one device, got {listing}")
 
 
 def _check_scalar(op: str, v, name: str) -> float:
@@ -196,6 +214,7 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float 
     scale = _check_scalar("soft_mask", scale, "scale")
     if not isinstance(w, torch.Tensor) or not isinstance(s, torch.Tensor):
         raise TypeError("sparseops.soft_mask: w and s must be tensors")
+    _check_tensors("soft_mask", w=w, s=s)
     if _resolve("soft_mask", w.device, ("cpu", "cuda")) == "reference":
         return reference.soft_mask(w, s, beta, scale)
     return ops.soft_mask(w, s, beta, scale)
@@ -207,6 +226,7 @@ def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torc
     scale = _check_scalar("soft_mask_l1", scale, "scale")
     if not isinstance(s, torch.Tensor):
         raise TypeError("sparseops.soft_mask_l1: s must be a tensor")
+    _check_tensors("soft_mask_l1", s=s)
     if _resolve("soft_mask_l1", s.device, ("cpu", "cuda")) == "reference":
         return reference.soft_mask_l1(s, beta, scale)
     return ops.soft_mask_l1(s, beta, scale)
@@ -225,10 +245,8 @@ def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
 
 @torch.library.register_fake("sparseops::masked_linear_backward")
 def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
-    empty = w.new_empty((0,))
-    return (x.new_empty(x.shape) if output_mask[0] else empty,
-            w.new_empty(w.shape) if output_mask[1] else empty,
-            w.new_empty((w.shape[0],)) if output_mask[2] else empty)
+    shapes = (x.shape, w.shape, (w.shape[0],))  # outputs not asked for are distinct empty tensors
+    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
 
 
 @torch.library.register_fake("sparseops::masked_linear_dense")
@@ -295,13 +313,12 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     elif not isinstance(layout, CsrLayout):
         raise TypeError("sparseops.masked_linear: layout must be a CsrLayout or a mask tensor, "
                         f"got {type(layout).__name__}")
-    elif layout.stale:
+    elif not torch.compiler.is_compiling() and layout.stale:  # version counters are not traceable
         raise ValueError("sparseops.masked_linear: layout is stale (its mask was changed in place after it "
                          "was built); call sparseops.layout.csr_layout(mask) again, or pass the mask")
     if tuple(w.shape) != layout.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {layout.shape} but w has {tuple(w.shape)}")
-    if layout.mask.device != w.device:
-        raise ValueError(f"sparseops.masked_linear: the mask is on {layout.mask.device} but w is on {w.device}")
+    _check_tensors("masked_linear", x=x, w=w, mask=layout.mask, bias=bias)
     impl = _resolve("masked_linear", w.device, ("cpu",))
     if impl == "reference":
         if _state.backend == "reference":

@@ -52,6 +52,11 @@ void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col,
                     ")); rebuild it with sparseops.layout.csr_layout(mask)");
 }
 
+// Rows of x seen as a matrix: the product of its leading dimensions.
+int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
 int64_t padded_rows(int64_t M, at::ScalarType st) {
   const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
   return std::max<int64_t>(1, (M + MB - 1) / MB) * MB;
@@ -132,7 +137,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at:
   check_csr(op, row_ptr, col_idx, d.N, d.K, "row");
   auto out_shape = x.sizes().vec();
   out_shape.back() = d.N;
-  const int64_t M = x.numel() / std::max<int64_t>(d.K, 1);
+  const int64_t M = leading_rows(x);
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   auto y = at::empty({M, d.N}, x.options());
   if (M == 0 || d.N == 0) return y.view(out_shape);
@@ -153,13 +158,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   check_x(op, grad, w, "grad");
   auto d = check_layout(op, w, row_ptr, col_idx, t_row_ptr, t_col_idx);
   TORCH_CHECK_VALUE(x.size(-1) == d.K, "sparseops.", op, ": x has ", x.size(-1), " features, w expects ", d.K);
-  TORCH_CHECK_VALUE(grad.size(-1) == d.N && grad.numel() / std::max<int64_t>(d.N, 1) ==
-                                                x.numel() / std::max<int64_t>(d.K, 1),
+  TORCH_CHECK_VALUE(grad.size(-1) == d.N && leading_rows(grad) == leading_rows(x),
                     "sparseops.", op, ": grad has shape ", grad.sizes(), ", expected the output shape of x ",
                     x.sizes(), " through a ", d.N, "x", d.K, " weight");
-  const int64_t M = x.numel() / std::max<int64_t>(d.K, 1);
+  const int64_t M = leading_rows(x);
   at::Tensor dx, dw, db;
-  auto empty = at::empty({0}, w.options());
   const int64_t ldt = padded_rows(M, x.scalar_type());
   auto g2 = grad.reshape({M, d.N}).contiguous();
   at::Tensor gt;
@@ -198,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     }
   }
   if (output_mask[2]) db = g2.sum(0);
-  return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
+  // Outputs not asked for are distinct empty tensors (outputs of an op must not alias).
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };
+  return {or_empty(dx), or_empty(dw), or_empty(db)};
 }
 
 // The dense fallback (any device): the masked weight is a temporary, freed when the GEMM returns.

@@ -1,0 +1,43 @@
+# The README's commands. Each creates .venv if missing, installs what is needed, builds the
+# extension (incrementally), then runs.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# torch 2.14.1 (CUDA 13 build; runs without a GPU) lets CI compile the CUDA kernels with nvcc.
+# For a small CPU-only setup: make TORCH_SPEC=torch==2.13.0 test
+TORCH_SPEC ?= torch==2.14.1
+STAMP := $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC))))
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
+BENCH_OUT ?= benchmarks/results/cpu-$(shell date +%Y%m%d-%H%M%S).json
+
+.PHONY: install build test demo bench info wheel clean
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy "setuptools>=64" ninja packaging
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sparseops/.built: $(STAMP) $(SOURCES)
+	$(PYTHON) setup.py -q build_ext --inplace
+	touch $@
+
+build: sparseops/.built
+
+test: build
+	$(PYTHON) -m pytest tests
+
+demo: build
+	$(PYTHON) -m sparseops demo
+
+info: build
+	$(PYTHON) -m sparseops info
+
+bench: build
+	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_OUT) -q
+	$(PYTHON) benchmarks/report.py $(BENCH_OUT)
+
+clean:
+	rm -rf build sparseops/*.so sparseops/.built *.egg-info
