@@ -97,6 +97,7 @@ def extensions():
                 "sparseops._cuda",
                 sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
                 include_dirs=include_dirs,
+                define_macros=[("SPARSEOPS_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')],
                 extra_compile_args={
                     "cxx": opt + ["-std=c++20"],
                     "nvcc": opt + ["-std=c++20", "-lineinfo",

@@ -327,5 +327,7 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     if impl == "cpu" and _state.backend == "auto" and layout.density > max_density("masked_linear", "cpu"):
         impl = "dense"
     if impl == "dense":
+        if layout.nnz == layout.mask.numel():  # nothing pruned (IMP's level 0): exactly nn.Linear
+            return torch.nn.functional.linear(x, w, bias)
         return ops.masked_linear_dense(x, w, layout.mask, bias)
     return ops.masked_linear(x, w, *layout.tensors(), bias)

@@ -181,6 +181,14 @@ at::Tensor soft_mask_l1_backward_cuda(const at::Tensor& grad, const at::Tensor& 
 
 }  // namespace
 
+#ifndef SPARSEOPS_CUDA_ARCHS
+#define SPARSEOPS_CUDA_ARCHS "unknown"
+#endif
+// The GPU targets this library was compiled for, for `python -m sparseops info`.
+TORCH_LIBRARY_FRAGMENT(sparseops, m) {
+  m.def("_cuda_arch_list() -> str", [] { return std::string(SPARSEOPS_CUDA_ARCHS); });
+}
+
 TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
   m.impl("soft_mask", &soft_mask_cuda);
   m.impl("soft_mask_backward", &soft_mask_backward_cuda);

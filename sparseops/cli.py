@@ -1,0 +1,65 @@
+"""`python -m sparseops info|demo`."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def info() -> str:
+    import sparseops
+    from sparseops import ops
+
+    lines = [f"sparseops {sparseops.__version__}",
+             f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
+    isa = torch.ops.sparseops._cpu_isa()
+    supported = ", ".join(torch.ops.sparseops._cpu_isa_supported())
+    lines.append(f"CPU backend: compiled; kernels in use: {isa} (this CPU runs: {supported}; "
+                 f"SPARSEOPS_CPU_ISA caps it)")
+    lines.append(f"threads: {torch.get_num_threads()} (torch.set_num_threads / OMP_NUM_THREADS)")
+    if ops.CUDA_EXTENSION_ERROR is None:
+        archs = torch.ops.sparseops._cuda_arch_list()
+        gpu = (torch.cuda.get_device_name() if torch.cuda.is_available()
+               else "no GPU visible: CUDA kernels cannot run here")
+        lines.append(f"CUDA backend: compiled for TORCH_CUDA_ARCH_LIST={archs}; {gpu}")
+        lines.append("  CUDA kernels: soft_mask, soft_mask_l1; masked_linear runs its dense fallback on CUDA")
+    else:
+        lines.append(f"CUDA backend: not available ({ops.CUDA_EXTENSION_ERROR or 'not built'})")
+    try:
+        import triton
+
+        lines.append(f"Triton: {triton.__version__} installed; sparseops has no Triton kernels yet")
+    except ImportError:
+        lines.append("Triton: not installed (pip install 'sparseops[triton]')")
+    density = ops.max_density("masked_linear", "cpu")
+    lines.append(f"backend: {ops.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
+                 f"density {density:g} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparseops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, compiled backends, CPU features, threads")
+    demo = sub.add_parser("demo", help="train a masked MLP on scikit-learn's digits: dense vs sparseops")
+    demo.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.9, 0.95, 0.98, 0.99])
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--hidden", type=int, default=2048)
+    demo.add_argument("--batch-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    elif args.command == "demo":
+        from .demo import run
+
+        run(sparsities=args.sparsities, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size,
+            seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from sparseops.layout import build_csr_layout, csr_layout, invalidate
+
+
+def dense_from_csr(row_ptr, col, shape):
+    out = torch.zeros(shape, dtype=torch.bool)
+    for r in range(shape[0]):
+        out[r, col[row_ptr[r]:row_ptr[r + 1]].long()] = True
+    return out
+
+
+@pytest.mark.parametrize("shape,p", [((1, 1), 1.0), ((1, 1), 0.0), ((7, 13), 0.5), ((40, 3), 0.1), ((3, 40), 0.9)])
+def test_csr_and_transpose_describe_the_mask(shape, p):
+    mask = torch.rand(shape) < p
+    lay = build_csr_layout(mask)
+    assert lay.row_ptr.dtype == torch.int32 and lay.col_idx.dtype == torch.int32
+    assert lay.nnz == int(mask.sum()) == lay.col_idx.numel() == lay.t_col_idx.numel()
+    assert torch.equal(dense_from_csr(lay.row_ptr, lay.col_idx, shape), mask)
+    assert torch.equal(dense_from_csr(lay.t_row_ptr, lay.t_col_idx, shape[::-1]), mask.t())
+    assert lay.density == pytest.approx(mask.float().mean().item())
+    assert lay.mask.dtype == torch.bool
+
+
+def test_zero_one_masks_of_any_dtype():
+    mask = (torch.rand(5, 6) < 0.5)
+    for m in (mask.float(), mask.double(), mask.to(torch.uint8), mask.long()):
+        assert torch.equal(build_csr_layout(m).mask, mask)
+
+
+def test_cache_hits_until_the_mask_changes():
+    mask = torch.rand(8, 9) < 0.5
+    a = csr_layout(mask)
+    assert csr_layout(mask) is a
+    mask[0] = True  # in-place edit bumps the version counter
+    b = csr_layout(mask)
+    assert b is not a and b.nnz == int(mask.sum())
+    mask.mul_(False)
+    assert csr_layout(mask).nnz == 0
+    # writes through .data bypass the version counter: invalidate() is the way out
+    mask.data.fill_(True)
+    invalidate(mask)
+    assert csr_layout(mask).nnz == mask.numel()
+
+
+def test_float_mask_edits_are_seen():
+    mask = torch.ones(4, 4)
+    assert csr_layout(mask).nnz == 16
+    mask[1, 1] = 0
+    assert csr_layout(mask).nnz == 15
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    ([[1, 0]], TypeError, "torch.Tensor"),
+    (torch.tensor([[0.0, 0.5]]), ValueError, "0 and 1"),
+    (torch.tensor([[2, 1]]), ValueError, "0 and 1"),
+    (torch.ones(2, 2, 2, dtype=torch.bool), ValueError, "2-D"),
+    (torch.ones(3, dtype=torch.bool), ValueError, "2-D"),
+    (torch.ones(2, 2, dtype=torch.complex64), TypeError, "complex"),
+])
+def test_bad_masks(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        csr_layout(bad)
