@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: the providers compared in one run, and peak-memory measurement."""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import sparseops
+
+_libc = ctypes.CDLL("libc.so.6")
+# Serve every allocation over 64 KiB with mmap and give it back on free, so the resident set
+# tracks live tensor memory (glibc would otherwise keep freed blocks and raise its threshold).
+_libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_memory(fn) -> int:
+    """Bytes of memory a call adds at its peak over what was resident before it (Linux VmHWM)."""
+    fn()  # warm: first-call allocations (layouts, caches) are not part of a step
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    base = _status("VmRSS:")
+    fn()
+    return max(0, _status("VmHWM:") - base)
+
+
+def layer_state_bytes(module: nn.Module) -> int:
+    """Bytes held by a layer between steps: parameters, buffers, and (sparseops) the cached layout."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()) + [
+            v for k, v in vars(module).items() if isinstance(v, torch.Tensor)]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    if isinstance(module, sparseops.MaskedLinear):
+        lay = sparseops.csr_layout(module.weight_mask)
+        total += sum(t.numel() * t.element_size() for t in lay.tensors())
+    return total
+
+
+def make_linear(provider: str, in_features: int, out_features: int, mask: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, out_features)
+    if provider == "dense":
+        return lin
+    if provider == "prune":
+        return prune.custom_from_mask(lin, "weight", mask)
+    if provider == "sparseops":
+        return sparseops.MaskedLinear.from_linear(lin, mask)
+    if provider == "torch_sparse_csr":
+        return CsrLinear(lin, mask)
+    raise ValueError(provider)
+
+
+class CsrLinear(nn.Module):
+    """The strongest peer: a torch.sparse CSR weight with autograd through torch.sparse.mm."""
+
+    def __init__(self, lin: nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter((lin.weight.detach() * mask).to_sparse_csr())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return torch.sparse.mm(self.weight, x.t()).t() + self.bias
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def step():
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        layer(x).backward(grad)
+    return step
+
+
+def forward_only(layer: nn.Module, x: torch.Tensor):
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+    return fwd
+
+
+def median_time(fn, repeat: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
