@@ -36,7 +36,7 @@ info: build
 	$(PYTHON) -m sparseops info
 
 bench: build
-	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_OUT) -q
+	$(PYTHON) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-json=$(BENCH_OUT) -q
 	$(PYTHON) benchmarks/report.py $(BENCH_OUT)
 
 clean:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -9,12 +12,6 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 import sparseops
-
-_libc = ctypes.CDLL("libc.so.6")
-# Serve every allocation over 64 KiB with mmap and give it back on free, so the resident set
-# tracks live tensor memory (glibc would otherwise keep freed blocks and raise its threshold).
-_libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-
 
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -25,7 +22,11 @@ def _status(field: str) -> int:
 
 
 def peak_memory(fn) -> int:
-    """Bytes of memory a call adds at its peak over what was resident before it (Linux VmHWM)."""
+    """Bytes of memory a call adds at its peak over what was resident before it (Linux VmHWM).
+
+    Only meaningful in a process where malloc hands large blocks back to the OS on free (see
+    memory.py, which measures in a child process so the timings keep glibc's default behaviour).
+    """
     fn()  # warm: first-call allocations (layouts, caches) are not part of a step
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set
@@ -34,11 +35,23 @@ def peak_memory(fn) -> int:
     return max(0, _status("VmHWM:") - base)
 
 
+def exact_memory_mode():
+    """Serve every allocation over 64 KiB with mmap and return it on free, so the resident set
+    tracks live tensor memory (glibc would otherwise keep freed blocks). Slows allocation down:
+    call it only in a process that measures memory, never in one that measures time."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
 def layer_state_bytes(module: nn.Module) -> int:
     """Bytes held by a layer between steps: parameters, buffers, and (sparseops) the cached layout."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()) + [
-            v for k, v in vars(module).items() if isinstance(v, torch.Tensor)]:
+    tensors = []
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.layout == torch.sparse_csr:
+            tensors += [t.crow_indices(), t.col_indices(), t.values()]
+        else:
+            tensors.append(t)
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -98,3 +111,10 @@ def median_time(fn, repeat: int = 7) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def memory_in_child(module: str, configs: list[dict]) -> list[int]:
+    """Peak bytes of each config's step, measured in a fresh process (see memory.py)."""
+    out = subprocess.run([sys.executable, __file__.replace("common.py", "memory.py"), module],
+                         input=json.dumps(configs), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
