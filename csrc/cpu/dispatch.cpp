@@ -140,7 +140,7 @@ template int64_t count_invalid_csr<int64_t>(const int64_t*, const int64_t*, int6
 
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt) {
-  constexpr int64_t KB = 16;
+  constexpr int64_t KB = 64 / sizeof(T);  // one register-transpose block wide
   parallel_tasks((K + KB - 1) / KB, [&](int64_t t) {
     SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB));
   });

@@ -33,6 +33,28 @@ static inline T hsum(V v) {
   return s;
 }
 
+// In-register transpose of a W x W block held as W vectors (row i in a[i]): log2(W) butterfly
+// stages of two-source shuffles (one vpermt2ps each under AVX-512) instead of W*W scalar moves.
+template <typename T>
+static inline void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
+  using V = typename Vec<T>::type;
+  using I = typename Vec<T>::itype;
+  constexpr int W = Vec<T>::W;
+  for (int s = W / 2; s >= 1; s /= 2) {
+    I lo, hi;  // constant after unrolling
+    for (int k = 0; k < W; ++k) {
+      lo[k] = (k & s) ? W + k - s : k;
+      hi[k] = (k & s) ? W + k : k + s;
+    }
+    for (int i = 0; i < W; ++i) {
+      if (i & s) continue;
+      const V ai = a[i], aj = a[i + s];
+      a[i] = __builtin_shuffle(ai, aj, lo);
+      a[i + s] = __builtin_shuffle(ai, aj, hi);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // CSR SpMM, one tile: rows [r0, r1) of the sparse operand times columns [m0, m0 + MB) of B.
 // NOTE: the vectorised dimension is M (the batch), contiguous in bt, so each kept entry costs
@@ -80,13 +102,28 @@ void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
   }
   const int64_t m1 = std::min(a.M, m0 + MB);
   const int64_t nr = r1 - r0;
+  int64_t rdone = 0;  // rows written by the vector path (full W x W blocks)
+  if (m1 - m0 == MB) {
+    for (; rdone + W <= nr; rdone += W) {
+      const V bias = a.bias ? loadu<V>(a.bias + r0 + rdone) : V{};
+      for (int64_t mb = 0; mb < MB; mb += W) {
+        V blk[W];
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) blk[i] = loadu<V>(&tile[rdone + i][mb]);
+        transpose_block<T>(blk);
+#pragma GCC unroll 16
+        for (int j = 0; j < W; ++j) storeu(a.y + (m0 + mb + j) * a.ldy + r0 + rdone, blk[j] + bias);
+      }
+    }
+  }
+  if (rdone == nr) return;
   for (int64_t m = m0; m < m1; ++m) {
     T* yrow = a.y + m * a.ldy + r0;
     const int64_t mm = m - m0;
     if (a.bias) {
-      for (int64_t r = 0; r < nr; ++r) yrow[r] = tile[r][mm] + a.bias[r0 + r];
+      for (int64_t r = rdone; r < nr; ++r) yrow[r] = tile[r][mm] + a.bias[r0 + r];
     } else {
-      for (int64_t r = 0; r < nr; ++r) yrow[r] = tile[r][mm];
+      for (int64_t r = rdone; r < nr; ++r) yrow[r] = tile[r][mm];
     }
   }
 }
@@ -155,8 +192,21 @@ template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
                    int64_t k1) {
   (void)K;
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
   constexpr int64_t B = 16;
-  for (int64_t mb = 0; mb < M; mb += B) {
+  int64_t mfull = 0;  // rows done by W x W register transposes
+  if (k1 - k0 == W) {
+    for (; mfull + W <= M; mfull += W) {
+      V blk[W];
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (mfull + i) * ldx + k0);
+      transpose_block<T>(blk);
+#pragma GCC unroll 16
+      for (int j = 0; j < W; ++j) storeu(xt + (k0 + j) * ldt + mfull, blk[j]);
+    }
+  }
+  for (int64_t mb = mfull; mb < M; mb += B) {
     const int64_t me = std::min(M, mb + B);
     for (int64_t k = k0; k < k1; ++k) {
       T* dst = xt + k * ldt;
