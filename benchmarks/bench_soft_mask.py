@@ -20,14 +20,18 @@ def make_step(what, provider):
     impl = reference if provider == "eager" else sparseops
     beta, scale = 5.0, 2.0
 
-    def step():
+    def clear():
         w.grad = s.grad = None
+
+    def step():
+        clear()
         out = impl.soft_mask(w, s, beta, scale)
         if what == "soft_mask":
             out.backward(g)
         else:
             torch.autograd.backward([out, 1e-8 * impl.soft_mask_l1(s, beta, scale)], [g, torch.tensor(1.0)])
 
+    step.clear = clear
     return step
 
 

@@ -18,7 +18,7 @@ import sparseops
 from common import median_time
 
 SHAPES = [(512, 768, 3072), (256, 1024, 1024), (128, 2048, 2048)]
-DENSITIES = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6]
+DENSITIES = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
 PATH = Path(sparseops.__file__).with_name("thresholds.json")
 
 
