@@ -48,4 +48,32 @@ inline void check_index(const char* op, const at::Tensor& t, const char* name, i
                     " entries, got ", t.numel());
 }
 
+// Soft-mask ops: w and s of one shape, dtype and device; finite beta and scale.
+inline void check_soft_mask_args(const char* op, const at::Tensor& w, const at::Tensor& s, double beta,
+                                 double scale, bool allow_half) {
+  check_floating(op, w, "w", allow_half);
+  check_floating(op, s, "s", allow_half);
+  check_same_device(op, w, "w", s, "s");
+  check_same_dtype(op, w, "w", s, "s");
+  TORCH_CHECK_VALUE(w.sizes() == s.sizes(), "sparseops.", op, ": s must have the shape of w ", w.sizes(),
+                    ", got ", s.sizes());
+  check_finite(op, beta, "beta");
+  check_finite(op, scale, "scale");
+}
+
+// The incoming gradient of a soft-mask backward: like w.
+inline void check_soft_mask_grad(const char* op, const at::Tensor& grad, const at::Tensor& w, bool allow_half) {
+  check_floating(op, grad, "grad", allow_half);
+  check_same_device(op, w, "w", grad, "grad");
+  check_same_dtype(op, w, "w", grad, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "sparseops.", op, ": grad must have the shape of w ", w.sizes(),
+                    ", got ", grad.sizes());
+}
+
+inline void check_scores(const char* op, const at::Tensor& s, double beta, double scale, bool allow_half) {
+  check_floating(op, s, "s", allow_half);
+  check_finite(op, beta, "beta");
+  check_finite(op, scale, "scale");
+}
+
 }  // namespace sparseops

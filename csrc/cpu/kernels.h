@@ -29,8 +29,9 @@ struct SpmmArgs {
   T* y;
 };
 
-// out[r, c] = dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
+// out[r, c] (+)= dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
 // a and b are zero-padded to ld (a multiple of the vector width) so the dot needs no tail.
+// accumulate = false zeroes each row first; true adds to it (later slabs of the batch).
 template <typename T, typename I>
 struct SddmmArgs {
   int64_t rows, cols, ld;
@@ -39,6 +40,7 @@ struct SddmmArgs {
   const T* a;
   const T* b;
   T* out;  // rows x cols, dense
+  bool accumulate;
 };
 
 // Values of a CSR matrix read from a dense matrix through its indices:

@@ -26,33 +26,49 @@ template <typename V, typename T>
 static inline __attribute__((always_inline)) void storeu(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
-template <typename T, typename V>
-static inline T hsum(V v) {
-  T s = 0;
-  for (int l = 0; l < Vec<T>::W; ++l) s += v[l];
-  return s;
+// Shuffle masks as compile-time constants (a mask built in a loop is assembled lane by lane at
+// run time). xor: lane k takes lane k ^ S; lo/hi: the two halves of a transpose butterfly stage.
+template <typename T, int S, int... K>
+static constexpr typename Vec<T>::itype xor_mask(std::integer_sequence<int, K...>) {
+  return typename Vec<T>::itype{(K ^ S)...};
+}
+template <typename T, int S, int... K>
+static constexpr typename Vec<T>::itype lo_mask(std::integer_sequence<int, K...>) {
+  return typename Vec<T>::itype{((K & S) ? Vec<T>::W + K - S : K)...};
+}
+template <typename T, int S, int... K>
+static constexpr typename Vec<T>::itype hi_mask(std::integer_sequence<int, K...>) {
+  return typename Vec<T>::itype{((K & S) ? Vec<T>::W + K : K + S)...};
+}
+template <typename T>
+using Lanes = std::make_integer_sequence<int, Vec<T>::W>;
+
+// Horizontal sum by log2(W) shuffle-and-add steps (lane k meets lane k ^ S).
+template <typename T, int S = Vec<T>::W / 2>
+static inline T hsum(typename Vec<T>::type v) {
+  v += __builtin_shuffle(v, xor_mask<T, S>(Lanes<T>{}));
+  if constexpr (S > 1) {
+    return hsum<T, S / 2>(v);
+  } else {
+    return v[0];
+  }
 }
 
 // In-register transpose of a W x W block held as W vectors (row i in a[i]): log2(W) butterfly
 // stages of two-source shuffles (one vpermt2ps each under AVX-512) instead of W*W scalar moves.
-template <typename T>
+template <typename T, int S = Vec<T>::W / 2>
 static inline void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
   using V = typename Vec<T>::type;
-  using I = typename Vec<T>::itype;
-  constexpr int W = Vec<T>::W;
-  for (int s = W / 2; s >= 1; s /= 2) {
-    I lo, hi;  // constant after unrolling
-    for (int k = 0; k < W; ++k) {
-      lo[k] = (k & s) ? W + k - s : k;
-      hi[k] = (k & s) ? W + k : k + s;
-    }
-    for (int i = 0; i < W; ++i) {
-      if (i & s) continue;
-      const V ai = a[i], aj = a[i + s];
-      a[i] = __builtin_shuffle(ai, aj, lo);
-      a[i + s] = __builtin_shuffle(ai, aj, hi);
-    }
+  constexpr auto lo = lo_mask<T, S>(Lanes<T>{});
+  constexpr auto hi = hi_mask<T, S>(Lanes<T>{});
+#pragma GCC unroll 16
+  for (int i = 0; i < Vec<T>::W; ++i) {
+    if (i & S) continue;
+    const V ai = a[i], aj = a[i + S];
+    a[i] = __builtin_shuffle(ai, aj, lo);
+    a[i + S] = __builtin_shuffle(ai, aj, hi);
   }
+  if constexpr (S > 1) transpose_block<T, S / 2>(a);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,7 +154,7 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
   const int64_t ld = s.ld;  // a multiple of 4 * W
   for (int64_t r = r0; r < r1; ++r) {
     T* orow = s.out + r * s.cols;
-    std::fill(orow, orow + s.cols, T(0));
+    if (!s.accumulate) std::fill(orow, orow + s.cols, T(0));
     const T* ar = s.a + r * ld;
     int64_t j = s.row_ptr[r];
     const int64_t end = s.row_ptr[r + 1];
@@ -159,10 +175,10 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
         c3 += x0 * loadu<V>(b3 + m);
         d3 += x1 * loadu<V>(b3 + m + W);
       }
-      orow[s.col[j]] = hsum<T>(c0 + d0);
-      orow[s.col[j + 1]] = hsum<T>(c1 + d1);
-      orow[s.col[j + 2]] = hsum<T>(c2 + d2);
-      orow[s.col[j + 3]] = hsum<T>(c3 + d3);
+      orow[s.col[j]] += hsum<T>(c0 + d0);
+      orow[s.col[j + 1]] += hsum<T>(c1 + d1);
+      orow[s.col[j + 2]] += hsum<T>(c2 + d2);
+      orow[s.col[j + 3]] += hsum<T>(c3 + d3);
     }
     for (; j < end; ++j) {
       const T* b0 = s.b + static_cast<int64_t>(s.col[j]) * ld;
@@ -173,7 +189,7 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
         c2 += loadu<V>(ar + m + 2 * W) * loadu<V>(b0 + m + 2 * W);
         c3 += loadu<V>(ar + m + 3 * W) * loadu<V>(b0 + m + 3 * W);
       }
-      orow[s.col[j]] = hsum<T>((c0 + c1) + (c2 + c3));
+      orow[s.col[j]] += hsum<T>((c0 + c1) + (c2 + c3));
     }
   }
 }

@@ -57,19 +57,25 @@ int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
-int64_t padded_rows(int64_t M, at::ScalarType st) {
+// NOTE: the SpMM and SDDMM want x^T and grad^T (the batch dimension contiguous). Transposing the
+// whole batch would hold copies as large as x and grad through the backward; instead the batch is
+// cut into at most kMaxSlabs slabs of rows, each transposed just before use (into one reused
+// buffer), so the extra memory is about a quarter of x and grad, while the SDDMM adds only
+// kMaxSlabs partial dot products per kept weight.
+constexpr int64_t kMaxSlabs = 4;
+
+int64_t slab_rows(int64_t M, at::ScalarType st) {
   const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
-  return std::max<int64_t>(1, (M + MB - 1) / MB) * MB;
+  const int64_t rows = (M + kMaxSlabs - 1) / kMaxSlabs;
+  return std::max<int64_t>(1, (rows + MB - 1) / MB) * MB;
 }
 
-// a [M, C] (row-major) -> [C, ldt] with zero padding.
-at::Tensor transpose_padded(const at::Tensor& a, int64_t ldt) {
-  const int64_t M = a.size(0), C = a.size(1);
-  auto out = at::empty({C, ldt}, a.options());
+// Rows [m0, m0 + rows) of a [M, C] (row-major, contiguous) -> out [C, ld], zero-padded past rows.
+void transpose_slab(const at::Tensor& a, int64_t m0, int64_t rows, at::Tensor& out) {
+  const int64_t C = a.size(1), ld = out.size(1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "transpose_pad", [&] {
-    cpu::transpose_pad(a.data_ptr<scalar_t>(), M, C, C, out.data_ptr<scalar_t>(), ldt);
+    cpu::transpose_pad(a.data_ptr<scalar_t>() + m0 * C, rows, C, C, out.data_ptr<scalar_t>(), ld);
   });
-  return out;
 }
 
 // Values of a CSR layout of W (ldr = K, ldc = 1) or of W^T (ldr = 1, ldc = K), gathered from w.
@@ -141,11 +147,17 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at:
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   auto y = at::empty({M, d.N}, x.options());
   if (M == 0 || d.N == 0) return y.view(out_shape);
-  auto wc = w.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const int64_t ldt = padded_rows(M, x.scalar_type());
-  auto xt = transpose_padded(x.reshape({M, d.K}).contiguous(), ldt);
-  auto vals = gather_values(wc, rp, ci, d.K, 1);
-  spmm_into(y, rp, ci, vals, xt, M, b);
+  auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  auto x2 = x.reshape({M, d.K}).contiguous();
+  const int64_t S = slab_rows(M, x.scalar_type());
+  auto xt = at::empty({d.K, S}, x.options());
+  auto vals = gather_values(w.contiguous(), rp, ci, d.K, 1);
+  for (int64_t m0 = 0; m0 < M; m0 += S) {
+    const int64_t rows = std::min(S, M - m0);
+    transpose_slab(x2, m0, rows, xt);
+    auto y_rows = y.narrow(0, m0, rows);
+    spmm_into(y_rows, rp, ci, vals, xt, rows, b);
+  }
   return y.view(out_shape);
 }
 
@@ -161,46 +173,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   TORCH_CHECK_VALUE(grad.size(-1) == d.N && leading_rows(grad) == leading_rows(x),
                     "sparseops.", op, ": grad has shape ", grad.sizes(), ", expected the output shape of x ",
                     x.sizes(), " through a ", d.N, "x", d.K, " weight");
+  const auto [need_dx, need_dw, need_db] = output_mask;
   const int64_t M = leading_rows(x);
-  at::Tensor dx, dw, db;
-  const int64_t ldt = padded_rows(M, x.scalar_type());
   auto g2 = grad.reshape({M, d.N}).contiguous();
-  at::Tensor gt;
-  if ((output_mask[0] || output_mask[1]) && M > 0) gt = transpose_padded(g2, ldt);
-  if (output_mask[0]) {
+  at::Tensor dx, dw, db, t_rp, t_ci, t_vals, rp, ci, x2, gt, xt;
+  if (need_dx) {
     check_csr(op, t_row_ptr, t_col_idx, d.K, d.N, "transposed");
     dx = at::empty({M, d.K}, x.options());
-    if (M > 0 && d.K > 0) {
-      auto rp = t_row_ptr.contiguous(), ci = t_col_idx.contiguous();
-      auto vals = gather_values(w.contiguous(), rp, ci, 1, d.K);
-      spmm_into(dx, rp, ci, vals, gt, M, at::Tensor());
-    }
-    dx = dx.view(x.sizes());
+    t_rp = t_row_ptr.contiguous();
+    t_ci = t_col_idx.contiguous();
+    if (M > 0) t_vals = gather_values(w.contiguous(), t_rp, t_ci, 1, d.K);
   }
-  if (output_mask[1]) {
+  if (need_dw) {
     check_csr(op, row_ptr, col_idx, d.N, d.K, "row");
-    if (M == 0) {
-      dw = at::zeros_like(w);
-    } else {
-      auto xt = transpose_padded(x.reshape({M, d.K}).contiguous(), ldt);
-      dw = at::empty({d.N, d.K}, w.options());
-      auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+    dw = M > 0 ? at::empty({d.N, d.K}, w.options()) : at::zeros_like(w);
+    rp = row_ptr.contiguous();
+    ci = col_idx.contiguous();
+    x2 = x.reshape({M, d.K}).contiguous();
+  }
+  const int64_t S = slab_rows(M, x.scalar_type());
+  if (need_dx || need_dw) gt = at::empty({d.N, S}, x.options());
+  if (need_dw) xt = at::empty({d.K, S}, x.options());
+  for (int64_t m0 = 0; m0 < M && (need_dx || need_dw); m0 += S) {
+    const int64_t rows = std::min(S, M - m0);
+    transpose_slab(g2, m0, rows, gt);
+    if (need_dx && d.K > 0) {
+      auto dx_rows = dx.narrow(0, m0, rows);
+      spmm_into(dx_rows, t_rp, t_ci, t_vals, gt, rows, at::Tensor());
+    }
+    if (need_dw) {
+      transpose_slab(x2, m0, rows, xt);
       AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sddmm", [&] {
         AT_DISPATCH_INDEX_TYPES(rp.scalar_type(), "sddmm", [&] {
           cpu::SddmmArgs<scalar_t, index_t> a{d.N,
                                               d.K,
-                                              ldt,
+                                              S,
                                               rp.data_ptr<index_t>(),
                                               ci.data_ptr<index_t>(),
                                               gt.data_ptr<scalar_t>(),
                                               xt.data_ptr<scalar_t>(),
-                                              dw.data_ptr<scalar_t>()};
+                                              dw.data_ptr<scalar_t>(),
+                                              /*accumulate=*/m0 > 0};
           cpu::sddmm(a);
         });
       });
     }
   }
-  if (output_mask[2]) db = g2.sum(0);
+  if (need_dx) dx = dx.view(x.sizes());
+  if (need_db) db = g2.sum(0);
   // Outputs not asked for are distinct empty tensors (outputs of an op must not alias).
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };
   return {or_empty(dx), or_empty(dw), or_empty(db)};

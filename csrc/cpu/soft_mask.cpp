@@ -8,30 +8,13 @@
 namespace sparseops {
 namespace {
 
-void check_pair(const char* op, const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
-  check_floating(op, w, "w", false);
-  check_floating(op, s, "s", false);
-  check_same_device(op, w, "w", s, "s");
-  check_same_dtype(op, w, "w", s, "s");
-  TORCH_CHECK_VALUE(w.sizes() == s.sizes(), "sparseops.", op, ": s must have the shape of w ", w.sizes(),
-                    ", got ", s.sizes());
-  check_finite(op, beta, "beta");
-  check_finite(op, scale, "scale");
-}
-
-void check_scores(const char* op, const at::Tensor& s, double beta, double scale) {
-  check_floating(op, s, "s", false);
-  check_finite(op, beta, "beta");
-  check_finite(op, scale, "scale");
-}
-
 void raise_nan(const char* op, int64_t count) {
   TORCH_CHECK_VALUE(count == 0, "sparseops.", op, ": s contains ", count,
                     " NaN value(s); the scores have diverged (check the learning rate)");
 }
 
 at::Tensor soft_mask_cpu(const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
-  check_pair("soft_mask", w, s, beta, scale);
+  check_soft_mask_args("soft_mask", w, s, beta, scale, false);
   auto wc = w.contiguous(), sc = s.contiguous();
   auto out = at::empty_like(wc);
   int64_t nan = 0;
@@ -47,12 +30,8 @@ at::Tensor soft_mask_cpu(const at::Tensor& w, const at::Tensor& s, double beta, 
 
 std::tuple<at::Tensor, at::Tensor> soft_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& w,
                                                           const at::Tensor& s, double beta, double scale) {
-  check_pair("soft_mask_backward", w, s, beta, scale);
-  check_floating("soft_mask_backward", grad, "grad", false);
-  check_same_device("soft_mask_backward", w, "w", grad, "grad");
-  check_same_dtype("soft_mask_backward", w, "w", grad, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "sparseops.soft_mask_backward: grad must have the shape of w ",
-                    w.sizes(), ", got ", grad.sizes());
+  check_soft_mask_args("soft_mask_backward", w, s, beta, scale, false);
+  check_soft_mask_grad("soft_mask_backward", grad, w, false);
   auto gc = grad.contiguous(), wc = w.contiguous(), sc = s.contiguous();
   auto dw = at::empty_like(wc), ds = at::empty_like(sc);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "soft_mask_backward", [&] {
@@ -65,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> soft_mask_backward_cpu(const at::Tensor& grad
 }
 
 at::Tensor soft_mask_l1_cpu(const at::Tensor& s, double beta, double scale) {
-  check_scores("soft_mask_l1", s, beta, scale);
+  check_scores("soft_mask_l1", s, beta, scale, false);
   auto sc = s.contiguous();
   int64_t nan = 0;
   double total = 0;
@@ -77,7 +56,7 @@ at::Tensor soft_mask_l1_cpu(const at::Tensor& s, double beta, double scale) {
 }
 
 at::Tensor soft_mask_l1_backward_cpu(const at::Tensor& grad, const at::Tensor& s, double beta, double scale) {
-  check_scores("soft_mask_l1_backward", s, beta, scale);
+  check_scores("soft_mask_l1_backward", s, beta, scale, false);
   check_floating("soft_mask_l1_backward", grad, "grad", false);
   check_same_device("soft_mask_l1_backward", s, "s", grad, "grad");
   TORCH_CHECK_VALUE(grad.numel() == 1, "sparseops.soft_mask_l1_backward: grad must be a scalar, got shape ",

@@ -88,21 +88,10 @@ __global__ void soft_mask_l1_bwd_kernel(const T* __restrict__ grad, const T* __r
   }
 }
 
-void check_pair(const char* op, const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
-  check_floating(op, w, "w", true);
-  check_floating(op, s, "s", true);
-  check_same_device(op, w, "w", s, "s");
-  check_same_dtype(op, w, "w", s, "s");
-  TORCH_CHECK_VALUE(w.sizes() == s.sizes(), "sparseops.", op, ": s must have the shape of w ", w.sizes(), ", got ",
-                    s.sizes());
-  check_finite(op, beta, "beta");
-  check_finite(op, scale, "scale");
-}
-
 constexpr int kThreads = 256;
 
 at::Tensor soft_mask_cuda(const at::Tensor& w, const at::Tensor& s, double beta, double scale) {
-  check_pair("soft_mask", w, s, beta, scale);
+  check_soft_mask_args("soft_mask", w, s, beta, scale, true);
   const c10::cuda::CUDAGuard guard(w.device());
   auto wc = w.contiguous(), sc = s.contiguous();
   auto out = at::empty_like(wc);
@@ -119,11 +108,8 @@ at::Tensor soft_mask_cuda(const at::Tensor& w, const at::Tensor& s, double beta,
 
 std::tuple<at::Tensor, at::Tensor> soft_mask_backward_cuda(const at::Tensor& grad, const at::Tensor& w,
                                                            const at::Tensor& s, double beta, double scale) {
-  check_pair("soft_mask_backward", w, s, beta, scale);
-  check_floating("soft_mask_backward", grad, "grad", true);
-  check_same_device("soft_mask_backward", w, "w", grad, "grad");
-  check_same_dtype("soft_mask_backward", w, "w", grad, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "sparseops.soft_mask_backward: grad must have the shape of w");
+  check_soft_mask_args("soft_mask_backward", w, s, beta, scale, true);
+  check_soft_mask_grad("soft_mask_backward", grad, w, true);
   const c10::cuda::CUDAGuard guard(w.device());
   auto gc = grad.contiguous(), wc = w.contiguous(), sc = s.contiguous();
   auto dw = at::empty_like(wc), ds = at::empty_like(sc);
@@ -140,9 +126,7 @@ std::tuple<at::Tensor, at::Tensor> soft_mask_backward_cuda(const at::Tensor& gra
 }
 
 at::Tensor soft_mask_l1_cuda(const at::Tensor& s, double beta, double scale) {
-  check_floating("soft_mask_l1", s, "s", true);
-  check_finite("soft_mask_l1", beta, "beta");
-  check_finite("soft_mask_l1", scale, "scale");
+  check_scores("soft_mask_l1", s, beta, scale, true);
   const c10::cuda::CUDAGuard guard(s.device());
   auto sc = s.contiguous();
   const int64_t n = sc.numel();
@@ -160,7 +144,7 @@ at::Tensor soft_mask_l1_cuda(const at::Tensor& s, double beta, double scale) {
 }
 
 at::Tensor soft_mask_l1_backward_cuda(const at::Tensor& grad, const at::Tensor& s, double beta, double scale) {
-  check_floating("soft_mask_l1_backward", s, "s", true);
+  check_scores("soft_mask_l1_backward", s, beta, scale, true);
   check_floating("soft_mask_l1_backward", grad, "grad", true);
   check_same_device("soft_mask_l1_backward", s, "s", grad, "grad");
   TORCH_CHECK_VALUE(grad.numel() == 1, "sparseops.soft_mask_l1_backward: grad must be a scalar");
