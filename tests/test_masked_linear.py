@@ -267,3 +267,18 @@ def test_backend_errors():
     with sparseops.backend("cuda"):
         with pytest.raises((NotImplementedError, ValueError), match="masked_linear"):
             sparseops.masked_linear(x, w, mask, b)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 70), k=st.integers(1, 40), n=st.integers(1, 40),
+       density=st.floats(0.0, 1.0), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes_and_masks_match_reference(rows, k, n, density, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(n, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
+    mask = torch.rand(n, k, generator=gen) < density
+    check_against_reference(x, w, b, mask, rtol=1e-12, atol=1e-12)

@@ -164,3 +164,24 @@ def test_compile_fullgraph():
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(s.grad, s2.grad)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 300), beta=st.floats(-50, 250), scale=st.floats(0.01, 10), seed=st.integers(0, 2**16))
+def test_random_sizes_and_temperatures_match_reference(n, beta, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, dtype=torch.float64, generator=gen, requires_grad=True)
+    s = (torch.randn(n, dtype=torch.float64, generator=gen) * 3).requires_grad_()
+    out = sparseops.soft_mask(w, s, beta, scale)
+    w2, s2 = w.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    ref = reference.soft_mask(w2, s2, beta, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparseops.soft_mask_l1(s, beta, scale), reference.soft_mask_l1(s2, beta, scale),
+                               rtol=1e-12, atol=1e-12)
