@@ -37,7 +37,7 @@ def make_step(what, provider):
 
 @pytest.fixture(scope="module")
 def peak_bytes():
-    return dict(zip(map(str, CONFIGS), memory_in_child("bench_soft_mask", CONFIGS)))
+    return dict(zip(map(str, CONFIGS), memory_in_child("bench_soft_mask", CONFIGS), strict=True))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{what}-{provider}".format(**c))

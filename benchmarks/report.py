@@ -71,7 +71,7 @@ def plot(rows, png):
     lin = [r for r in rows if r["op"] == "masked_linear"]
     shapes = sorted({tuple(r["shape"]) for r in lin})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    for ax, shape in zip(axes[0], shapes, strict=True):
         for mode, style in (("fwd", "--"), ("fwd_bwd", "-")):
             pts = defaultdict(dict)
             for r in lin:

@@ -246,7 +246,7 @@ def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
 @torch.library.register_fake("sparseops::masked_linear_backward")
 def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
     shapes = (x.shape, w.shape, (w.shape[0],))  # outputs not asked for are distinct empty tensors
-    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
 
 
 @torch.library.register_fake("sparseops::masked_linear_dense")

@@ -43,7 +43,7 @@ def check_against_reference(x, w, b, mask, rtol, atol, backend="cpu"):
     y.backward(g)
     ref.backward(g.double())
     ours = [x.grad, w.grad] + ([b.grad] if b is not None else [])
-    for mine, theirs in zip(ours, leaves):
+    for mine, theirs in zip(ours, leaves, strict=True):
         torch.testing.assert_close(mine.double(), theirs.grad.double(), rtol=rtol, atol=atol)
     assert torch.all(w.grad[~mask] == 0), "dw must be zero at pruned entries"
 
@@ -178,7 +178,7 @@ def test_compile_fullgraph():
     ref = torch.relu(reference.masked_linear(leaves[0], leaves[1], mask, leaves[2])).sum()
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    for mine, theirs in zip((x, w, b), leaves):
+    for mine, theirs in zip((x, w, b), leaves, strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
 
 
