@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC))))
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 BENCH_OUT ?= benchmarks/results/cpu-$(shell date +%Y%m%d-%H%M%S).json
 
-.PHONY: install build test demo bench info wheel clean
+.PHONY: install build test demo bench info clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
