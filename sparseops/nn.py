@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .layout import as_bool_mask
 
 
 class MaskedLinear(nn.Linear):
@@ -25,8 +26,6 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("weight_mask", self._as_mask(mask))
 
     def _as_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        from .layout import as_bool_mask
-
         m = as_bool_mask(mask, name="mask")
         if m.shape != self.weight.shape:
             raise ValueError(f"MaskedLinear: mask must have the weight's shape {tuple(self.weight.shape)}, "

@@ -134,10 +134,6 @@ def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------------
-# Soft mask (Continuous Sparsification)
-
-
 def _check_tensors(op: str, **tensors) -> None:
     """Dense tensors on one device (the dispatcher would otherwise pick a device silently)."""
     for name, t in tensors.items():
@@ -147,6 +143,10 @@ def _check_tensors(op: str, **tensors) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"sparseops.{op}: all tensors must be on one device, got {listing}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft mask (Continuous Sparsification)
 
 
 def _check_scalar(op: str, v, name: str) -> float:
