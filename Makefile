@@ -15,7 +15,7 @@ BENCH_OUT ?= benchmarks/results/cpu-$(shell date +%Y%m%d-%H%M%S).json
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy "setuptools>=64" ninja packaging
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples]"
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,8 +3,10 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import layout, reference
 from .layout import CsrLayout, csr_layout
-from .nn import MaskedLinear
-from .ops import backend, get_backend, masked_linear, soft_mask, soft_mask_l1
+from .nn import MaskedConv2d, MaskedLinear, SoftMaskedConv2d, SoftMaskedLinear
+from .ops import backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1
+from .patch import PatchReport, patch, patch_report, unpatch
+from . import tickets  # noqa: E402  (needs patch)
 
 try:
     __version__ = _version("sparseops")
@@ -13,13 +15,22 @@ except PackageNotFoundError:  # running from a source tree that was built in pla
 
 __all__ = [
     "CsrLayout",
+    "MaskedConv2d",
     "MaskedLinear",
+    "PatchReport",
+    "SoftMaskedConv2d",
+    "SoftMaskedLinear",
     "backend",
     "csr_layout",
     "get_backend",
     "layout",
+    "masked_conv2d",
     "masked_linear",
+    "patch",
+    "patch_report",
     "reference",
     "soft_mask",
     "soft_mask_l1",
+    "tickets",
+    "unpatch",
 ]

@@ -1,4 +1,4 @@
-"""`python -m sparseops info|demo`."""
+"""`python -m sparseops info|demo|ticket`."""
 from __future__ import annotations
 
 import argparse
@@ -44,20 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparseops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, compiled backends, CPU features, threads")
-    demo = sub.add_parser("demo", help="train a masked MLP on scikit-learn's digits: dense vs sparseops")
-    demo.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.9, 0.95, 0.98, 0.99])
-    demo.add_argument("--epochs", type=int, default=8)
+    demo = sub.add_parser("demo", help="a short IMP search on scikit-learn's digits, timed with sparseops and "
+                                        "with plain mask multiplication")
+    demo.add_argument("--levels", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--hidden", type=int, default=2048)
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
+    from .tickets.command import add_arguments
+
+    ticket = sub.add_parser("ticket", help="lottery-ticket search (IMP, CS, random pruning) on a built-in model")
+    add_arguments(ticket)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
     elif args.command == "demo":
         from .demo import run
 
-        run(sparsities=args.sparsities, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size,
-            seed=args.seed)
+        run(levels=args.levels, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed)
+    elif args.command == "ticket":
+        from .tickets.command import run
+
+        return run(args)
     return 0
 
 

@@ -54,6 +54,11 @@ class CsrLayout:
         """The index tensors in the order the ops take them."""
         return self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx
 
+    def t(self) -> "CsrLayout":
+        """The layout of the transposed mask (no work: the two CSR structures swap roles)."""
+        return CsrLayout(self.mask.t(), self.t_row_ptr, self.t_col_idx, self.row_ptr, self.col_idx, self.nnz,
+                         self.source, self.built_version)
+
     def __repr__(self):
         return (f"CsrLayout(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
                 f"index_dtype={self.row_ptr.dtype}, device={self.mask.device})")
@@ -86,10 +91,12 @@ def _csr(mask: torch.Tensor, index_dtype: torch.dtype):
 
 
 def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
-    """Builds a CsrLayout from a 2-D mask without caching."""
+    """Builds a CsrLayout from a mask without caching. A mask of more than 2 dimensions (a conv
+    weight's [C_out, C_in, kh, kw]) is laid out as the 2-D [C_out, C_in * kh * kw] the kernels use."""
     m = as_bool_mask(mask)
-    if m.dim() != 2:
-        raise ValueError(f"sparseops: mask must be 2-D [out_features, in_features], got shape {tuple(m.shape)}")
+    if m.dim() < 2:
+        raise ValueError(f"sparseops: mask must be at least 2-D [out_features, ...], got shape {tuple(m.shape)}")
+    m = m.reshape(m.shape[0], -1)
     nnz = int(m.sum())
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
     row_ptr, col_idx = _csr(m, index_dtype)

@@ -1,61 +1,260 @@
-"""Modules built on the sparseops ops."""
+"""Layers built on the sparseops ops: hard-masked (`Masked*`) and soft-masked (`SoftMasked*`,
+Continuous Sparsification) twins of nn.Linear, nn.Conv2d and transformers' Conv1D.
+
+Each twin is a subclass of the layer it replaces and keeps its parameters (`weight`, `bias`), so
+optimisers, `state_dict()` keys and `isinstance` checks keep working. `sparseops.patch` turns
+existing layers into twins in place (by switching their class), so hooks and module identity stay.
+
+- Hard mask: the boolean buffer `weight_mask` (the name torch.nn.utils.prune uses). The weight keeps
+  its values at pruned entries; they get zero gradient and do not affect outputs. Editing the mask in
+  place (`layer.weight_mask[...] = False`) takes effect at the next call.
+- Soft mask: the parameter `weight_score` (s), mask `sigmoid(beta * s) / sigmoid(s0)` as in the
+  official CS code; `beta` is a plain attribute the search raises every epoch. With `ticket = True`
+  the mask is `(s > 0) / sigmoid(s0)` and runs on the sparse kernels.
+"""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layout import as_bool_mask
+from .layout import as_bool_mask, csr_layout
 
 
-class MaskedLinear(nn.Linear):
-    """nn.Linear whose weight is multiplied by a fixed boolean mask, computed by the sparse kernels.
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
 
-    Parameters stay `weight` and `bias` and the mask is the buffer `weight_mask` (the name
-    torch.nn.utils.prune uses), so optimisers and state_dict keys work as with nn.Linear. The
-    weight keeps its values at pruned entries; they get zero gradient and do not affect outputs.
-    Editing `weight_mask` in place (e.g. `layer.weight_mask[...] = False`) takes effect at the
-    next call.
-    """
+
+class _MaskedMixin:
+    """A boolean `weight_mask` buffer the layer's forward applies through the sparse kernels."""
+
+    weight_mask: torch.Tensor
+
+    def _as_mask(self, mask) -> torch.Tensor:
+        m = as_bool_mask(mask, name="mask")
+        if m.shape != self.weight.shape:
+            raise ValueError(f"{type(self).__name__}: mask must have the weight's shape "
+                             f"{tuple(self.weight.shape)}, got {tuple(m.shape)}")
+        return m.to(self.weight.device).clone()
+
+    def _attach_mask(self, mask=None) -> None:
+        if mask is None:
+            mask = torch.ones_like(self.weight, dtype=torch.bool)
+        self.register_buffer("weight_mask", self._as_mask(mask))
+
+    @torch.no_grad()
+    def set_mask(self, mask) -> None:
+        """Replaces the mask's values in place (the buffer stays the same tensor)."""
+        self.weight_mask.copy_(self._as_mask(mask))
+
+    @property
+    def sparsity(self) -> float:
+        m = self.weight_mask
+        return 1.0 - m.sum().item() / m.numel() if m.numel() else 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints of the unpatched model (no mask: keep the current one, which is what
+        # rewinding needs) and of torch.nn.utils.prune (`weight_orig`) load as they are.
+        orig = prefix + "weight_orig"
+        if orig in state_dict and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(orig)
+        state_dict.setdefault(prefix + "weight_mask", self.weight_mask)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}"
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear with a fixed boolean mask on the weight, computed by the sparse kernels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  mask: torch.Tensor | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if mask is None:
-            mask = torch.ones(out_features, in_features, dtype=torch.bool, device=self.weight.device)
-        self.register_buffer("weight_mask", self._as_mask(mask))
-
-    def _as_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        m = as_bool_mask(mask, name="mask")
-        if m.shape != self.weight.shape:
-            raise ValueError(f"MaskedLinear: mask must have the weight's shape {tuple(self.weight.shape)}, "
-                             f"got {tuple(m.shape)}")
-        return m.to(self.weight.device).clone()
+        self._attach_mask(mask)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "MaskedLinear":
-        """A MaskedLinear sharing `linear`'s parameters."""
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:
+        """A MaskedLinear sharing `linear`'s parameters (`linear` itself is left as it is)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        if mask is None:
-            mask = torch.ones_like(linear.weight, dtype=torch.bool)
-        new.register_buffer("weight_mask", new._as_mask(mask))
+        new._attach_mask(mask)
         return new
 
-    @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.weight_mask.copy_(self._as_mask(mask))
+    def _masked(self, x, bias):
+        return ops.masked_linear(x, self.weight, self.weight_mask, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._masked(x, self.bias)
+
+
+def _conv2d_input(conv: nn.Conv2d, x: torch.Tensor):
+    """x padded as nn.Conv2d pads for non-zero padding modes, and the padding left for the conv."""
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    return x, conv.padding
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """nn.Conv2d with a fixed boolean mask on the weight (same constructor, plus `mask`)."""
+
+    def __init__(self, *args, mask: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attach_mask(mask)
+
+    def _masked(self, x, bias):
+        x, padding = _conv2d_input(self, x)
+        return ops.masked_conv2d(x, self.weight, self.weight_mask, bias, self.stride, padding, self.dilation,
+                                 self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._masked(x, self.bias)
+
+
+class _SoftMaskedMixin:
+    """Continuous Sparsification's soft mask on the weight, fused by sparseops.soft_mask."""
+
+    weight_score: nn.Parameter
+
+    def _attach_score(self, s0: float = 0.0) -> None:
+        s0 = float(s0)
+        if not math.isfinite(s0):
+            raise ValueError(f"{type(self).__name__}: s0 must be finite, got {s0}")
+        self.s0, self.beta, self.ticket = s0, 1.0, False
+        self.weight_score = nn.Parameter(torch.full_like(self.weight, s0, requires_grad=False),
+                                         requires_grad=True)
+        self.register_buffer("_hard_mask", None, persistent=False)  # s > 0, kept while `ticket` is set
+
+    @property
+    def scale(self) -> float:
+        """1 / sigmoid(s0): the official CS code's scaling, so the initial mask is 1."""
+        return 1.0 / _sigmoid(self.s0)
+
+    def soft_mask(self) -> torch.Tensor:
+        """The mask as the forward applies it (soft, or the hard ticket mask), times `scale`."""
+        if self.ticket:
+            return self.ticket_mask().to(self.weight.dtype) * self.scale
+        return torch.sigmoid(self.beta * self.weight_score) * self.scale
+
+    def ticket_mask(self) -> torch.Tensor:
+        """The hard mask CS keeps: s > 0."""
+        return self.weight_score.detach() > 0
+
+    def penalty(self) -> torch.Tensor:
+        """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused."""
+        return ops.soft_mask_l1(self.weight_score, self.beta, self.scale)
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.weight_mask.float().mean().item()
+        m = self.ticket_mask()
+        return 1.0 - m.sum().item() / m.numel() if m.numel() else 0.0
+
+    @torch.no_grad()
+    def set_ticket(self, ticket: bool = True) -> None:
+        """Hard mask `s > 0` (on the sparse kernels) or back to the soft mask."""
+        self.ticket = bool(ticket)
+        self._hard_mask = self.ticket_mask() if self.ticket else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
+        if self.ticket:
+            # Official CS: weight * (s > 0) / sigmoid(s0). The scale goes on the output so the sparse
+            # kernel reads the weight itself and dw is scale * (the masked gradient), as there.
+            if self._hard_mask is None:  # `ticket` was set directly rather than by set_ticket
+                self.set_ticket(True)
+            y = self._masked_by(x, self._hard_mask) * self.scale
+            return y if self.bias is None else y + self._bias_view()
+        return self._dense(x, ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}"
+        state = "ticket" if self.ticket else f"beta={self.beta:.4g}"
+        return f"{super().extra_repr()}, s0={self.s0:g}, {state}"
+
+
+class SoftMaskedLinear(_SoftMaskedMixin, nn.Linear):
+    """nn.Linear under Continuous Sparsification's soft mask (same constructor, plus `s0`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 s0: float = 0.0):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._attach_score(s0)
+
+    def _dense(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def _masked_by(self, x, mask):
+        return ops.masked_linear(x, self.weight, mask, None)
+
+    def _bias_view(self):
+        return self.bias
+
+
+class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
+    """nn.Conv2d under Continuous Sparsification's soft mask (same constructor, plus `s0`)."""
+
+    def __init__(self, *args, s0: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attach_score(s0)
+
+    def _dense(self, x, w):
+        return self._conv_forward(x, w, self.bias)
+
+    def _masked_by(self, x, mask):
+        x, padding = _conv2d_input(self, x)
+        return ops.masked_conv2d(x, self.weight, mask, None, self.stride, padding, self.dilation, self.groups)
+
+    def _bias_view(self):
+        return self.bias.view(1, -1, 1, 1)
+
+
+# transformers' Conv1D (GPT-2 and relatives): y = x @ W + b with W stored [in, out]. Its twins are
+# built on first use so that importing sparseops does not import transformers.
+
+
+def _conv1d_masked(self, x, bias, mask):
+    layout = csr_layout(mask).t()  # the layout of W^T, [out, in], from the cached one of W
+    return ops.masked_linear(x, self.weight.t(), layout, bias)
+
+
+def _conv1d_dense(self, x, w):
+    out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), w) if self.bias is not None else x.reshape(
+        -1, x.size(-1)) @ w
+    return out.view(*x.shape[:-1], w.shape[1])
+
+
+def _make_conv1d_twins():
+    from transformers.pytorch_utils import Conv1D
+
+    def masked_forward(self, x):
+        return _conv1d_masked(self, x, self.bias, self.weight_mask)
+
+    masked = type("MaskedConv1D", (_MaskedMixin, Conv1D), {
+        "__doc__": "transformers' Conv1D with a fixed boolean mask on the weight ([in, out], as the weight).",
+        "__module__": __name__,
+        "_masked": lambda self, x, bias: _conv1d_masked(self, x, bias, self.weight_mask),
+        "forward": masked_forward,
+    })
+    soft = type("SoftMaskedConv1D", (_SoftMaskedMixin, Conv1D), {
+        "__doc__": "transformers' Conv1D under Continuous Sparsification's soft mask.",
+        "__module__": __name__,
+        "_dense": _conv1d_dense,
+        "_masked_by": lambda self, x, mask: _conv1d_masked(self, x, None, mask),
+        "_bias_view": lambda self: self.bias,
+    })
+    return masked, soft
+
+
+def __getattr__(name):  # PEP 562: MaskedConv1D / SoftMaskedConv1D exist once transformers imports
+    if name in ("MaskedConv1D", "SoftMaskedConv1D"):
+        g = globals()
+        g["MaskedConv1D"], g["SoftMaskedConv1D"] = _make_conv1d_twins()
+        return g[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

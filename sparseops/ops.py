@@ -331,3 +331,44 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
             return torch.nn.functional.linear(x, w, bias)
         return ops.masked_linear_dense(x, w, layout.mask, bias)
     return ops.masked_linear(x, w, *layout.tensors(), bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked conv2d
+
+
+def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Tensor,
+                  bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """`conv2d(x, w * mask, bias, stride, padding, dilation, groups)`.
+
+    `layout` is the mask (bool or 0/1, shape of w) or its CsrLayout (over [C_out, C_in/groups*kh*kw]).
+    There is no compiled conv kernel yet: this runs the reference (one mask multiply, as
+    torch.nn.utils.prune does), and exactly F.conv2d while nothing is pruned.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("sparseops.masked_conv2d: x and w must be tensors")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"sparseops.masked_conv2d: bias must be a tensor or None, got {type(bias).__name__}")
+    if w.dim() != 4:
+        raise ValueError(f"sparseops.masked_conv2d: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    if isinstance(layout, torch.Tensor):
+        if tuple(layout.shape) != tuple(w.shape):
+            raise ValueError(f"sparseops.masked_conv2d: the mask has shape {tuple(layout.shape)} but w has "
+                             f"{tuple(w.shape)}")
+        layout = csr_layout(layout)
+    elif not isinstance(layout, CsrLayout):
+        raise TypeError("sparseops.masked_conv2d: layout must be a CsrLayout or a mask tensor, "
+                        f"got {type(layout).__name__}")
+    elif not torch.compiler.is_compiling() and layout.stale:
+        raise ValueError("sparseops.masked_conv2d: layout is stale (its mask was changed in place after it was "
+                         "built); pass the mask, or call sparseops.layout.csr_layout(mask) again")
+    if layout.shape != (w.shape[0], w[0].numel()):
+        raise ValueError(f"sparseops.masked_conv2d: the layout has shape {layout.shape} but w flattens to "
+                         f"{(w.shape[0], w[0].numel())}")
+    _check_tensors("masked_conv2d", x=x, w=w, mask=layout.mask, bias=bias)
+    impl = _resolve("masked_conv2d", w.device, ())  # a forced compiled backend raises: none exists yet
+    if impl != "reference" or _state.backend == "auto":
+        impl = "dense"
+    if impl == "dense" and layout.nnz == layout.mask.numel():
+        return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+    return reference.masked_conv2d(x, w, layout.mask.view(w.shape), bias, stride, padding, dilation, groups)

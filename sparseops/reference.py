@@ -17,3 +17,9 @@ def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tens
 def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
     """x @ (w * mask)^T + bias."""
     return F.linear(x, w * mask, bias)
+
+
+def masked_conv2d(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
+                  stride=1, padding=0, dilation=1, groups: int = 1):
+    """conv2d(x, w * mask) + bias."""
+    return F.conv2d(x, w * mask, bias, stride, padding, dilation, groups)

@@ -1,0 +1,243 @@
+"""`patch(model)` / `unpatch(model)`: swap sparseops' masked layers into any PyTorch model and back.
+
+Patching is in place: each supported layer's class becomes its sparseops twin (a subclass of it,
+see sparseops.nn) and it gains the buffer `weight_mask` (or the parameter `weight_score` in soft
+mode). Parameters, module identity, hooks, devices and dtypes stay, so optimisers built before
+patching still hold the right tensors, and `state_dict()` keys only gain the mask.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from . import nn as snn
+
+MODES = ("mask", "soft")
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional; without it there is no Conv1D to patch
+        return None
+    return Conv1D
+
+
+def _twins() -> dict[type, dict[str, type]]:
+    """Exact layer type -> its twin per mode. Subclasses are not patched: their forward may differ."""
+    table = {nn.Linear: {"mask": snn.MaskedLinear, "soft": snn.SoftMaskedLinear},
+             nn.Conv2d: {"mask": snn.MaskedConv2d, "soft": snn.SoftMaskedConv2d}}
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        table[conv1d] = {"mask": snn.MaskedConv1D, "soft": snn.SoftMaskedConv1D}
+    return table
+
+
+def _base(module: nn.Module) -> type | None:
+    """The plain layer type a patched module came from, or None for a module that is not patched."""
+    if not is_patched(module):
+        return None
+    return next(cls for cls in type(module).__mro__ if cls.__module__ != snn.__name__)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return isinstance(module, (snn._MaskedMixin, snn._SoftMaskedMixin))
+
+
+def patched_layers(model: nn.Module):
+    """(fully qualified name, module) of every sparseops layer in `model`, each module once."""
+    seen = set()
+    for name, m in model.named_modules():
+        if is_patched(m) and id(m) not in seen:
+            seen.add(id(m))
+            yield name, m
+
+
+@dataclass
+class PatchReport:
+    """What `patch` did: the layers it patched, those already patched, those `filter_fn` left out, and
+    the layers with weights it cannot mask (with the reason)."""
+
+    patched: list[str] = field(default_factory=list)
+    already_patched: list[str] = field(default_factory=list)
+    filtered_out: list[str] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self):
+        lines = [f"patched {len(self.patched)} layer(s), {len(self.already_patched)} already patched, "
+                 f"{len(self.filtered_out)} left out by filter_fn, {len(self.unsupported)} unsupported"]
+        lines += [f"  unsupported: {name}: {why}" for name, why in self.unsupported.items()]
+        return "\n".join(lines)
+
+
+def _prune_hooks(module: nn.Module):
+    """torch.nn.utils.prune's forward pre-hooks on `module`, as {hook id: pruning method}."""
+    return {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)}
+
+
+def _pruned_names(hook) -> set[str]:
+    methods = hook._pruning_methods if isinstance(hook, torch_prune.PruningContainer) else (hook,)
+    return {m._tensor_name for m in methods}
+
+
+def _take_over_prune(module: nn.Module) -> torch.Tensor:
+    """Removes torch.nn.utils.prune's reparametrisation of `weight` and returns its mask as bool.
+    `weight_orig` becomes `weight` again (the same Parameter object, so optimisers keep it)."""
+    mask = module._buffers.pop("weight_mask")
+    orig = module._parameters.pop("weight_orig")
+    for k in list(_prune_hooks(module)):
+        del module._forward_pre_hooks[k]
+    del module.__dict__["weight"]  # the plain tensor prune's hook recomputed before each forward
+    params = OrderedDict([("weight", orig)])
+    params.update(module._parameters)  # `weight` first again, as in the unpatched layer
+    module._parameters.clear()
+    module._parameters.update(params)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("sparseops.patch: a torch.nn.utils.prune mask holds values other than 0 and 1")
+    return mask != 0
+
+
+def _unsupported_reason(module: nn.Module, twins) -> str | None:
+    """Why a module holding a >= 2-D weight-like parameter of its own cannot be patched, else None."""
+    big = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    hooks = _prune_hooks(module)
+    if not big and not hooks:
+        return None
+    if isinstance(module, nn.MultiheadAttention) or (type(module).__name__ == "NonDynamicallyQuantizableLinear"):
+        return "nn.MultiheadAttention reads its weights directly, not through its layers' forward"
+    if type(module) not in twins:
+        if any(issubclass(type(module), t) for t in twins):
+            return f"{type(module).__name__} subclasses a supported layer but may have its own forward"
+        return f"{type(module).__name__} has no sparseops twin"
+    names = set().union(*(_pruned_names(h) for h in hooks.values())) if hooks else set()
+    if names - {"weight"}:
+        return f"torch.nn.utils.prune prunes {sorted(names - {'weight'})}, which sparseops cannot take over"
+    return None
+
+
+def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Module, str], bool] | None = None,
+          s0: float = 0.0, on_unsupported: str = "warn") -> nn.Module:
+    """Swaps every supported layer of `model` for its sparseops twin, in place, and returns `model`.
+
+    Supported: nn.Linear, nn.Conv2d, transformers' Conv1D (when transformers is installed), and
+    those layers already pruned with torch.nn.utils.prune (their `weight_orig` and mask are taken
+    over and the prune hooks removed). `mode="mask"` gives Masked* layers with an all-ones (or the
+    prune) mask; `mode="soft"` gives SoftMasked* layers for Continuous Sparsification with scores
+    initialised to `s0`. `filter_fn(module, fqn)` picks layers. Patching twice is harmless.
+
+    Layers holding weights that cannot be masked (other layer types, subclasses, nn.MultiheadAttention,
+    a weight tied to such a layer) are left as they are and reported: `on_unsupported` is "warn",
+    "raise" or "ignore"; `patch_report(model)` returns the same information.
+    """
+    report = _walk(model, mode, filter_fn, s0, on_unsupported, apply=True)
+    if report.unsupported and on_unsupported == "warn":
+        warnings.warn(f"sparseops.patch: {len(report.unsupported)} layer(s) left unpatched:\n{report}", stacklevel=2)
+    return model
+
+
+def patch_report(model: nn.Module, *, mode: str = "mask",
+                 filter_fn: Callable[[nn.Module, str], bool] | None = None) -> PatchReport:
+    """What `patch(model, mode=..., filter_fn=...)` would do, without changing `model`."""
+    return _walk(model, mode, filter_fn, 0.0, "ignore", apply=False)
+
+
+def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparseops.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("sparseops.patch: patch the module before wrapping it in (Distributed)DataParallel")
+    if mode not in MODES:
+        raise ValueError(f"sparseops.patch: mode must be one of {MODES}, got {mode!r}")
+    if on_unsupported not in ("warn", "raise", "ignore"):
+        raise ValueError(f"sparseops.patch: on_unsupported must be 'warn', 'raise' or 'ignore', got {on_unsupported!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("sparseops.patch: filter_fn must be callable as filter_fn(module, fqn)")
+    twins = _twins()
+    report = PatchReport()
+    modules = list(OrderedDict((id(m), (n, m)) for n, m in model.named_modules(remove_duplicate=False)).values())
+    # Weights owned by layers that stay unmasked: a layer tied to one of them cannot be masked alone.
+    owners: dict[int, str] = {}
+    candidates = []
+    for name, m in modules:
+        if is_patched(m):
+            other = "soft" if isinstance(m, snn._SoftMaskedMixin) else "mask"
+            if other != mode:
+                raise ValueError(f"sparseops.patch: {name or 'model'} is already patched in mode {other!r}; "
+                                 f"unpatch it before patching with mode {mode!r}")
+            report.already_patched.append(name)
+            continue
+        reason = _unsupported_reason(m, twins)
+        if reason is not None:
+            report.unsupported[name] = reason
+        elif type(m) in twins and (filter_fn is None or filter_fn(m, name)):
+            candidates.append((name, m))
+            continue
+        elif type(m) in twins:
+            report.filtered_out.append(name)
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), name)
+    if report.unsupported and on_unsupported == "raise":
+        raise NotImplementedError(f"sparseops.patch: cannot patch every layer:\n{report}")
+    shared_masks: dict[int, torch.Tensor] = {}  # one mask per weight tensor, for weights tied between layers
+    for name, m in candidates:
+        w = m._parameters.get("weight_orig", m._parameters.get("weight"))
+        if id(w) in owners:
+            report.unsupported[name] = (f"its weight is shared with {owners[id(w)] or 'the model'}, "
+                                        f"which stays unmasked")
+            continue
+        report.patched.append(name)
+        if apply:
+            _patch_one(m, twins[type(m)][mode], mode, s0, shared_masks)
+    return report
+
+
+def _patch_one(m: nn.Module, twin: type, mode: str, s0: float, shared_masks: dict) -> None:
+    mask = _take_over_prune(m) if _prune_hooks(m) else None
+    if mode == "soft" and mask is not None and not bool(mask.all()):
+        raise ValueError("sparseops.patch: mode='soft' on a layer pruned by torch.nn.utils.prune would drop its "
+                         "mask; remove the pruning first (torch.nn.utils.prune.remove)")
+    m.__class__ = twin
+    if mode == "mask":
+        key = id(m.weight)
+        if key in shared_masks:
+            m.register_buffer("weight_mask", shared_masks[key])
+        else:
+            m._attach_mask(mask)
+            shared_masks[key] = m.weight_mask
+    else:
+        m._attach_score(s0)
+
+
+def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
+    """Gives plain layers back, in place, and returns `model`.
+
+    By default each mask is folded into the weight (`weight *= mask`, in place, so the Parameter
+    objects stay). With `as_prune=True` the mask becomes a torch.nn.utils.prune reparametrisation
+    instead (`weight_orig` and `weight_mask`), which keeps the pruned weights' values. Soft layers fold
+    their current mask (soft, or the ticket's) including its scale.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparseops.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
+    for _, m in list(patched_layers(model)):
+        base = _base(m)
+        with torch.no_grad():
+            if isinstance(m, snn._SoftMaskedMixin):
+                mask = m.soft_mask().detach()
+                del m._parameters["weight_score"]
+                m._buffers.pop("_hard_mask", None)
+                for attr in ("s0", "beta", "ticket"):
+                    m.__dict__.pop(attr, None)
+            else:
+                mask = m._buffers.pop("weight_mask")
+            m.__class__ = base
+            if as_prune:
+                torch_prune.custom_from_mask(m, "weight", mask)
+            else:
+                m.weight.mul_(mask.to(m.weight.dtype))
+    return model

@@ -1,0 +1,15 @@
+"""Lottery-ticket search on sparseops' kernels: IMP with rewinding, Continuous Sparsification,
+pruning rules, baselines and mask tools."""
+from .baselines import random_ticket, reinitialize
+from .cs import continuous_sparsification
+from .imp import Level, LevelResult, SearchResult, imp, total_levels_for
+from .masks import (SparsityReport, Ticket, difference, get_masks, intersection, overlap, set_masks,
+                    sparsity_report, union)
+from .pruning import magnitude_masks, random_masks, score_masks
+from .train import Trainer, evaluate
+
+__all__ = [
+    "Level", "LevelResult", "SearchResult", "SparsityReport", "Ticket", "Trainer", "continuous_sparsification",
+    "difference", "evaluate", "get_masks", "imp", "intersection", "magnitude_masks", "overlap", "random_masks",
+    "random_ticket", "reinitialize", "score_masks", "set_masks", "sparsity_report", "total_levels_for", "union",
+]

@@ -1,0 +1,173 @@
+"""Continuous Sparsification (Savarese, Silva & Maire, 2020) as the official code runs it
+(github.com/lolemacs/continuous-sparsification, main.py and models/layers.py).
+
+Every masked weight gets a score s (initialised to s0); the mask is sigmoid(beta * s) / sigmoid(s0).
+In each round beta starts at 1 and is multiplied by final_temp^(1 / (epochs - 1)) at the start of
+every epoch after the first; the loss gains lambda * sum(mask). Weights and scores have separate SGD
+optimisers (momentum 0.9, Nesterov; weight decay on the weights only) that persist across rounds,
+and one step learning-rate schedule drives both. At the start of epoch `rewind_epoch` of round 0
+all weights and buffers (not the scores) are saved. Between rounds beta is reset to 1 and then the
+scores are clamped, s = clamp(beta * s, max=s0). The ticket is s > 0; it is trained with a fresh
+weight optimiser from the saved weights, with the mask (s > 0) / sigmoid(s0).
+
+One detail differs from the paper's Algorithm 1 and is kept as the code has it: the clamp happens
+after beta is reset to 1, so it is clamp(s, max=s0). `clamp_with_final_beta=True` uses the round's
+final beta instead, as the paper writes it.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import nn as snn
+from ..patch import patch, patched_layers
+from .imp import LevelResult, SearchResult
+from .masks import get_masks
+from .train import batches, evaluate
+
+
+def soft_layers(model: nn.Module) -> list:
+    return [m for _, m in patched_layers(model) if isinstance(m, snn._SoftMaskedMixin)]
+
+
+def set_beta(model: nn.Module, beta: float) -> None:
+    for m in soft_layers(model):
+        m.beta = float(beta)
+
+
+def penalty(model: nn.Module) -> torch.Tensor:
+    """sum over soft layers of sum(sigmoid(beta * s) / sigmoid(s0)): CS's L0 surrogate."""
+    terms = [m.penalty() for m in soft_layers(model)]
+    return torch.stack(terms).sum()
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """The official schedule's drops (epochs 56 and 71 of 85), scaled to `epochs`."""
+    return [round(epochs * 56 / 85), round(epochs * 71 / 85)]
+
+
+def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, rounds: int = 3, epochs: int = 85,
+                              batch_size: int = 128, lr: float = 0.1, mask_lr: float = 0.1, momentum: float = 0.9,
+                              nesterov: bool = True, weight_decay: float = 1e-4, lr_milestones=None,
+                              lr_gamma: float = 0.1, s0: float = 0.0, lmbda: float = 1e-8, final_temp: float = 200.0,
+                              rewind_epoch: int = 2, clamp_with_final_beta: bool = False,
+                              filter_fn: Callable | None = None, loss_fn=F.cross_entropy, device=None,
+                              progress: bool = True) -> SearchResult:
+    """Searches a ticket with CS and trains it; returns one result per round and one for the ticket.
+
+    The model is patched in soft mode (`filter_fn` picks layers) and ends in ticket mode: its soft
+    layers apply (s > 0) / sigmoid(s0) on the sparse kernels. `sparseops.tickets.get_masks(model)`
+    gives the ticket; `unpatch(model)` folds it into plain layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparseops.tickets.cs: model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, v, low in (("rounds", rounds, 1), ("epochs", epochs, 2), ("batch_size", batch_size, 1),
+                         ("rewind_epoch", rewind_epoch, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"sparseops.tickets.cs: {name} must be an integer >= {low}, got {v!r}")
+    if rewind_epoch >= epochs:
+        raise ValueError(f"sparseops.tickets.cs: rewind_epoch ({rewind_epoch}) must be < epochs ({epochs})")
+    for name, v in (("lr", lr), ("mask_lr", mask_lr), ("final_temp", final_temp)):
+        if not v > 0:
+            raise ValueError(f"sparseops.tickets.cs: {name} must be positive, got {v!r}")
+    if not lmbda >= 0:
+        raise ValueError(f"sparseops.tickets.cs: lmbda must be >= 0, got {lmbda!r}")
+    milestones = default_milestones(epochs) if lr_milestones is None else sorted(lr_milestones)
+
+    patch(model, mode="soft", s0=s0, filter_fn=filter_fn)
+    layers = soft_layers(model)
+    if not layers:
+        raise ValueError("sparseops.tickets.cs: the model has no layer sparseops can soft-mask")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    weight_params = [p for n, p in named if not n.endswith("weight_score")]
+    score_params = [p for n, p in named if n.endswith("weight_score")]
+    weight_opt = torch.optim.SGD(weight_params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    score_opt = torch.optim.SGD(score_params, lr=mask_lr, momentum=momentum, nesterov=nesterov)
+    temp_increase = final_temp ** (1.0 / (epochs - 1))
+    state = {"beta": 1.0, "rewind": None}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(rounds + 1) * epochs, desc="CS", unit="epoch")
+
+    def run(round_index: int, optimizers, ticket: bool) -> LevelResult:
+        base_lrs = [opt.defaults["lr"] for opt in optimizers]
+        history = []
+        t_round = time.perf_counter()
+        for epoch in range(epochs):
+            model.train()
+            if epoch > 0:
+                state["beta"] *= temp_increase
+            set_beta(model, state["beta"])
+            if round_index == 0 and epoch == rewind_epoch and not ticket:
+                state["rewind"] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                   if not k.endswith("weight_score")}
+            drop = lr_gamma ** sum(epoch >= m for m in milestones)
+            for opt, base in zip(optimizers, base_lrs, strict=True):
+                for group in opt.param_groups:
+                    group["lr"] = base * drop
+            t0 = time.perf_counter()
+            for x, y in batches(train_data, batch_size, shuffle=True, device=device):
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                if not ticket and lmbda:
+                    loss = loss + lmbda * penalty(model)
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+            record = {"epoch": epoch, "beta": state["beta"], "time": time.perf_counter() - t0,
+                      "mask_exact_zero": _exact_zero_fraction(layers, state["beta"])}
+            if test_data is not None:
+                record["accuracy"] = evaluate(model, test_data, loss_fn=loss_fn, device=device)["accuracy"]
+            history.append(record)
+            if bar is not None:
+                bar.set_postfix(round=round_index if not ticket else "ticket", beta=f"{state['beta']:.3g}",
+                                **({"acc": f"{record['accuracy']:.3f}"} if "accuracy" in record else {}))
+                bar.update()
+        masks = get_masks(model)
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        metrics = {"epoch_time": statistics.median(h["time"] for h in history), "history": history}
+        if test_data is not None:
+            metrics["accuracy"] = history[-1]["accuracy"]
+        return LevelResult(round_index, 1.0 - kept / total, metrics, time.perf_counter() - t_round, masks)
+
+    results = []
+    for r in range(rounds):
+        results.append(run(r, [weight_opt, score_opt], ticket=False))
+        final_beta = state["beta"]
+        state["beta"] = 1.0
+        if r != rounds - 1:
+            factor = final_beta if clamp_with_final_beta else state["beta"]
+            with torch.no_grad():
+                for m in layers:
+                    m.weight_score.copy_(torch.clamp(factor * m.weight_score, max=m.s0))
+    # The ticket: (s > 0) on the sparse kernels, weights rewound, a fresh weight optimiser.
+    for m in layers:
+        m.set_ticket(True)
+    scores = {k: v for k, v in model.state_dict().items() if k.endswith("weight_score")}
+    model.load_state_dict({**state["rewind"], **scores})
+    ticket_opt = torch.optim.SGD(weight_params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    results.append(run(rounds, [ticket_opt], ticket=True))
+    if bar is not None:
+        bar.close()
+    return SearchResult("cs", results)
+
+
+@torch.no_grad()
+def _exact_zero_fraction(layers, beta: float) -> float:
+    """The fraction of soft-mask entries that are exactly 0 in the weight's precision: what a fused
+    kernel may skip, exactly."""
+    zero = total = 0
+    for m in layers:
+        zero += int((torch.sigmoid(beta * m.weight_score) == 0).sum())
+        total += m.weight_score.numel()
+    return zero / total if total else 0.0

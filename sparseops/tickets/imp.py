@@ -1,0 +1,242 @@
+"""Iterative magnitude pruning with rewinding (Frankle & Carbin; Frankle et al.), as open_lth runs it.
+
+Level 0 trains the dense network and saves its weights at the rewind point (iteration or epoch;
+0 is the original LTH reset to the initial weights). Each later level prunes `rate` of the weights
+the previous level kept, by the magnitude of its trained weights, rewinds the kept weights to the
+rewind point, and trains again. The model's layers run on sparseops' masked kernels throughout.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..patch import patch
+from .masks import get_masks, set_masks, sparsity_report
+from .pruning import check_rate, magnitude_masks, prunable_layers, random_masks
+
+PRUNINGS = ("magnitude", "random")
+
+
+def parse_rewind(rewind) -> tuple[int, str]:
+    """0, an iteration count (int or "500it") or an epoch count ("2ep") -> (count, "it" | "ep")."""
+    if isinstance(rewind, bool):
+        raise ValueError(f"sparseops.tickets.imp: rewind must be an int or a string like '500it' or '2ep', got {rewind!r}")
+    if isinstance(rewind, int):
+        count, unit = rewind, "it"
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(it|ep)\s*", str(rewind))
+        if not m:
+            raise ValueError(f"sparseops.tickets.imp: rewind must be an int or a string like '500it' or '2ep', "
+                             f"got {rewind!r}")
+        count, unit = int(m.group(1)), m.group(2)
+    if count < 0:
+        raise ValueError(f"sparseops.tickets.imp: rewind must be >= 0, got {rewind!r}")
+    return count, unit
+
+
+class Level:
+    """What a training function learns of the level it trains, and how it reports progress.
+
+    Call `level.step()` after every optimiser step and `level.end_epoch()` after every epoch: at
+    level 0 the search saves the rewind weights when the rewind point is reached.
+    """
+
+    def __init__(self, index: int, sparsity: float, rewind: tuple[int, str], on_rewind: Callable | None):
+        self.index, self.sparsity = index, sparsity
+        self.iteration = self.epoch = 0
+        self._rewind, self._on_rewind = rewind, on_rewind
+
+    def _tick(self, unit):
+        if self._on_rewind is not None and self._rewind == ((self.iteration if unit == "it" else self.epoch), unit):
+            self._on_rewind()
+            self._on_rewind = None
+
+    def step(self) -> None:
+        self.iteration += 1
+        self._tick("it")
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self._tick("ep")
+
+    def __repr__(self):
+        return f"Level({self.index}, sparsity={self.sparsity:.4f})"
+
+
+@dataclass
+class LevelResult:
+    level: int
+    sparsity: float
+    metrics: dict
+    wall_time: float
+    masks: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class SearchResult:
+    """Per level (IMP) or round (CS): sparsity, the training function's metrics, wall time, masks."""
+
+    method: str
+    levels: list[LevelResult]
+
+    @property
+    def final_masks(self) -> dict[str, torch.Tensor]:
+        return self.levels[-1].masks
+
+    def to_dict(self) -> list[dict]:
+        return [{"level": r.level, "sparsity": r.sparsity, "wall_time": r.wall_time, **r.metrics}
+                for r in self.levels]
+
+    def table(self) -> str:
+        lines = [f"{'level':>5} | {'sparsity':>8} | {'accuracy':>8} | {'epoch time':>10} | {'level time':>10}"]
+        for r in self.levels:
+            acc = r.metrics.get("accuracy")
+            ep = r.metrics.get("epoch_time")
+            lines.append(f"{r.level:>5} | {r.sparsity:>8.2%} | {'-' if acc is None else f'{acc:.4f}':>8} | "
+                         f"{'-' if ep is None else f'{ep * 1e3:.1f} ms':>10} | {r.wall_time:>8.2f} s")
+        return "\n".join(lines)
+
+
+def _weights_state(model: nn.Module) -> dict:
+    """The model's state without its masks (what rewinding restores)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
+
+
+def _save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a level file is either whole or absent, even if the process dies here
+
+
+def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2, rewind=0,
+        scope: str = "global", exclude: Iterable[str] = (), pruning: str = "magnitude",
+        filter_fn: Callable | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        generator: torch.Generator | None = None, progress: bool = True) -> SearchResult:
+    """Runs `levels` pruning levels after a dense level 0 and returns every level's result.
+
+    train_fn(model, level) trains the model in place for one level (building its own optimiser) and
+    returns a dict of metrics (e.g. {"accuracy": ...}) or None; it must call `level.step()` per
+    optimiser step and `level.end_epoch()` per epoch when `rewind` is not 0 (the built-in
+    `sparseops.tickets.Trainer` does). The model is patched first if it is not (`filter_fn` picks
+    layers); `exclude` names layers that are never pruned. `pruning="random"` removes weights at
+    random instead (the random-pruning baseline, same per-layer fractions).
+
+    With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
+    metrics, torch and Python RNG states); calling imp again with the same directory and settings
+    resumes after the last finished level and gives the same result as an uninterrupted run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparseops.tickets.imp: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(train_fn):
+        raise TypeError("sparseops.tickets.imp: train_fn must be callable as train_fn(model, level)")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"sparseops.tickets.imp: levels must be an integer >= 1, got {levels!r}")
+    rate = check_rate(rate, "imp")
+    rewind_point = parse_rewind(rewind)
+    if pruning not in PRUNINGS:
+        raise ValueError(f"sparseops.tickets.imp: pruning must be one of {PRUNINGS}, got {pruning!r}")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    patch(model, filter_fn=filter_fn)
+    prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training
+    config = {"levels": levels, "rate": rate, "rewind": list(rewind_point), "scope": scope,
+              "exclude": sorted(exclude), "pruning": pruning, "layers": sorted(get_masks(model))}
+
+    results: list[LevelResult] = []
+    rewind_state = None
+    start = 0
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        results, rewind_state = _resume(model, checkpoint_dir, config)
+        start = len(results)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=levels + 1, initial=start, desc=f"IMP ({pruning})", unit="level")
+    for index in range(start, levels + 1):
+        if index > 0:
+            if pruning == "magnitude":
+                masks = magnitude_masks(model, rate, scope=scope, exclude=exclude)
+            else:
+                masks = random_masks(model, rate, exclude=exclude, generator=generator)
+            model.load_state_dict(rewind_state)  # masks are not in it: the current ones stay ...
+            set_masks(model, masks)  # ... until this
+        sparsity = sparsity_report(model).sparsity
+        saved = {}
+
+        def save_rewind():
+            saved["state"] = _weights_state(model)
+
+        if index == 0 and rewind_point[0] == 0:
+            save_rewind()
+        level = Level(index, sparsity, rewind_point, save_rewind if index == 0 and not saved else None)
+        t0 = time.perf_counter()
+        metrics = train_fn(model, level)
+        wall = time.perf_counter() - t0
+        if index == 0:
+            if "state" not in saved:
+                raise RuntimeError(f"sparseops.tickets.imp: level 0 ended before the rewind point {rewind!r} "
+                                   f"(train_fn reported {level.iteration} steps and {level.epoch} epochs through "
+                                   "level.step() / level.end_epoch())")
+            rewind_state = saved["state"]
+        if metrics is not None and not isinstance(metrics, dict):
+            raise TypeError(f"sparseops.tickets.imp: train_fn must return a dict of metrics or None, "
+                            f"got {type(metrics).__name__}")
+        result = LevelResult(index, sparsity, dict(metrics or {}), wall, get_masks(model))
+        results.append(result)
+        if checkpoint_dir is not None:
+            _save({"config": config, "level": index, "sparsity": sparsity, "metrics": result.metrics,
+                   "wall_time": wall, "masks": result.masks, "state": _weights_state(model),
+                   "rewind": rewind_state if index == 0 else None, "torch_rng": torch.get_rng_state(),
+                   "python_rng": random.getstate()},
+                  os.path.join(checkpoint_dir, f"level_{index:03d}.pt"))
+        if bar is not None:
+            acc = result.metrics.get("accuracy")
+            bar.set_postfix(sparsity=f"{sparsity:.1%}", **({} if acc is None else {"acc": f"{acc:.3f}"}))
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return SearchResult("imp" if pruning == "magnitude" else "random", results)
+
+
+def _resume(model, checkpoint_dir, config):
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
+    results, rewind_state, last = [], None, None
+    for i, path in enumerate(files):
+        ck = torch.load(path, weights_only=True)
+        if ck["level"] != i:
+            raise RuntimeError(f"sparseops.tickets.imp: {checkpoint_dir} lacks level {i}; it holds {files}")
+        if ck["config"] != config:
+            diff = {k: (ck["config"].get(k), v) for k, v in config.items() if ck["config"].get(k) != v}
+            raise ValueError(f"sparseops.tickets.imp: {checkpoint_dir} holds a search with other settings "
+                             f"(saved, now): {diff}; use another checkpoint_dir")
+        if i == 0:
+            rewind_state = ck["rewind"]
+        results.append(LevelResult(ck["level"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"]))
+        last = ck
+    if last is not None:
+        set_masks(model, last["masks"])
+        model.load_state_dict(last["state"])
+        torch.set_rng_state(last["torch_rng"])
+        random.setstate(_as_tuple(last["python_rng"]))
+    return results, rewind_state
+
+
+def _as_tuple(state):
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def total_levels_for(sparsity: float, rate: float = 0.2) -> int:
+    """How many levels pruning `rate` per level takes to reach `sparsity` (e.g. 0.9 at 0.2 -> 11)."""
+    return math.ceil(math.log(1 - sparsity) / math.log(1 - rate))
