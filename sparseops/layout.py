@@ -12,6 +12,7 @@ outside torch, e.g. a numpy view) are not seen: call `invalidate(mask)` after th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     m = as_bool_mask(mask)
     if m.dim() < 2:
         raise ValueError(f"sparseops: mask must be at least 2-D [out_features, ...], got shape {tuple(m.shape)}")
-    m = m.reshape(m.shape[0], -1)
+    m = m.reshape(m.shape[0], math.prod(m.shape[1:]))
     nnz = int(m.sum())
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
     row_ptr, col_idx = _csr(m, index_dtype)

@@ -309,6 +309,9 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"sparseops.masked_linear: bias must be a tensor or None, got {type(bias).__name__}")
     if isinstance(layout, torch.Tensor):
+        if layout.dim() != 2:
+            raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
+                             f"got shape {tuple(layout.shape)}")
         layout = csr_layout(layout)
     elif not isinstance(layout, CsrLayout):
         raise TypeError("sparseops.masked_linear: layout must be a CsrLayout or a mask tensor, "

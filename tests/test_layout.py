@@ -55,10 +55,19 @@ def test_float_mask_edits_are_seen():
     ([[1, 0]], TypeError, "torch.Tensor"),
     (torch.tensor([[0.0, 0.5]]), ValueError, "0 and 1"),
     (torch.tensor([[2, 1]]), ValueError, "0 and 1"),
-    (torch.ones(2, 2, 2, dtype=torch.bool), ValueError, "2-D"),
-    (torch.ones(3, dtype=torch.bool), ValueError, "2-D"),
+    (torch.ones(3, dtype=torch.bool), ValueError, "at least 2-D"),
     (torch.ones(2, 2, dtype=torch.complex64), TypeError, "complex"),
 ])
 def test_bad_masks(bad, exc, match):
     with pytest.raises(exc, match=match):
         csr_layout(bad)
+
+
+def test_conv_masks_are_laid_out_as_2d_and_transpose():
+    mask = torch.rand(4, 3, 3, 3) > 0.5
+    layout = csr_layout(mask)
+    assert layout.shape == (4, 27) and layout.nnz == int(mask.sum())
+    flat = mask.reshape(4, 27)
+    t = layout.t()
+    assert t.shape == (27, 4) and torch.equal(t.row_ptr, layout.t_row_ptr) and torch.equal(t.mask, flat.t())
+    assert torch.equal(t.t().col_idx, layout.col_idx)

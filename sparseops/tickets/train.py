@@ -2,7 +2,6 @@
 and evaluation that IMP and the CLI use when the user brings no training function of their own."""
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -36,15 +35,6 @@ def batches(data, batch_size: int, *, shuffle: bool, device=None):
 
 def _to(t, device):
     return t if device is None else t.to(device, non_blocking=True)
-
-
-def _len(data, batch_size: int) -> int | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return math.ceil(len(data[0]) / batch_size)
-    try:
-        return len(data) if not isinstance(data, torch.utils.data.Dataset) else math.ceil(len(data) / batch_size)
-    except TypeError:
-        return None
 
 
 @torch.no_grad()
@@ -125,12 +115,12 @@ class Trainer:
                 loss = self.loss_fn(model(x), y)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(y)
+                total = total + loss.detach() * len(y)  # a tensor: no device sync per step
                 count += len(y)
                 if level is not None:
                     level.step()
             times.append(time.perf_counter() - t0)
-            losses.append(total / max(count, 1))
+            losses.append(float(total) / max(count, 1))
             if sched is not None:
                 sched.step()
             if level is not None:
