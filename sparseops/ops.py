@@ -41,6 +41,7 @@ def _load_thresholds() -> dict:
 
 
 THRESHOLDS = _load_thresholds()
+SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply (below)
 
 
 def _env_backend() -> str:
@@ -96,11 +97,33 @@ def get_backend() -> str:
     return _state.backend
 
 
-def max_density(op: str, device_type: str) -> float:
-    """The density above which `op` runs its dense fallback on `device_type`."""
+def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None) -> float:
+    """The density above which `op` runs its dense fallback on `device_type`.
+
+    For a weight of `shape` [N, K] it also follows the measured break-even by layer width
+    h = N*K/(N+K) (thresholds.json, "<op>_by_width": [[h, density], ...], interpolated): the sparse
+    kernels' fixed cost grows like M*(N+K) while the dense GEMM's grows like M*N*K, so narrow layers
+    need sparser masks before the sparse path pays, and the narrowest never do.
+    """
     if _state.max_density is not None:
         return _state.max_density
-    return float(THRESHOLDS.get(device_type, {}).get(op, 1.0))
+    table = THRESHOLDS.get(device_type, {})
+    cap = float(table.get(op, 1.0))
+    points = table.get(f"{op}_by_width")
+    if shape is None or not points:
+        return cap
+    n, k = shape
+    h = n * k / (n + k) if n + k else 0.0
+    return min(cap, _interpolate(points, h))
+
+
+def _interpolate(points, h: float) -> float:
+    if h <= points[0][0]:
+        return float(points[0][1])
+    for (h0, d0), (h1, d1) in zip(points, points[1:]):
+        if h <= h1:
+            return float(d0 + (d1 - d0) * (h - h0) / (h1 - h0))
+    return float(points[-1][1])
 
 
 # Which compiled kernels are registered, read once (a plain dict is cheap and torch.compile-friendly).
@@ -327,11 +350,16 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
         if _state.backend == "reference":
             return reference.masked_linear(x, w, layout.mask, bias)
         impl = "dense"  # no sparse kernel for this device yet: the fused dense path
-    if impl == "cpu" and _state.backend == "auto" and layout.density > max_density("masked_linear", "cpu"):
+    if impl == "cpu" and _state.backend == "auto" and layout.density > max_density("masked_linear", "cpu",
+                                                                                   layout.shape):
         impl = "dense"
     if impl == "dense":
         if layout.nnz == layout.mask.numel():  # nothing pruned (IMP's level 0): exactly nn.Linear
             return torch.nn.functional.linear(x, w, bias)
+        if _state.backend == "auto" and w.numel() <= SMALL_WEIGHT:
+            # Small layers: the op's Python autograd costs more than the masked copy of w that plain
+            # autograd keeps (what torch.nn.utils.prune does); large ones keep the memory.
+            return reference.masked_linear(x, w, layout.mask, bias)
         return ops.masked_linear_dense(x, w, layout.mask, bias)
     return ops.masked_linear(x, w, *layout.tensors(), bias)
 

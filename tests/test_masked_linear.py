@@ -282,3 +282,34 @@ def test_random_shapes_and_masks_match_reference(rows, k, n, density, bias, seed
     b = torch.randn(n, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
     mask = torch.rand(n, k, generator=gen) < density
     check_against_reference(x, w, b, mask, rtol=1e-12, atol=1e-12)
+
+
+def test_threshold_follows_layer_width(monkeypatch):
+    from sparseops import ops
+
+    monkeypatch.setitem(ops.THRESHOLDS, "cpu", {"masked_linear": 0.5,
+                                                "masked_linear_by_width": [[50, 0.0], [150, 0.2], [500, 0.6]]})
+    assert ops.max_density("masked_linear", "cpu") == 0.5
+    assert ops.max_density("masked_linear", "cpu", (10, 10)) == 0.0  # h = 5: below the table
+    assert ops.max_density("masked_linear", "cpu", (200, 200)) == pytest.approx(0.1)  # h = 100
+    assert ops.max_density("masked_linear", "cpu", (300, 300)) == pytest.approx(0.2)  # h = 150
+    assert ops.max_density("masked_linear", "cpu", (4000, 4000)) == 0.5  # capped
+    with sparseops.backend(max_density=0.9):
+        assert ops.max_density("masked_linear", "cpu", (10, 10)) == 0.9
+
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(torch.ops.sparseops, name)
+
+    monkeypatch.setattr(ops, "ops", Recorder())
+    for shape, density, expected in [((200, 200), 0.05, "masked_linear"),  # sparser than 0.1: sparse
+                                     ((200, 200), 0.3, None),  # a small layer's fallback: plain autograd
+                                     ((1024, 1024), 0.7, "masked_linear_dense")]:  # a big one's: the op
+        w, x = torch.randn(shape, dtype=torch.float64), torch.randn(3, shape[1], dtype=torch.float64)
+        mask = torch.rand(shape) < density
+        calls.clear()
+        torch.testing.assert_close(sparseops.masked_linear(x, w, mask), x @ (w * mask).t())
+        assert calls[:1] == ([expected] if expected else []), (shape, density, calls)
