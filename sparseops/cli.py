@@ -35,8 +35,11 @@ def info() -> str:
     except ImportError:
         lines.append("Triton: not installed (pip install 'sparseops[triton]')")
     density = ops.max_density("masked_linear", "cpu")
+    widths = ops.THRESHOLDS.get("cpu", {}).get("masked_linear_by_width", [])
+    narrow = f", lower for narrow layers: {', '.join(f'width {h}: {d:g}' for h, d in widths)}" if widths else ""
     lines.append(f"backend: {ops.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
-                 f"density {density:g} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
+                 f"density {density:g}{narrow} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
+    lines.append("masked_conv2d: no compiled kernel yet; runs the reference (one mask multiply, any groups)")
     return "\n".join(lines)
 
 
