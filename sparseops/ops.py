@@ -157,6 +157,25 @@ def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
     return name
 
 
+def _check_inputs(op: str, x, w, bias) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError(f"sparseops.{op}: x and w must be tensors")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"sparseops.{op}: bias must be a tensor or None, got {type(bias).__name__}")
+
+
+def _as_layout(op: str, layout) -> CsrLayout:
+    """The cached layout of a mask tensor, or a given CsrLayout once it is known not to be stale."""
+    if isinstance(layout, torch.Tensor):
+        return csr_layout(layout)
+    if not isinstance(layout, CsrLayout):
+        raise TypeError(f"sparseops.{op}: layout must be a CsrLayout or a mask tensor, got {type(layout).__name__}")
+    if not torch.compiler.is_compiling() and layout.stale:  # version counters are not traceable
+        raise ValueError(f"sparseops.{op}: layout is stale (its mask was changed in place after it was built); "
+                         "call sparseops.layout.csr_layout(mask) again, or pass the mask")
+    return layout
+
+
 def _check_tensors(op: str, **tensors) -> None:
     """Dense tensors on one device (the dispatcher would otherwise pick a device silently)."""
     for name, t in tensors.items():
@@ -327,21 +346,11 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     any leading dimensions. Gradients: dx through the transposed layout, dw at kept entries only
     (zero elsewhere), dbias as usual.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
-        raise TypeError("sparseops.masked_linear: x and w must be tensors")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"sparseops.masked_linear: bias must be a tensor or None, got {type(bias).__name__}")
-    if isinstance(layout, torch.Tensor):
-        if layout.dim() != 2:
-            raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
-                             f"got shape {tuple(layout.shape)}")
-        layout = csr_layout(layout)
-    elif not isinstance(layout, CsrLayout):
-        raise TypeError("sparseops.masked_linear: layout must be a CsrLayout or a mask tensor, "
-                        f"got {type(layout).__name__}")
-    elif not torch.compiler.is_compiling() and layout.stale:  # version counters are not traceable
-        raise ValueError("sparseops.masked_linear: layout is stale (its mask was changed in place after it "
-                         "was built); call sparseops.layout.csr_layout(mask) again, or pass the mask")
+    _check_inputs("masked_linear", x, w, bias)
+    if isinstance(layout, torch.Tensor) and layout.dim() != 2:
+        raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
+                         f"got shape {tuple(layout.shape)}")
+    layout = _as_layout("masked_linear", layout)
     if tuple(w.shape) != layout.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {layout.shape} but w has {tuple(w.shape)}")
     _check_tensors("masked_linear", x=x, w=w, mask=layout.mask, bias=bias)
@@ -376,23 +385,13 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     There is no compiled conv kernel yet: this runs the reference (one mask multiply, as
     torch.nn.utils.prune does), and exactly F.conv2d while nothing is pruned.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
-        raise TypeError("sparseops.masked_conv2d: x and w must be tensors")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"sparseops.masked_conv2d: bias must be a tensor or None, got {type(bias).__name__}")
+    _check_inputs("masked_conv2d", x, w, bias)
     if w.dim() != 4:
         raise ValueError(f"sparseops.masked_conv2d: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
-    if isinstance(layout, torch.Tensor):
-        if tuple(layout.shape) != tuple(w.shape):
-            raise ValueError(f"sparseops.masked_conv2d: the mask has shape {tuple(layout.shape)} but w has "
-                             f"{tuple(w.shape)}")
-        layout = csr_layout(layout)
-    elif not isinstance(layout, CsrLayout):
-        raise TypeError("sparseops.masked_conv2d: layout must be a CsrLayout or a mask tensor, "
-                        f"got {type(layout).__name__}")
-    elif not torch.compiler.is_compiling() and layout.stale:
-        raise ValueError("sparseops.masked_conv2d: layout is stale (its mask was changed in place after it was "
-                         "built); pass the mask, or call sparseops.layout.csr_layout(mask) again")
+    if isinstance(layout, torch.Tensor) and tuple(layout.shape) != tuple(w.shape):
+        raise ValueError(f"sparseops.masked_conv2d: the mask has shape {tuple(layout.shape)} but w has "
+                         f"{tuple(w.shape)}")
+    layout = _as_layout("masked_conv2d", layout)
     if layout.shape != (w.shape[0], w[0].numel()):
         raise ValueError(f"sparseops.masked_conv2d: the layout has shape {layout.shape} but w flattens to "
                          f"{(w.shape[0], w[0].numel())}")
