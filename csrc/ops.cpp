@@ -40,6 +40,16 @@ TORCH_LIBRARY(sparseops, m) {
   // the sparse kernels to win. Saves nothing but its inputs (no masked copy of w is kept).
   m.def("masked_linear_dense(Tensor x, Tensor w, Tensor mask, Tensor? bias) -> Tensor");
 
+  // y = conv2d(x, w * mask, bias, stride, padding, dilation), groups = 1; the mask is the CSR of W
+  // viewed as [C_out, C_in*kh*kw] (and of its transpose), weight values read from the dense w.
+  m.def("masked_conv2d(Tensor x, Tensor w, Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr, "
+        "Tensor t_col_idx, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Backward in one op: dx (transposed convolution through W^T's layout), dw at kept entries only
+  // (zero elsewhere), dbias; outputs not asked for in output_mask come back as empty tensors.
+  m.def("masked_conv2d_backward(Tensor grad, Tensor x, Tensor w, Tensor row_ptr, Tensor col_idx, "
+        "Tensor t_row_ptr, Tensor t_col_idx, int[2] stride, int[2] padding, int[2] dilation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

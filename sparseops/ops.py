@@ -129,7 +129,7 @@ def _interpolate(points, h: float) -> float:
 # Which compiled kernels are registered, read once (a plain dict is cheap and torch.compile-friendly).
 _KERNELS = {
     (op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
-    for op in ("soft_mask", "soft_mask_l1", "masked_linear", "masked_linear_dense")
+    for op in ("soft_mask", "soft_mask_l1", "masked_linear", "masked_linear_dense", "masked_conv2d")
     for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
 }
 
@@ -377,13 +377,74 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
 # Masked conv2d
 
 
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake("sparseops::masked_conv2d")
+def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation):
+    torch._check(x.dim() == 4 and w.dim() == 4, lambda: "sparseops.masked_conv2d: x and w must be 4-D")
+    torch._check(x.shape[1] == w.shape[1], lambda: "sparseops.masked_conv2d: x and w disagree on C_in")
+    ho = _conv_out(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
+    wo = _conv_out(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], w.shape[0], ho, wo))
+
+
+@torch.library.register_fake("sparseops::masked_conv2d_backward")
+def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation, output_mask):
+    shapes = (x.shape, w.shape, (w.shape[0],))
+    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
+
+
+def _masked_conv2d_setup(ctx, inputs, output):
+    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx)
+    ctx.has_bias = bias is not None
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _masked_conv2d_backward(ctx, grad):
+    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[6]
+    dx, dw, db = ops.masked_conv2d_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, *ctx.geometry,
+                                            [need_x, need_w, need_b])
+    return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None,
+            None, None, None)
+
+
+torch.library.register_autograd("sparseops::masked_conv2d", _masked_conv2d_backward,
+                                setup_context=_masked_conv2d_setup)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+        raise TypeError(f"sparseops.masked_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _numeric_padding(padding, w, dilation):
+    """Padding as two ints; 'same' only where it is symmetric (odd dilated kernels), else None."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, w.shape[2:], strict=True)]
+        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+    if isinstance(padding, str):
+        raise ValueError(f"sparseops.masked_conv2d: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+    return _pair(padding, "padding")
+
+
 def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Tensor,
                   bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
-    """`conv2d(x, w * mask, bias, stride, padding, dilation, groups)`.
+    """`conv2d(x, w * mask, bias, stride, padding, dilation, groups)` where only kept weights cost time.
 
-    `layout` is the mask (bool or 0/1, shape of w) or its CsrLayout (over [C_out, C_in/groups*kh*kw]).
-    There is no compiled conv kernel yet: this runs the reference (one mask multiply, as
-    torch.nn.utils.prune does), and exactly F.conv2d while nothing is pruned.
+    `layout` is the mask (bool or 0/1, shape of w) or its CsrLayout (over [C_out, C_in*kh*kw]).
+    The CPU kernel covers groups=1 with any stride, padding and dilation, NCHW and channels_last
+    inputs (the output follows the input's memory format). Grouped convolutions, asymmetric "same"
+    padding and devices without a kernel run the reference (one mask multiply); so does a mask
+    denser than the break-even (thresholds.json), and an unpruned mask runs exactly F.conv2d.
     """
     _check_inputs("masked_conv2d", x, w, bias)
     if w.dim() != 4:
@@ -396,9 +457,27 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
         raise ValueError(f"sparseops.masked_conv2d: the layout has shape {layout.shape} but w flattens to "
                          f"{(w.shape[0], w[0].numel())}")
     _check_tensors("masked_conv2d", x=x, w=w, mask=layout.mask, bias=bias)
-    impl = _resolve("masked_conv2d", w.device, ())  # a forced compiled backend raises: none exists yet
-    if impl != "reference" or _state.backend == "auto":
-        impl = "dense"
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = _numeric_padding(padding, w, dilation)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"sparseops.masked_conv2d: groups must be a positive int, got {groups!r}")
+    name = _state.backend
+    supported = groups == 1 and pad is not None and x.dim() == 4
+    if name in ("cpu", "cuda", "triton"):
+        impl = _resolve("masked_conv2d", w.device, ("cpu",))
+        if not supported:
+            raise NotImplementedError("sparseops.masked_conv2d: the cpu kernel covers groups=1 and symmetric "
+                                      "padding; use the auto or reference backend for this convolution")
+    elif name == "auto" and supported and w.device.type == "cpu" and has_kernel("masked_conv2d", "cpu") \
+            and layout.density <= max_density("masked_conv2d", "cpu"):
+        impl = "cpu"
+    else:
+        impl = "reference" if name == "reference" else "dense"
+    if impl == "cpu":
+        y = ops.masked_conv2d(x, w, *layout.tensors(), bias, stride, pad, dilation)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
     if impl == "dense" and layout.nnz == layout.mask.numel():
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, layout.mask.view(w.shape), bias, stride, padding, dilation, groups)

@@ -94,6 +94,21 @@ static void parallel_range(int64_t n, const F& f) {
 template <typename T, typename I>
 void spmm(const SpmmArgs<T, I>& a) {
   constexpr int64_t MB = spmm_m_block<T>();
+  if (a.eoff) {
+    // Convolution: tiles of up to kSpmmRowBlock positions of one CSR row (an output channel).
+    // Consecutive tasks take the same positions for the next channels, so the input around those
+    // positions (all channels, position-major in bt) is read from cache, not memory, by every channel.
+    const int64_t csr_rows = a.rows / a.plane;
+    const int64_t pos_blocks = (a.plane + kSpmmRowBlock - 1) / kSpmmRowBlock;
+    const int64_t m_blocks = (a.M + MB - 1) / MB;
+    parallel_tasks(csr_rows * pos_blocks * m_blocks, [&](int64_t t) {
+      const int64_t row = t % csr_rows, pb = (t / csr_rows) % pos_blocks, mb = t / (csr_rows * pos_blocks);
+      const int64_t r0 = row * a.plane + pb * kSpmmRowBlock;
+      const int64_t r1 = std::min(row * a.plane + a.plane, r0 + kSpmmRowBlock);
+      SPARSEOPS_ISA_CALL(spmm_tile, a, r0, r1, mb * MB);
+    });
+    return;
+  }
   const int64_t row_blocks = (a.rows + kSpmmRowBlock - 1) / kSpmmRowBlock;
   const int64_t m_blocks = (a.M + MB - 1) / MB;
   // Row blocks innermost: consecutive tasks share the same columns of B^T (reuse in L2).
@@ -110,6 +125,25 @@ void sddmm(const SddmmArgs<T, I>& a) {
   parallel_tasks((a.rows + R - 1) / R, [&](int64_t t) {
     SPARSEOPS_ISA_CALL(sddmm_rows, a, t * R, std::min(a.rows, (t + 1) * R));
   });
+}
+
+template <typename T, typename I>
+void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(a.plane, at::get_num_threads()));
+  std::vector<T> acc(static_cast<size_t>(workers * nnz), T(0));
+  // A fixed split of the positions (one range per worker), so the sums' order is reproducible.
+  auto run = [&](int64_t w) {
+    const int64_t p0 = a.plane * w / workers, p1 = a.plane * (w + 1) / workers;
+    SPARSEOPS_ISA_CALL(conv_dw_positions, a, p0, p1, acc.data() + w * nnz);
+  };
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) run(w);
+  });
+  for (int64_t j = 0; j < nnz; ++j) {
+    T total = 0;
+    for (int64_t w = 0; w < workers; ++w) total += acc[w * nnz + j];
+    out[j] = total;
+  }
 }
 
 template <typename T, typename I>
@@ -139,10 +173,10 @@ template int64_t count_invalid_csr<int32_t>(const int32_t*, const int32_t*, int6
 template int64_t count_invalid_csr<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t, int64_t);
 
 template <typename T>
-void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt) {
+void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, const int64_t* rowmap) {
   constexpr int64_t KB = 64 / sizeof(T);  // one register-transpose block wide
   parallel_tasks((K + KB - 1) / KB, [&](int64_t t) {
-    SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB));
+    SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB), rowmap);
   });
 }
 
@@ -199,11 +233,12 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n) {
 #define SPARSEOPS_DISPATCH_TI(T, I)                                  \
   template void spmm<T, I>(const SpmmArgs<T, I>&);                   \
   template void sddmm<T, I>(const SddmmArgs<T, I>&);                 \
+  template void conv_dw<T, I>(const SddmmArgs<T, I>&, int64_t, T*);  \
   template void gather<T, I>(const GatherArgs<T, I>&, int64_t);
 #define SPARSEOPS_DISPATCH_T(T)                                                           \
   SPARSEOPS_DISPATCH_TI(T, int32_t)                                                       \
   SPARSEOPS_DISPATCH_TI(T, int64_t)                                                       \
-  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t);       \
+  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*); \
   template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&);                              \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&);                                 \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t*);                       \

@@ -7,10 +7,15 @@ namespace sparseops::cpu {
 
 template <typename T, typename I> void spmm(const SpmmArgs<T, I>& a);
 template <typename T, typename I> void sddmm(const SddmmArgs<T, I>& a);
+// dw values (one per kept entry, CSR order) of the implicit-im2col convolution; positions are split
+// between threads, each summing into its own buffer.
+template <typename T, typename I> void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out);
 template <typename T, typename I> void gather(const GatherArgs<T, I>& a, int64_t rows);
 // Number of broken CSR entries: row_ptr not rising within [0, nnz], or a column outside [0, cols).
 template <typename I> int64_t count_invalid_csr(const I* row_ptr, const I* col, int64_t rows, int64_t cols, int64_t nnz);
-template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt);
+// xt[k, m] = x[m, k], rows zero-padded to ldt; with rowmap, column k of x goes to row rowmap[k].
+template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt,
+                                         const int64_t* rowmap = nullptr);
 template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>& a);  // returns the NaN count of s
 template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>& a);
 template <typename T> double soft_mask_sum(const T* s, T beta, int64_t n, int64_t* nan_count);

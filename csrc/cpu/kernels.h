@@ -18,6 +18,11 @@ std::string isa_name(Isa isa);
 
 // Y[m, r] = bias[r] + sum_{j in row r} vals[j] * bt[col[j] * ldb + m]    (Y is M x rows, row stride ldy)
 // bt holds B transposed, zero-padded to ldb columns (a multiple of spmm_m_block<T>()).
+//
+// Convolution as an implicit-im2col SpMM (eoff non-null): output row r is position p = r % plane
+// of CSR row r / plane (so Y is NCHW), and kept entry j reads bt at eoff[j] + poff[p] (element
+// offsets that place the kernel tap and the output position in a transposed, padded input)
+// instead of col[j] * ldb. Tiles then cover positions of one CSR row; see dispatch.cpp for order.
 template <typename T, typename I>
 struct SpmmArgs {
   int64_t rows, M, ldb, ldy;
@@ -27,11 +32,16 @@ struct SpmmArgs {
   const T* bt;
   const T* bias;  // may be null
   T* y;
+  int64_t plane = 1;
+  const int64_t* eoff = nullptr;
+  const int64_t* poff = nullptr;
 };
 
 // out[r, c] (+)= dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
 // a and b are zero-padded to ld (a multiple of the vector width) so the dot needs no tail.
 // accumulate = false zeroes each row first; true adds to it (later slabs of the batch).
+// conv_dw_positions (the weight gradient of the implicit-im2col convolution) uses plane, eoff and
+// poff as the convolution's SpMM does, with a position-major a[p * rows + r, :] and per-entry sums.
 template <typename T, typename I>
 struct SddmmArgs {
   int64_t rows, cols, ld;
@@ -41,6 +51,9 @@ struct SddmmArgs {
   const T* b;
   T* out;  // rows x cols, dense
   bool accumulate;
+  int64_t plane = 1;
+  const int64_t* eoff = nullptr;
+  const int64_t* poff = nullptr;
 };
 
 // Values of a CSR matrix read from a dense matrix through its indices:
@@ -73,10 +86,13 @@ struct SoftMaskArgs {
                                                    int64_t r1, int64_t m0);               \
   template <typename T, typename I> void sddmm_rows(const SddmmArgs<T, I>&, int64_t r0,   \
                                                     int64_t r1);                          \
+  template <typename T, typename I> void conv_dw_positions(const SddmmArgs<T, I>&,        \
+                                                           int64_t p0, int64_t p1, T* acc); \
   template <typename T, typename I> void gather_rows(const GatherArgs<T, I>&, int64_t r0, \
                                                      int64_t r1);                         \
   template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, \
-                                           T* xt, int64_t ldt, int64_t k0, int64_t k1);   \
+                                           T* xt, int64_t ldt, int64_t k0, int64_t k1,    \
+                                           const int64_t* rowmap);                        \
   /* forward; returns how many s in [i0, i1) are NaN */                                  \
   template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \
   template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \

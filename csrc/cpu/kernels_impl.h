@@ -77,22 +77,34 @@ static inline void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
 // MB/W vector FMAs on one broadcast value; two kept entries per step give 8 independent
 // accumulator chains, enough to hide FMA latency. The tile is written out transposed so Y keeps
 // torch's row-major [M, rows] layout without a separate transpose pass.
-template <typename T, typename I>
-void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
+// Where kept entry j of a row reads B^T: col[j] * ld, or the convolution's eoff[j] (kernels.h).
+template <bool Conv, typename I>
+static inline __attribute__((always_inline)) int64_t entry_offset(const I* col, const int64_t* eoff, int64_t j,
+                                                                  int64_t ld) {
+  if constexpr (Conv) {
+    return eoff[j];
+  } else {
+    return static_cast<int64_t>(col[j]) * ld;
+  }
+}
+
+template <bool Conv, typename T, typename I>
+static void spmm_tile_impl(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   constexpr int64_t MB = spmm_m_block<T>();
   static_assert(MB == 4 * W, "the tile holds 4 vectors per row");
   alignas(64) T tile[kSpmmRowBlock][MB];
-  const T* bt = a.bt + m0;
   for (int64_t r = r0; r < r1; ++r) {
     V p0 = {}, p1 = {}, p2 = {}, p3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
-    int64_t j = a.row_ptr[r];
-    const int64_t end = a.row_ptr[r + 1];
+    const int64_t row = Conv ? r / a.plane : r;  // rows (CSR row, position): NCHW order
+    const T* bt = a.bt + m0 + (Conv ? a.poff[r - row * a.plane] : 0);
+    int64_t j = a.row_ptr[row];
+    const int64_t end = a.row_ptr[row + 1];
     for (; j + 1 < end; j += 2) {
       const T u = a.vals[j], v = a.vals[j + 1];
-      const T* bu = bt + static_cast<int64_t>(a.col[j]) * a.ldb;
-      const T* bv = bt + static_cast<int64_t>(a.col[j + 1]) * a.ldb;
+      const T* bu = bt + entry_offset<Conv>(a.col, a.eoff, j, a.ldb);
+      const T* bv = bt + entry_offset<Conv>(a.col, a.eoff, j + 1, a.ldb);
       p0 += u * loadu<V>(bu);
       p1 += u * loadu<V>(bu + W);
       p2 += u * loadu<V>(bu + 2 * W);
@@ -104,7 +116,7 @@ void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
     }
     if (j < end) {
       const T u = a.vals[j];
-      const T* bu = bt + static_cast<int64_t>(a.col[j]) * a.ldb;
+      const T* bu = bt + entry_offset<Conv>(a.col, a.eoff, j, a.ldb);
       p0 += u * loadu<V>(bu);
       p1 += u * loadu<V>(bu + W);
       p2 += u * loadu<V>(bu + 2 * W);
@@ -144,6 +156,56 @@ void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
   }
 }
 
+template <typename T, typename I>
+void spmm_tile(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
+  if (a.eoff) {
+    spmm_tile_impl<true>(a, r0, r1, m0);
+  } else {
+    spmm_tile_impl<false>(a, r0, r1, m0);
+  }
+}
+
+// Four dot products sharing the loads of a (1.25 loads per FMA instead of 2), over ld (a multiple
+// of 2 * W), into c0..c3; and one dot product with four accumulator chains (ld a multiple of 4 * W).
+template <typename T>
+static inline __attribute__((always_inline)) void dot4(const T* a, const T* b0, const T* b1, const T* b2,
+                                                       const T* b3, int64_t ld, typename Vec<T>::type& c0,
+                                                       typename Vec<T>::type& c1, typename Vec<T>::type& c2,
+                                                       typename Vec<T>::type& c3) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V d0 = {}, d1 = {}, d2 = {}, d3 = {};
+  for (int64_t m = 0; m < ld; m += 2 * W) {
+    const V x0 = loadu<V>(a + m), x1 = loadu<V>(a + m + W);
+    c0 += x0 * loadu<V>(b0 + m);
+    d0 += x1 * loadu<V>(b0 + m + W);
+    c1 += x0 * loadu<V>(b1 + m);
+    d1 += x1 * loadu<V>(b1 + m + W);
+    c2 += x0 * loadu<V>(b2 + m);
+    d2 += x1 * loadu<V>(b2 + m + W);
+    c3 += x0 * loadu<V>(b3 + m);
+    d3 += x1 * loadu<V>(b3 + m + W);
+  }
+  c0 += d0;
+  c1 += d1;
+  c2 += d2;
+  c3 += d3;
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) typename Vec<T>::type dot1(const T* a, const T* b, int64_t ld) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+  for (int64_t m = 0; m < ld; m += 4 * W) {
+    c0 += loadu<V>(a + m) * loadu<V>(b + m);
+    c1 += loadu<V>(a + m + W) * loadu<V>(b + m + W);
+    c2 += loadu<V>(a + m + 2 * W) * loadu<V>(b + m + 2 * W);
+    c3 += loadu<V>(a + m + 3 * W) * loadu<V>(b + m + 3 * W);
+  }
+  return (c0 + c1) + (c2 + c3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // SDDMM over rows [r0, r1): out[r, c] = dot(a[r], b[c]) for kept (r, c); the rest of the row is 0.
 // NOTE: four kept entries share each load of a[r] (1.25 loads per FMA instead of 2).
@@ -163,33 +225,40 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
       const T* b1 = s.b + static_cast<int64_t>(s.col[j + 1]) * ld;
       const T* b2 = s.b + static_cast<int64_t>(s.col[j + 2]) * ld;
       const T* b3 = s.b + static_cast<int64_t>(s.col[j + 3]) * ld;
-      V c0 = {}, c1 = {}, c2 = {}, c3 = {}, d0 = {}, d1 = {}, d2 = {}, d3 = {};
-      for (int64_t m = 0; m < ld; m += 2 * W) {
-        const V x0 = loadu<V>(ar + m), x1 = loadu<V>(ar + m + W);
-        c0 += x0 * loadu<V>(b0 + m);
-        d0 += x1 * loadu<V>(b0 + m + W);
-        c1 += x0 * loadu<V>(b1 + m);
-        d1 += x1 * loadu<V>(b1 + m + W);
-        c2 += x0 * loadu<V>(b2 + m);
-        d2 += x1 * loadu<V>(b2 + m + W);
-        c3 += x0 * loadu<V>(b3 + m);
-        d3 += x1 * loadu<V>(b3 + m + W);
-      }
-      orow[s.col[j]] += hsum<T>(c0 + d0);
-      orow[s.col[j + 1]] += hsum<T>(c1 + d1);
-      orow[s.col[j + 2]] += hsum<T>(c2 + d2);
-      orow[s.col[j + 3]] += hsum<T>(c3 + d3);
-    }
-    for (; j < end; ++j) {
-      const T* b0 = s.b + static_cast<int64_t>(s.col[j]) * ld;
       V c0 = {}, c1 = {}, c2 = {}, c3 = {};
-      for (int64_t m = 0; m < ld; m += 4 * W) {
-        c0 += loadu<V>(ar + m) * loadu<V>(b0 + m);
-        c1 += loadu<V>(ar + m + W) * loadu<V>(b0 + m + W);
-        c2 += loadu<V>(ar + m + 2 * W) * loadu<V>(b0 + m + 2 * W);
-        c3 += loadu<V>(ar + m + 3 * W) * loadu<V>(b0 + m + 3 * W);
+      dot4<T>(ar, b0, b1, b2, b3, ld, c0, c1, c2, c3);
+      orow[s.col[j]] += hsum<T>(c0);
+      orow[s.col[j + 1]] += hsum<T>(c1);
+      orow[s.col[j + 2]] += hsum<T>(c2);
+      orow[s.col[j + 3]] += hsum<T>(c3);
+    }
+    for (; j < end; ++j) orow[s.col[j]] += hsum<T>(dot1<T>(ar, s.b + static_cast<int64_t>(s.col[j]) * ld, ld));
+  }
+}
+
+// Weight gradient of the implicit-im2col convolution for output positions [p0, p1) (kernels.h,
+// ConvDwArgs): acc[j] += sum over p of dot(g[p * rows + r], b + eoff[j] + poff[p]) for the kept
+// entries j of every CSR row r. Positions outermost, so the input vectors around p are read from
+// cache by the kept entries of all rows.
+template <typename T, typename I>
+void conv_dw_positions(const SddmmArgs<T, I>& s, int64_t p0, int64_t p1, T* acc) {
+  using V = typename Vec<T>::type;
+  const int64_t ld = s.ld;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* bp = s.b + s.poff[p];
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const T* ar = s.a + (p * s.rows + r) * ld;
+      int64_t j = s.row_ptr[r];
+      const int64_t end = s.row_ptr[r + 1];
+      for (; j + 3 < end; j += 4) {
+        V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+        dot4<T>(ar, bp + s.eoff[j], bp + s.eoff[j + 1], bp + s.eoff[j + 2], bp + s.eoff[j + 3], ld, c0, c1, c2, c3);
+        acc[j] += hsum<T>(c0);
+        acc[j + 1] += hsum<T>(c1);
+        acc[j + 2] += hsum<T>(c2);
+        acc[j + 3] += hsum<T>(c3);
       }
-      orow[s.col[j]] += hsum<T>((c0 + c1) + (c2 + c3));
+      for (; j < end; ++j) acc[j] += hsum<T>(dot1<T>(ar, bp + s.eoff[j], ld));
     }
   }
 }
@@ -206,8 +275,9 @@ void gather_rows(const GatherArgs<T, I>& g, int64_t r0, int64_t r1) {
 // xt[k, m] = x[m, k] for k in [k0, k1), m < M; xt[k, m] = 0 for M <= m < ldt (the SpMM padding).
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
-                   int64_t k1) {
+                   int64_t k1, const int64_t* rowmap) {
   (void)K;
+  auto row = [&](int64_t k) { return xt + (rowmap ? rowmap[k] : k) * ldt; };
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   constexpr int64_t B = 16;
@@ -219,17 +289,17 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
       for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (mfull + i) * ldx + k0);
       transpose_block<T>(blk);
 #pragma GCC unroll 16
-      for (int j = 0; j < W; ++j) storeu(xt + (k0 + j) * ldt + mfull, blk[j]);
+      for (int j = 0; j < W; ++j) storeu(row(k0 + j) + mfull, blk[j]);
     }
   }
   for (int64_t mb = mfull; mb < M; mb += B) {
     const int64_t me = std::min(M, mb + B);
     for (int64_t k = k0; k < k1; ++k) {
-      T* dst = xt + k * ldt;
+      T* dst = row(k);
       for (int64_t m = mb; m < me; ++m) dst[m] = x[m * ldx + k];
     }
   }
-  for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * ldt + M, xt + (k + 1) * ldt, T(0));
+  for (int64_t k = k0; k < k1; ++k) std::fill(row(k) + M, row(k) + ldt, T(0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,12 +487,13 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t i0, int64_t i1)
 #define SPARSEOPS_INSTANTIATE_TI(T, I)                                                  \
   template void spmm_tile<T, I>(const SpmmArgs<T, I>&, int64_t, int64_t, int64_t);     \
   template void sddmm_rows<T, I>(const SddmmArgs<T, I>&, int64_t, int64_t);             \
+  template void conv_dw_positions<T, I>(const SddmmArgs<T, I>&, int64_t, int64_t, T*);  \
   template void gather_rows<T, I>(const GatherArgs<T, I>&, int64_t, int64_t);
 #define SPARSEOPS_INSTANTIATE_T(T)                                                      \
   SPARSEOPS_INSTANTIATE_TI(T, int32_t)                                                  \
   SPARSEOPS_INSTANTIATE_TI(T, int64_t)                                                  \
   template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t,      \
-                                 int64_t, int64_t);                                     \
+                                 int64_t, int64_t, const int64_t*);                     \
   template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);         \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);            \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t, int64_t*);           \

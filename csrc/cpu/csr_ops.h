@@ -1,0 +1,147 @@
+// Pieces shared by the CPU ops that run on a CSR layout (masked_linear.cpp, masked_conv2d.cpp):
+// layout checks, transposes into the kernels' padded batch-minor layout, value gathers, SpMM calls.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+
+#include "../checks.h"
+#include "dispatch.h"
+
+namespace sparseops {
+inline namespace csr_ops {
+
+struct Dims {
+  int64_t M, K, N, nnz;
+};
+
+inline Dims check_layout(const char* op, const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                  const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {
+  TORCH_CHECK_VALUE(w.dim() == 2, "sparseops.", op, ": w must be 2-D [out_features, in_features], got shape ",
+                    w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  check_index(op, row_ptr, "layout.row_ptr", N + 1);
+  const int64_t nnz = col_idx.numel();
+  check_index(op, col_idx, "layout.col_idx", -1);
+  check_index(op, t_row_ptr, "layout.t_row_ptr", K + 1);
+  check_index(op, t_col_idx, "layout.t_col_idx", nnz);
+  for (const auto* t : {&row_ptr, &col_idx, &t_row_ptr, &t_col_idx}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == row_ptr.scalar_type(), "sparseops.", op,
+                     ": the layout's index tensors must share one dtype, got ", row_ptr.scalar_type(), " and ",
+                     t->scalar_type());
+    check_same_device(op, w, "w", *t, "layout");
+  }
+  TORCH_CHECK_VALUE(nnz <= N * K, "sparseops.", op, ": layout has ", nnz, " entries for a ", N, "x", K,
+                    " weight");
+  return {0, K, N, nnz};
+}
+
+// Raises if a CSR structure is broken, so a bad layout never reads out of bounds.
+inline void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col, int64_t rows, int64_t cols,
+               const char* which) {
+  auto rp = row_ptr.contiguous(), c = col.contiguous();
+  int64_t bad = 0;
+  AT_DISPATCH_INDEX_TYPES(rp.scalar_type(), "check_csr", [&] {
+    bad = cpu::count_invalid_csr(rp.data_ptr<index_t>(), c.data_ptr<index_t>(), rows, cols, c.numel());
+  });
+  TORCH_CHECK_VALUE(bad == 0, "sparseops.", op, ": the layout's ", which,
+                    " CSR is invalid (row pointers must rise from 0 to nnz and columns lie in [0, ", cols,
+                    ")); rebuild it with sparseops.layout.csr_layout(mask)");
+}
+
+// Rows of x seen as a matrix: the product of its leading dimensions.
+inline int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+// NOTE: the SpMM and SDDMM want x^T and grad^T (the batch dimension contiguous). Transposing the
+// whole batch would hold copies as large as x and grad through the backward; instead the batch is
+// cut into at most kMaxSlabs slabs of rows, each transposed just before use (into one reused
+// buffer), so the extra memory is about a quarter of x and grad, while the SDDMM adds only
+// kMaxSlabs partial dot products per kept weight.
+constexpr int64_t kMaxSlabs = 4;
+
+inline int64_t slab_rows(int64_t M, at::ScalarType st) {
+  const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
+  const int64_t rows = (M + kMaxSlabs - 1) / kMaxSlabs;
+  return std::max<int64_t>(1, (rows + MB - 1) / MB) * MB;
+}
+
+// Rows [m0, m0 + rows) of a [M, C] (row-major, contiguous) -> out [C, ld], zero-padded past rows.
+// A scratch buffer reused across calls, one per thread and slot. Large fresh allocations are
+// returned to the OS when freed, so each call would page-fault its buffers in again; for a
+// transposed conv input that costs more than the sparse work at high sparsity (12 ms for 38 MB
+// here, against 1 ms to write the same memory once it is mapped). Never returned to the caller.
+inline at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& opts) {
+  thread_local std::array<at::Tensor, 4> bufs;
+  auto& b = bufs.at(slot);
+  if (!b.defined() || b.numel() < numel || b.scalar_type() != opts.dtype().toScalarType())
+    b = at::empty({std::max<int64_t>(numel, 1)}, opts.device(at::kCPU));
+  return b.narrow(0, 0, numel);
+}
+
+// With rowmap (int64, one per column of a), column k lands in row rowmap[k] of out instead of k.
+inline void transpose_slab(const at::Tensor& a, int64_t m0, int64_t rows, at::Tensor& out,
+                           const at::Tensor& rowmap = at::Tensor()) {
+  const int64_t C = a.size(1), ld = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "transpose_pad", [&] {
+    cpu::transpose_pad(a.data_ptr<scalar_t>() + m0 * C, rows, C, C, out.data_ptr<scalar_t>(), ld,
+                       rowmap.defined() ? rowmap.data_ptr<int64_t>() : nullptr);
+  });
+}
+
+// Values of a CSR layout of W (ldr = K, ldc = 1) or of W^T (ldr = 1, ldc = K), gathered from w.
+inline at::Tensor gather_values(const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& col, int64_t ldr,
+                         int64_t ldc) {
+  auto vals = at::empty({col.numel()}, w.options());
+  const int64_t rows = row_ptr.numel() - 1;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "gather_values", [&] {
+    AT_DISPATCH_INDEX_TYPES(row_ptr.scalar_type(), "gather_values", [&] {
+      cpu::GatherArgs<scalar_t, index_t> g{row_ptr.data_ptr<index_t>(), col.data_ptr<index_t>(),
+                                           w.data_ptr<scalar_t>(), ldr, ldc, vals.data_ptr<scalar_t>()};
+      cpu::gather(g, rows);
+    });
+  });
+  return vals;
+}
+
+// y [M, rows] = A (CSR, rows x cols) @ B where bt = B^T padded [cols, ldt].
+inline void spmm_into(at::Tensor& y, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
+               const at::Tensor& bt, int64_t M, const at::Tensor& bias) {
+  const int64_t rows = row_ptr.numel() - 1;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "spmm", [&] {
+    AT_DISPATCH_INDEX_TYPES(row_ptr.scalar_type(), "spmm", [&] {
+      cpu::SpmmArgs<scalar_t, index_t> a{rows,
+                                         M,
+                                         bt.size(1),
+                                         rows,
+                                         row_ptr.data_ptr<index_t>(),
+                                         col.data_ptr<index_t>(),
+                                         vals.data_ptr<scalar_t>(),
+                                         bt.data_ptr<scalar_t>(),
+                                         bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                                         y.data_ptr<scalar_t>()};
+      cpu::spmm(a);
+    });
+  });
+}
+
+inline void check_bias(const char* op, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_floating(op, *bias, "bias", false);
+  check_same_dtype(op, w, "w", *bias, "bias");
+  check_same_device(op, w, "w", *bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), "sparseops.", op,
+                    ": bias must have shape [", w.size(0), "], got ", bias->sizes());
+}
+
+inline void check_x(const char* op, const at::Tensor& x, const at::Tensor& w, const char* name = "x") {
+  check_floating(op, x, name, false);
+  check_floating(op, w, "w", false);
+  check_same_dtype(op, w, "w", x, name);
+  check_same_device(op, w, "w", x, name);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sparseops.", op, ": ", name, " must have at least one dimension");
+}
+
+}  // namespace csr_ops
+}  // namespace sparseops

@@ -1,0 +1,246 @@
+// CPU implementation of masked_conv2d and its backward (schemas in csrc/ops.cpp), groups = 1.
+//
+// NOTE: the convolution is an implicit-im2col SpMM on the same kernels as masked_linear. The padded
+// input is transposed once to position-major, batch-minor xt[hp, wp, ci, n] (n padded to the SpMM
+// block), so a kept weight w[co, ci, kh, kw] at output position (oh, ow) reads the contiguous
+// vector xt[oh*sh + kh*dh, ow*sw + kw*dw, ci, :]: an element offset eoff[j] for the weight plus
+// poff[p] for the position. Every stride, padding and dilation is the same kernel, the batch (not
+// the often tiny output width) fills the vectors, and no im2col matrix is built. Output rows are
+// position-major (p, co), so consecutive tiles read the same neighbourhood of xt from cache and
+// the result is written channels-last.
+//   forward: output row (p, co) = SpMM over W's CSR row co.
+//   dx:      the transposed convolution, an SpMM over W^T's CSR rows grouped by ci, reading grad
+//            scattered (stride) into a zero-bordered buffer gq[hq, wq, co, n].
+//   dw:      per kept entry, the sum over positions p of dot(gt[p, co, :], xt at eoff[j] + poff[p]);
+//            positions are split between threads.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "csr_ops.h"
+
+namespace sparseops {
+namespace {
+
+struct ConvGeom {
+  int64_t N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, dh, dw, Hp, Wp, Ho, Wo, K;
+};
+
+ConvGeom check_conv(const char* op, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_floating(op, x, "x", false);
+  check_floating(op, w, "w", false);
+  check_same_dtype(op, w, "w", x, "x");
+  check_same_device(op, w, "w", x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, "sparseops.", op, ": x must be 4-D [N, C_in, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 4, "sparseops.", op, ": w must be 4-D [C_out, C_in, kh, kw], got shape ", w.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "sparseops.", op,
+                    ": stride, padding and dilation must have 2 values each");
+  TORCH_CHECK_VALUE(stride[0] > 0 && stride[1] > 0, "sparseops.", op, ": stride must be positive, got ", stride);
+  TORCH_CHECK_VALUE(dilation[0] > 0 && dilation[1] > 0, "sparseops.", op, ": dilation must be positive, got ",
+                    dilation);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "sparseops.", op, ": padding must be >= 0, got ", padding);
+  ConvGeom g{};
+  g.N = x.size(0), g.Cin = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.Cout = w.size(0), g.KH = w.size(2), g.KW = w.size(3);
+  TORCH_CHECK_VALUE(w.size(1) == g.Cin, "sparseops.", op, ": x has ", g.Cin, " channels but w expects ", w.size(1),
+                    " (groups other than 1 run through the reference)");
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.Hp = g.H + 2 * g.ph, g.Wp = g.W + 2 * g.pw;
+  const int64_t eh = g.dh * (g.KH - 1) + 1, ew = g.dw * (g.KW - 1) + 1;
+  TORCH_CHECK_VALUE(g.Hp >= eh && g.Wp >= ew, "sparseops.", op, ": the padded input (", g.Hp, "x", g.Wp,
+                    ") is smaller than the dilated kernel (", eh, "x", ew, ")");
+  g.Ho = (g.Hp - eh) / g.sh + 1, g.Wo = (g.Wp - ew) / g.sw + 1;
+  g.K = g.Cin * g.KH * g.KW;
+  return g;
+}
+
+// Scratch slots (csr_ops.h): the transposed input, the transposed grad, the scattered grad of dx.
+constexpr int kInput = 0, kGrad = 1, kScatter = 2;
+
+int64_t batch_ld(int64_t N, at::ScalarType st) {
+  const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
+  return std::max<int64_t>(1, (N + MB - 1) / MB) * MB;
+}
+
+// The memory format results take: channels-last when x is (and is not also plain contiguous).
+at::MemoryFormat format_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
+// [N, C, H, W] -> [(H + 2ph) * (W + 2pw) * C, ld] batch-minor with rows (h, w, c) and a zero
+// border, in one pass: the transpose writes each column (c, h, w) of x straight to its row.
+at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t ld, int slot) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto c = at::arange(C, opts).view({C, 1, 1});
+  auto h = at::arange(H, opts).view({1, H, 1}), w = at::arange(W, opts).view({1, 1, W});
+  auto rowmap = (((h + ph) * Wp + (w + pw)) * C + c).reshape({-1}).contiguous();
+  auto out = scratch(slot, Hp * Wp * C * ld, t.options()).view({Hp * Wp * C, ld});
+  if (ph || pw) {  // zero the border rows (positions outside the input)
+    auto inside = at::zeros({Hp, Wp}, opts.dtype(at::kBool));
+    inside.slice(0, ph, ph + H).slice(1, pw, pw + W).fill_(true);
+    auto border = at::nonzero(~inside.reshape({-1})).view({-1, 1});
+    auto rows = (border * C + at::arange(C, opts).view({1, C})).reshape({-1});
+    out.index_fill_(0, rows, 0);
+  }
+  transpose_slab(t.contiguous().view({N, C * H * W}), 0, N, out, rowmap);
+  return out;
+}
+
+// Offsets (elements) of positions (i * step_h, j * step_w) in a [rows_total, row_len, unit] grid.
+at::Tensor position_offsets(int64_t rows, int64_t cols, int64_t step_h, int64_t step_w, int64_t row_len,
+                            int64_t unit) {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto i = at::arange(rows, opts).view({rows, 1}), j = at::arange(cols, opts).view({1, cols});
+  return ((i * (step_h * row_len)) + j * step_w).mul_(unit).reshape({-1}).contiguous();
+}
+
+// Element offset in xt of the tap (ci, kh, kw) = col[j] of each kept entry of W's CSR.
+at::Tensor forward_entry_offsets(const at::Tensor& col, const ConvGeom& g, int64_t ld) {
+  auto k = col.to(at::kLong);
+  auto ci = k.div(g.KH * g.KW, "floor"), r = k.remainder(g.KH * g.KW);
+  auto kh = r.div(g.KW, "floor"), kw = r.remainder(g.KW);
+  return ((kh * g.dh * g.Wp + kw * g.dw) * g.Cin + ci).mul_(ld).contiguous();
+}
+
+// Calls f(T(), I()) for t's floating type T and index's integer type I.
+template <class F>
+void dispatch(const at::Tensor& t, const at::Tensor& index, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "masked_conv2d", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "masked_conv2d", [&] { f(T(), index_t()); });
+  });
+}
+
+at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const char* op = "masked_conv2d";
+  auto g = check_conv(op, x, w, stride, padding, dilation);
+  auto w2 = w.reshape({g.Cout, g.K}).contiguous();
+  check_layout(op, w2, row_ptr, col_idx, t_row_ptr, t_col_idx);
+  check_bias(op, w2, bias);
+  check_csr(op, row_ptr, col_idx, g.Cout, g.K, "row");
+  const int64_t plane = g.Ho * g.Wo;
+  auto y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  if (y.numel() > 0 && col_idx.numel() > 0) {
+    const int64_t ld = batch_ld(g.N, x.scalar_type());
+    auto xt = nhwc_transpose(x, g.ph, g.pw, ld, kInput);
+    auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+    auto eoff = forward_entry_offsets(ci, g, ld);
+    auto poff = position_offsets(g.Ho, g.Wo, g.sh, g.sw, g.Wp, g.Cin * ld);
+    auto vals = gather_values(w2, rp, ci, g.K, 1);
+    dispatch(x, rp, [&](auto t, auto i) {
+      using T = decltype(t);
+      using I = decltype(i);
+      cpu::SpmmArgs<T, I> a{g.Cout * plane, g.N, ld, g.Cout * plane, rp.data_ptr<I>(), ci.data_ptr<I>(),
+                            vals.data_ptr<T>(), xt.data_ptr<T>(), nullptr, y.data_ptr<T>(),
+                            plane, eoff.data_ptr<int64_t>(), poff.data_ptr<int64_t>()};
+      cpu::spmm(a);
+    });
+  } else {
+    y.zero_();
+  }
+  if (bias.has_value() && bias->defined()) y.add_(bias->view({1, g.Cout, 1, 1}));
+  return y.contiguous(format_of(x));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_ptr,
+    const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  const char* op = "masked_conv2d_backward";
+  auto g = check_conv(op, x, w, stride, padding, dilation);
+  check_floating(op, grad, "grad", false);
+  check_same_dtype(op, w, "w", grad, "grad");
+  check_same_device(op, w, "w", grad, "grad");
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == g.Cout && grad.size(2) == g.Ho &&
+                        grad.size(3) == g.Wo,
+                    "sparseops.", op, ": grad has shape ", grad.sizes(), ", expected [", g.N, ", ", g.Cout, ", ", g.Ho,
+                    ", ", g.Wo, "]");
+  auto w2 = w.reshape({g.Cout, g.K}).contiguous();
+  check_layout(op, w2, row_ptr, col_idx, t_row_ptr, t_col_idx);
+  const auto [need_dx, need_dw, need_db] = output_mask;
+  const int64_t nnz = col_idx.numel(), plane = g.Ho * g.Wo;
+  const bool work = g.N > 0 && g.Cout > 0 && nnz > 0 && plane > 0;
+  const int64_t ld = batch_ld(g.N, x.scalar_type());
+  at::Tensor dx, dw, db, gt;
+  if ((need_dx || need_dw) && work) gt = nhwc_transpose(grad, 0, 0, ld, kGrad);  // rows (oh, ow, co)
+  if (need_dx) {
+    check_csr(op, t_row_ptr, t_col_idx, g.K, g.Cout, "transposed");
+    if (work && g.Cin > 0) {
+      // grad scattered to its stride positions inside a border of (k - 1) * d zeros.
+      const int64_t bh = (g.KH - 1) * g.dh, bw = (g.KW - 1) * g.dw;
+      const int64_t Hq = g.Hp + bh, Wq = g.Wp + bw;
+      auto gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq, Wq, g.Cout, ld}).zero_();
+      gq.slice(0, bh, bh + (g.Ho - 1) * g.sh + 1, g.sh)
+          .slice(1, bw, bw + (g.Wo - 1) * g.sw + 1, g.sw)
+          .copy_(gt.view({g.Ho, g.Wo, g.Cout, ld}));
+      auto t_rp = t_row_ptr.contiguous(), t_ci = t_col_idx.contiguous();
+      auto t_vals = gather_values(w2, t_rp, t_ci, 1, g.K);
+      // W^T's rows k = (ci, kh, kw) are consecutive per ci: one grouped row per input channel.
+      auto long_opts = at::TensorOptions().dtype(at::kLong);
+      auto group_ptr = t_rp.index_select(0, at::arange(0, g.K + 1, g.KH * g.KW, long_opts)).contiguous();
+      auto k = at::repeat_interleave(at::arange(g.K, long_opts), t_rp.diff().to(at::kLong), 0, nnz);
+      auto r = k.remainder(g.KH * g.KW);
+      auto kh = r.div(g.KW, "floor"), kw = r.remainder(g.KW);
+      auto eoff = (((g.KH - 1 - kh) * g.dh * Wq + (g.KW - 1 - kw) * g.dw) * g.Cout + t_ci.to(at::kLong))
+                      .mul_(ld)
+                      .contiguous();
+      // dx's own positions (h, w) sit at (h + ph, w + pw) of the padded input: only those are computed.
+      auto poff = position_offsets(g.H, g.W, 1, 1, Wq, g.Cout * ld)
+                      .add_((g.ph * Wq + g.pw) * g.Cout * ld);
+      const int64_t pplane = g.H * g.W;
+      dx = at::empty({g.N, g.Cin, g.H, g.W}, x.options());
+      dispatch(x, t_rp, [&](auto t, auto i) {
+        using T = decltype(t);
+        using I = decltype(i);
+        cpu::SpmmArgs<T, I> a{g.Cin * pplane, g.N, ld, g.Cin * pplane, group_ptr.data_ptr<I>(), t_ci.data_ptr<I>(),
+                              t_vals.data_ptr<T>(), gq.data_ptr<T>(), nullptr, dx.data_ptr<T>(),
+                              pplane, eoff.data_ptr<int64_t>(), poff.data_ptr<int64_t>()};
+        cpu::spmm(a);
+      });
+      dx = dx.contiguous(format_of(x));
+    } else {
+      dx = at::zeros_like(x, at::MemoryFormat::Preserve);
+    }
+  }
+  if (need_dw) {
+    check_csr(op, row_ptr, col_idx, g.Cout, g.K, "row");
+    dw = at::zeros({g.Cout, g.K}, w.options());
+    if (work) {
+      auto xt = nhwc_transpose(x, g.ph, g.pw, ld, kInput);
+      auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+      auto eoff = forward_entry_offsets(ci, g, ld);
+      auto poff = position_offsets(g.Ho, g.Wo, g.sh, g.sw, g.Wp, g.Cin * ld);
+      auto vals = at::empty({nnz}, w.options());
+      dispatch(w, rp, [&](auto t, auto i) {
+        using T = decltype(t);
+        using I = decltype(i);
+        cpu::SddmmArgs<T, I> a{g.Cout, g.K, ld, rp.data_ptr<I>(), ci.data_ptr<I>(), gt.data_ptr<T>(),
+                               xt.data_ptr<T>(), nullptr, false, plane, eoff.data_ptr<int64_t>(),
+                               poff.data_ptr<int64_t>()};
+        cpu::conv_dw(a, nnz, vals.data_ptr<T>());
+      });
+      auto rows = at::repeat_interleave(at::arange(g.Cout, rp.options().dtype(at::kLong)), rp.diff().to(at::kLong),
+                                        0, nnz);
+      dw.index_put_({rows, ci.to(at::kLong)}, vals);
+    }
+    dw = dw.view(w.sizes());
+  }
+  if (need_db) db = grad.sum({0, 2, 3});
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };
+  return {or_empty(dx), or_empty(dw), or_empty(db)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
+  m.impl("masked_conv2d", &masked_conv2d_cpu);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward_cpu);
+}
+
+}  // namespace sparseops
