@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC))))
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 BENCH_OUT ?= benchmarks/results/cpu-$(shell date +%Y%m%d-%H%M%S).json
 
-.PHONY: install build test demo bench info clean
+.PHONY: install build test demo bench bench-search info clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ info: build
 bench: build
 	$(PYTHON) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-json=$(BENCH_OUT) -q
 	$(PYTHON) benchmarks/report.py $(BENCH_OUT)
+
+# Whole searches (minutes): IMP on CIFAR VGG-16 and CS along its beta schedule, then the plots.
+bench-search: build
+	$(PYTHON) benchmarks/bench_search.py --out benchmarks/results/search-cpu.json
+	$(PYTHON) benchmarks/plot.py benchmarks/results/search-cpu.json
 
 clean:
 	rm -rf build sparseops/*.so sparseops/.built *.egg-info

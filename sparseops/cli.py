@@ -39,7 +39,10 @@ def info() -> str:
     narrow = f", lower for narrow layers: {', '.join(f'width {h}: {d:g}' for h, d in widths)}" if widths else ""
     lines.append(f"backend: {ops.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
                  f"density {density:g}{narrow} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
-    lines.append("masked_conv2d: no compiled kernel yet; runs the reference (one mask multiply, any groups)")
+    planes = ops.THRESHOLDS.get("cpu", {}).get("masked_conv2d_by_plane", [])
+    lines.append("masked_conv2d on CPU: sparse kernel for groups=1, stride 1, C_in*kh*kw >= 64, up to density "
+                 + (", ".join(f"{d:g} at {p} output positions" for p, d in planes) or "-")
+                 + "; grouped and strided convolutions and denser masks run the reference (one mask multiply)")
     return "\n".join(lines)
 
 

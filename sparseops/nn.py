@@ -172,7 +172,26 @@ class _SoftMaskedMixin:
                 self.set_ticket(True)
             y = self._masked_by(x, self._hard_mask) * self.scale
             return y if self.bias is None else y + self._bias_view()
-        return self._dense(x, ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale))
+        w = ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale)
+        keep = self._nonzero_mask()
+        if keep is not None:  # most of the mask underflowed to exactly 0: skip those entries, exactly
+            return self._masked_by(x, keep, w, self.bias)
+        return self._dense(x, w)
+
+    @torch.no_grad()
+    def _nonzero_mask(self):
+        """Where sigmoid(beta * s) is not exactly 0, when that is sparse enough for the sparse kernels
+        to win (late in CS's schedule); else None. Entries whose mask is exactly 0 contribute 0 to the
+        output and get exactly 0 gradient (dw = g*m, ds = g*w*beta*m*(1-m)), so skipping them is exact."""
+        if ops.get_backend() not in ("auto", "cpu") or self.weight.device.type != "cpu" or self.weight.numel() == 0:
+            return None
+        s = self.weight_score.detach()
+        if not self.beta * float(-s.min()) > 80.0:  # fp32 sigmoid(z) is 0 only below z = -88.7
+            return None
+        keep = torch.sigmoid(self.beta * s) != 0
+        shape = (self.weight.shape[0], self.weight[0].numel())
+        op = "masked_conv2d" if self.weight.dim() == 4 else "masked_linear"
+        return keep if keep.sum().item() <= ops.max_density(op, "cpu", shape) * keep.numel() else None
 
     def extra_repr(self) -> str:
         state = "ticket" if self.ticket else f"beta={self.beta:.4g}"
@@ -190,8 +209,8 @@ class SoftMaskedLinear(_SoftMaskedMixin, nn.Linear):
     def _dense(self, x, w):
         return F.linear(x, w, self.bias)
 
-    def _masked_by(self, x, mask):
-        return ops.masked_linear(x, self.weight, mask, None)
+    def _masked_by(self, x, mask, weight=None, bias=None):
+        return ops.masked_linear(x, self.weight if weight is None else weight, mask, bias)
 
     def _bias_view(self):
         return self.bias
@@ -207,9 +226,10 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
     def _dense(self, x, w):
         return self._conv_forward(x, w, self.bias)
 
-    def _masked_by(self, x, mask):
+    def _masked_by(self, x, mask, weight=None, bias=None):
         x, padding = _conv2d_input(self, x)
-        return ops.masked_conv2d(x, self.weight, mask, None, self.stride, padding, self.dilation, self.groups)
+        return ops.masked_conv2d(x, self.weight if weight is None else weight, mask, bias, self.stride, padding,
+                                 self.dilation, self.groups)
 
     def _bias_view(self):
         return self.bias.view(1, -1, 1, 1)
@@ -219,9 +239,9 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
 # built on first use so that importing sparseops does not import transformers.
 
 
-def _conv1d_masked(self, x, bias, mask):
+def _conv1d_masked(self, x, bias, mask, weight=None):
     layout = csr_layout(mask).t()  # the layout of W^T, [out, in], from the cached one of W
-    return ops.masked_linear(x, self.weight.t(), layout, bias)
+    return ops.masked_linear(x, (self.weight if weight is None else weight).t(), layout, bias)
 
 
 def _conv1d_dense(self, x, w):
@@ -246,7 +266,7 @@ def _make_conv1d_twins():
         "__doc__": "transformers' Conv1D under Continuous Sparsification's soft mask.",
         "__module__": __name__,
         "_dense": _conv1d_dense,
-        "_masked_by": lambda self, x, mask: _conv1d_masked(self, x, None, mask),
+        "_masked_by": lambda self, x, mask, weight=None, bias=None: _conv1d_masked(self, x, bias, mask, weight),
         "_bias_view": lambda self: self.bias,
     })
     return masked, soft

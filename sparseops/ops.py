@@ -97,18 +97,24 @@ def get_backend() -> str:
     return _state.backend
 
 
-def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None) -> float:
+def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None, *,
+                plane: int | None = None) -> float:
     """The density above which `op` runs its dense fallback on `device_type`.
 
     For a weight of `shape` [N, K] it also follows the measured break-even by layer width
     h = N*K/(N+K) (thresholds.json, "<op>_by_width": [[h, density], ...], interpolated): the sparse
     kernels' fixed cost grows like M*(N+K) while the dense GEMM's grows like M*N*K, so narrow layers
-    need sparser masks before the sparse path pays, and the narrowest never do.
+    need sparser masks before the sparse path pays, and the narrowest never do. For a convolution,
+    `plane` (output positions) selects "<op>_by_plane" the same way: its fixed cost (transposing the
+    input, writing the output) weighs more against small planes.
     """
     if _state.max_density is not None:
         return _state.max_density
     table = THRESHOLDS.get(device_type, {})
     cap = float(table.get(op, 1.0))
+    if plane is not None:
+        points = table.get(f"{op}_by_plane")
+        return min(cap, _interpolate(points, plane)) if points else cap
     points = table.get(f"{op}_by_width")
     if shape is None or not points:
         return cap
@@ -424,6 +430,11 @@ def _pair(v, name: str) -> tuple[int, int]:
     return t
 
 
+def _plane(x, w, stride, padding, dilation) -> int:
+    return (_conv_out(x.shape[-2], w.shape[2], stride[0], padding[0], dilation[0])
+            * _conv_out(x.shape[-1], w.shape[3], stride[1], padding[1], dilation[1]))
+
+
 def _numeric_padding(padding, w, dilation):
     """Padding as two ints; 'same' only where it is symmetric (odd dilated kernels), else None."""
     if padding == "valid":
@@ -469,7 +480,11 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
             raise NotImplementedError("sparseops.masked_conv2d: the cpu kernel covers groups=1 and symmetric "
                                       "padding; use the auto or reference backend for this convolution")
     elif name == "auto" and supported and w.device.type == "cpu" and has_kernel("masked_conv2d", "cpu") \
-            and layout.density <= max_density("masked_conv2d", "cpu"):
+            and stride == (1, 1) and w.shape[1] * w.shape[2] * w.shape[3] >= 64 \
+            and layout.density <= max_density("masked_conv2d", "cpu", plane=_plane(x, w, stride, pad, dilation)):
+        # Measured (bench_conv.py): strided convolutions lose at 90-95% sparsity (dx works on the
+        # stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel input layer);
+        # both stay on the fallback in `auto`.
         impl = "cpu"
     else:
         impl = "reference" if name == "reference" else "dense"

@@ -138,3 +138,28 @@ def test_masked_layers_constructors():
     assert torch.equal(conv(torch.randn(1, 2, 5, 5)), conv.bias.view(1, 3, 1, 1).expand(1, 3, 3, 3))
     with pytest.raises(ValueError, match="mask must have the weight's shape"):
         sparseops.MaskedConv2d(2, 3, 3, mask=torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("make", [lambda: SoftMaskedLinear(40, 30, dtype=torch.float32),
+                                  lambda: SoftMaskedConv2d(6, 8, 3, padding=1, dtype=torch.float32)])
+def test_soft_mask_skips_exact_zeros_exactly(make):
+    """Late in CS's schedule most of sigmoid(beta*s) is exactly 0 in float32: the layer then runs the
+    sparse kernels on the rest, with the same outputs and gradients as the dense soft path."""
+    layer = make()
+    with torch.no_grad():
+        layer.weight_score.uniform_(-10.0, 0.02)  # s > -0.444 survives beta = 200: about 4.6%
+    layer.beta = 200.0
+    assert layer._nonzero_mask() is not None
+    x = torch.randn((5, 40) if isinstance(layer, nn.Linear) else (2, 6, 5, 5))
+    y = layer(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (layer.weight, layer.weight_score, layer.bias), g)
+    with sparseops.backend("reference"):  # the plain soft path
+        assert layer._nonzero_mask() is None
+        y_ref = layer(x)
+        ref = torch.autograd.grad(y_ref, (layer.weight, layer.weight_score, layer.bias), g)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    layer.beta = 1.0  # early in the schedule nothing underflows: the dense soft path
+    assert layer._nonzero_mask() is None

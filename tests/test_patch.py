@@ -337,6 +337,7 @@ def _ddp_worker(rank, world, init_file, state, masks, xs, ys, out_dir):
         opt.step()
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()  # neither rank leaves (and drops its gloo connections) while the other still works
     dist.destroy_process_group()
 
 

@@ -1,12 +1,14 @@
-"""Models and data for the `ticket` command and the demo: scikit-learn's digits (8x8 images, 10
-classes, shipped with scikit-learn) and small networks sized for it."""
+"""Models and data for the `ticket` command, the demo and the benchmarks: scikit-learn's digits
+(8x8 images, 10 classes, shipped with scikit-learn) with small networks sized for it, and the
+CIFAR-10 networks of the seed papers (VGG-16, ResNet-20) with CIFAR-shaped synthetic data (no
+download: for timing, not accuracy)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-MODELS = ("mlp", "lenet300", "lenet5", "wide-mlp")
-DATASETS = ("digits",)
+MODELS = ("mlp", "lenet300", "lenet5", "wide-mlp", "vgg16", "resnet20")
+DATASETS = ("digits", "synthetic-cifar")
 
 
 def load_digits(seed: int = 0, test_size: float = 0.2):
@@ -22,10 +24,58 @@ def load_digits(seed: int = 0, test_size: float = 0.2):
     return (f(x_tr), torch.tensor(y_tr)), (f(x_te), torch.tensor(y_te))
 
 
+def synthetic_cifar(n_train: int = 1024, n_test: int = 256, seed: int = 0):
+    """Random 3x32x32 images with random labels among 10: CIFAR's shapes, for timing only."""
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n: (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))  # noqa: E731
+    return make(n_train), make(n_test)
+
+
 def load_data(name: str, seed: int = 0):
     if name not in DATASETS:
         raise ValueError(f"sparseops: unknown dataset {name!r}; choose one of {DATASETS}")
-    return load_digits(seed)
+    return load_digits(seed) if name == "digits" else synthetic_cifar(seed=seed)
+
+
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+def vgg16(classes: int = 10) -> nn.Module:
+    """CIFAR VGG-16 as in open_lth (cifar_vgg_16): 13 3x3 convs with batch norm, one linear layer."""
+    layers, cin = [], 3
+    for v in VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+            cin = v
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet20(classes: int = 10) -> nn.Module:
+    """CIFAR ResNet-20 as in open_lth (cifar_resnet_20): 3 stages of 3 blocks, 16/32/64 channels."""
+    layers, cin = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for i, cout in enumerate((16, 32, 64)):
+        for b in range(3):
+            layers.append(_Block(cin, cout, 2 if (i > 0 and b == 0) else 1))
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
 
 def build_model(name: str, *, inputs: int = 64, classes: int = 10, hidden: int = 2048) -> nn.Module:
@@ -44,4 +94,8 @@ def build_model(name: str, *, inputs: int = 64, classes: int = 10, hidden: int =
                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                              nn.Linear(32 * (side // 2) ** 2, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
                              nn.Linear(84, classes))
+    if name == "vgg16":
+        return vgg16(classes)
+    if name == "resnet20":
+        return resnet20(classes)
     raise ValueError(f"sparseops: unknown model {name!r}; choose one of {MODELS}")
