@@ -339,6 +339,9 @@ def _ddp_worker(rank, world, init_file, state, masks, xs, ys, out_dir):
         torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pt"))
     dist.barrier()  # neither rank leaves (and drops its gloo connections) while the other still works
     dist.destroy_process_group()
+    # Plain torch (no sparseops) aborts here in about 1 run of 6 on this machine ("terminate called
+    # without an active exception" in gloo's teardown at interpreter exit): leave without it.
+    os._exit(0)
 
 
 def test_distributed_data_parallel_on_gloo_matches_one_process(tmp_path):
