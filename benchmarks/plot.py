@@ -19,6 +19,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def speedup_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The styling every speed-up plot shares: log scale, a line at 1x, a small legend."""
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def conv(data, png: Path) -> list[str]:
     rows = [dict(b["extra_info"], ms=b["stats"]["median"] * 1e3) for b in data["benchmarks"]
             if b["extra_info"].get("op") == "masked_conv2d"]
@@ -36,12 +46,8 @@ def conv(data, png: Path) -> list[str]:
                 sp = [p for p, v in pts if "sparseops" in v and "dense" in v]
                 ax.plot([p * 100 for p in sp], [dict(pts)[p]["dense"] / dict(pts)[p]["sparseops"] for p in sp],
                         marker="o", label="{}->{} @{}x{} s{}".format(shape[0], shape[1], shape[2], shape[2], shape[3]))
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set_yscale("log")
-            ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel("speed-up over dense conv (oneDNN)")
-            ax.set_title(f"{net}, batch 128, {mode.replace('_', '+')}")
-            ax.legend(fontsize=7)
+            speedup_axes(ax, "sparsity (%)", "speed-up over dense conv (oneDNN)",
+                         f"{net}, batch 128, {mode.replace('_', '+')}")
         lines += [f"\n**{net}, batch 128, fwd+bwd: speed-up of sparseops over dense conv (and over prune)**\n",
                   "| layer (C_in->C_out @ side, stride) | " + " | ".join(
                       f"{p:.0%}" for p in sorted({k[4] for k in t if k[0] == net})) + " |",

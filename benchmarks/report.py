@@ -68,6 +68,8 @@ def plot(rows, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from plot import speedup_axes
+
     lin = [r for r in rows if r["op"] == "masked_linear"]
     shapes = sorted({tuple(r["shape"]) for r in lin})
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
@@ -81,12 +83,7 @@ def plot(rows, png):
             for prov, color in (("sparseops", "C0"), ("torch_sparse_csr", "C1"), ("prune", "C2")):
                 ys = [pts[s]["dense"] / pts[s][prov] for s in sps]
                 ax.plot([100 * s for s in sps], ys, style, color=color, marker="o", label=f"{prov} {mode}")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("speed-up over dense nn.Linear")
-        ax.set_title(f"{shape[0]} rows x {shape[1]} -> {shape[2]}")
-        ax.legend(fontsize=7)
+        speedup_axes(ax, "sparsity (%)", "speed-up over dense nn.Linear", f"{shape[0]} rows x {shape[1]} -> {shape[2]}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

@@ -114,6 +114,22 @@ void dispatch(const at::Tensor& t, const at::Tensor& index, const F& f) {
   });
 }
 
+// out [N, rows, plane] (NCHW) = the implicit-im2col SpMM: CSR row r at every position p reads bt at
+// eoff[j] + poff[p] for its kept entries j (kernels.h, SpmmArgs).
+void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
+               const at::Tensor& bt, int64_t N, int64_t ld, int64_t plane, const at::Tensor& eoff,
+               const at::Tensor& poff) {
+  const int64_t rows = (row_ptr.numel() - 1) * plane;
+  dispatch(out, row_ptr, [&](auto t, auto i) {
+    using T = decltype(t);
+    using I = decltype(i);
+    cpu::SpmmArgs<T, I> a{rows, N, ld, rows, row_ptr.data_ptr<I>(), col.data_ptr<I>(), vals.data_ptr<T>(),
+                          bt.data_ptr<T>(), nullptr, out.data_ptr<T>(), plane, eoff.data_ptr<int64_t>(),
+                          poff.data_ptr<int64_t>()};
+    cpu::spmm(a);
+  });
+}
+
 at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -133,14 +149,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto eoff = forward_entry_offsets(ci, g, ld);
     auto poff = position_offsets(g.Ho, g.Wo, g.sh, g.sw, g.Wp, g.Cin * ld);
     auto vals = gather_values(w2, rp, ci, g.K, 1);
-    dispatch(x, rp, [&](auto t, auto i) {
-      using T = decltype(t);
-      using I = decltype(i);
-      cpu::SpmmArgs<T, I> a{g.Cout * plane, g.N, ld, g.Cout * plane, rp.data_ptr<I>(), ci.data_ptr<I>(),
-                            vals.data_ptr<T>(), xt.data_ptr<T>(), nullptr, y.data_ptr<T>(),
-                            plane, eoff.data_ptr<int64_t>(), poff.data_ptr<int64_t>()};
-      cpu::spmm(a);
-    });
+    conv_spmm(y, rp, ci, vals, xt, g.N, ld, plane, eoff, poff);
   } else {
     y.zero_();
   }
@@ -195,14 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
                       .add_((g.ph * Wq + g.pw) * g.Cout * ld);
       const int64_t pplane = g.H * g.W;
       dx = at::empty({g.N, g.Cin, g.H, g.W}, x.options());
-      dispatch(x, t_rp, [&](auto t, auto i) {
-        using T = decltype(t);
-        using I = decltype(i);
-        cpu::SpmmArgs<T, I> a{g.Cin * pplane, g.N, ld, g.Cin * pplane, group_ptr.data_ptr<I>(), t_ci.data_ptr<I>(),
-                              t_vals.data_ptr<T>(), gq.data_ptr<T>(), nullptr, dx.data_ptr<T>(),
-                              pplane, eoff.data_ptr<int64_t>(), poff.data_ptr<int64_t>()};
-        cpu::spmm(a);
-      });
+      conv_spmm(dx, group_ptr, t_ci, t_vals, gq, g.N, ld, pplane, eoff, poff);
       dx = dx.contiguous(format_of(x));
     } else {
       dx = at::zeros_like(x, at::MemoryFormat::Preserve);
