@@ -8,7 +8,8 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC))))
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
-BENCH_OUT ?= benchmarks/results/cpu-$(shell date +%Y%m%d-%H%M%S).json
+BENCH_TIME := $(shell date +%Y%m%d-%H%M%S)
+BENCH_OUT ?= benchmarks/results/cpu-$(BENCH_TIME).json
 
 .PHONY: install build test demo bench bench-search info clean
 
@@ -36,8 +37,12 @@ info: build
 	$(PYTHON) -m sparseops info
 
 bench: build
-	$(PYTHON) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-json=$(BENCH_OUT) -q
+	$(PYTHON) -m pytest benchmarks/bench_linear.py benchmarks/bench_soft_mask.py -o python_files="bench_*.py" \
+		--benchmark-only --benchmark-json=$(BENCH_OUT) -q
 	$(PYTHON) benchmarks/report.py $(BENCH_OUT)
+	$(PYTHON) -m pytest benchmarks/bench_conv.py -o python_files="bench_*.py" --benchmark-only \
+		--benchmark-json=$(dir $(BENCH_OUT))conv-$(notdir $(BENCH_OUT)) -q
+	$(PYTHON) benchmarks/plot.py $(dir $(BENCH_OUT))conv-$(notdir $(BENCH_OUT))
 
 # Whole searches (minutes): IMP on CIFAR VGG-16 and CS along its beta schedule, then the plots.
 bench-search: build
