@@ -212,7 +212,6 @@ static inline __attribute__((always_inline)) typename Vec<T>::type dot1(const T*
 template <typename T, typename I>
 void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
   using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
   const int64_t ld = s.ld;  // a multiple of 4 * W
   for (int64_t r = r0; r < r1; ++r) {
     T* orow = s.out + r * s.cols;
