@@ -54,6 +54,7 @@ struct SddmmArgs {
   int64_t plane = 1;
   const int64_t* eoff = nullptr;
   const int64_t* poff = nullptr;
+  const int64_t* a_off = nullptr;  // conv_dw: position p's rows of a start at a + a_off[p] (else p * rows * ld)
 };
 
 // Values of a CSR matrix read from a dense matrix through its indices:

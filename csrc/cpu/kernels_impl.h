@@ -245,8 +245,9 @@ void conv_dw_positions(const SddmmArgs<T, I>& s, int64_t p0, int64_t p1, T* acc)
   const int64_t ld = s.ld;
   for (int64_t p = p0; p < p1; ++p) {
     const T* bp = s.b + s.poff[p];
+    const T* ap = s.a + (s.a_off ? s.a_off[p] : p * s.rows * ld);
     for (int64_t r = 0; r < s.rows; ++r) {
-      const T* ar = s.a + (p * s.rows + r) * ld;
+      const T* ar = ap + r * ld;
       int64_t j = s.row_ptr[r];
       const int64_t end = s.row_ptr[r + 1];
       for (; j + 3 < end; j += 4) {

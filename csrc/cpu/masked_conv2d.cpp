@@ -176,18 +176,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const int64_t nnz = col_idx.numel(), plane = g.Ho * g.Wo;
   const bool work = g.N > 0 && g.Cout > 0 && nnz > 0 && plane > 0;
   const int64_t ld = batch_ld(g.N, x.scalar_type());
-  at::Tensor dx, dw, db, gt;
-  if ((need_dx || need_dw) && work) gt = nhwc_transpose(grad, 0, 0, ld, kGrad);  // rows (oh, ow, co)
+  at::Tensor dx, dw, db;
+  // The grad, batch-minor [hq, wq, co, n] inside a border of (k - 1) * d zeros (what dx reads), at its
+  // stride positions. With stride 1 that is one transpose with a border, and dw reads the same buffer
+  // (a_off); otherwise dw reads a plain transpose gt and dx a copy scattered to the stride positions.
+  const int64_t bh = (g.KH - 1) * g.dh, bw = (g.KW - 1) * g.dw;
+  const int64_t Hq = g.Hp + bh, Wq = g.Wp + bw;
+  const bool unit_stride = g.sh == 1 && g.sw == 1;
+  at::Tensor gt, gq, a_off;
+  if ((need_dx || need_dw) && work) {
+    if (unit_stride) {
+      gq = nhwc_transpose(grad, bh, bw, ld, kScatter);  // Hq = Ho + 2 bh, Wq = Wo + 2 bw
+      gt = gq;
+      a_off = position_offsets(g.Ho, g.Wo, 1, 1, Wq, g.Cout * ld).add_((bh * Wq + bw) * g.Cout * ld);
+    } else {
+      gt = nhwc_transpose(grad, 0, 0, ld, kGrad);  // rows (oh, ow, co)
+      if (need_dx) {
+        gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq * Wq * g.Cout, ld}).zero_();
+        gq.view({Hq, Wq, g.Cout, ld})
+            .slice(0, bh, bh + (g.Ho - 1) * g.sh + 1, g.sh)
+            .slice(1, bw, bw + (g.Wo - 1) * g.sw + 1, g.sw)
+            .copy_(gt.view({g.Ho, g.Wo, g.Cout, ld}));
+      }
+    }
+  }
   if (need_dx) {
     check_csr(op, t_row_ptr, t_col_idx, g.K, g.Cout, "transposed");
     if (work && g.Cin > 0) {
-      // grad scattered to its stride positions inside a border of (k - 1) * d zeros.
-      const int64_t bh = (g.KH - 1) * g.dh, bw = (g.KW - 1) * g.dw;
-      const int64_t Hq = g.Hp + bh, Wq = g.Wp + bw;
-      auto gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq, Wq, g.Cout, ld}).zero_();
-      gq.slice(0, bh, bh + (g.Ho - 1) * g.sh + 1, g.sh)
-          .slice(1, bw, bw + (g.Wo - 1) * g.sw + 1, g.sw)
-          .copy_(gt.view({g.Ho, g.Wo, g.Cout, ld}));
       auto t_rp = t_row_ptr.contiguous(), t_ci = t_col_idx.contiguous();
       auto t_vals = gather_values(w2, t_rp, t_ci, 1, g.K);
       // W^T's rows k = (ci, kh, kw) are consecutive per ci: one grouped row per input channel.
@@ -224,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         using I = decltype(i);
         cpu::SddmmArgs<T, I> a{g.Cout, g.K, ld, rp.data_ptr<I>(), ci.data_ptr<I>(), gt.data_ptr<T>(),
                                xt.data_ptr<T>(), nullptr, false, plane, eoff.data_ptr<int64_t>(),
-                               poff.data_ptr<int64_t>()};
+                               poff.data_ptr<int64_t>(), a_off.defined() ? a_off.data_ptr<int64_t>() : nullptr};
         cpu::conv_dw(a, nnz, vals.data_ptr<T>());
       });
       auto rows = at::repeat_interleave(at::arange(g.Cout, rp.options().dtype(at::kLong)), rp.diff().to(at::kLong),
