@@ -94,10 +94,7 @@ def _csr(mask: torch.Tensor, index_dtype: torch.dtype):
 def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     """Builds a CsrLayout from a mask without caching. A mask of more than 2 dimensions (a conv
     weight's [C_out, C_in, kh, kw]) is laid out as the 2-D [C_out, C_in * kh * kw] the kernels use."""
-    m = as_bool_mask(mask)
-    if m.dim() < 2:
-        raise ValueError(f"sparseops: mask must be at least 2-D [out_features, ...], got shape {tuple(m.shape)}")
-    m = m.reshape(m.shape[0], math.prod(m.shape[1:]))
+    m = _bool_2d(mask)
     nnz = int(m.sum())
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
     row_ptr, col_idx = _csr(m, index_dtype)
@@ -105,7 +102,30 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, mask.detach(), mask._version)
 
 
+@dataclass(frozen=True, eq=False)
+class MaskStats:
+    """What the backend choice needs to know of a mask, without building its CSR: the bool mask
+    (as [rows, -1], like CsrLayout.mask) and its number of kept entries. Same staleness rule."""
+
+    mask: torch.Tensor
+    nnz: int
+    source: torch.Tensor
+    built_version: int
+
+    stale = CsrLayout.stale
+    shape = CsrLayout.shape
+    density = CsrLayout.density
+
+
+def _bool_2d(mask: torch.Tensor) -> torch.Tensor:
+    m = as_bool_mask(mask)
+    if m.dim() < 2:
+        raise ValueError(f"sparseops: mask must be at least 2-D [out_features, ...], got shape {tuple(m.shape)}")
+    return m.reshape(m.shape[0], math.prod(m.shape[1:]))
+
+
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_stats_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _key(mask: torch.Tensor):
@@ -125,6 +145,23 @@ def csr_layout(mask: torch.Tensor) -> CsrLayout:
     return layout
 
 
+def mask_stats(mask: torch.Tensor) -> CsrLayout | MaskStats:
+    """The mask's cached CsrLayout if it is current, else its (cached) MaskStats: enough to pick a
+    backend without building the CSR, which the dense fallback never needs."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
+    key = _key(mask)
+    for cache in (_cache, _stats_cache):
+        hit = cache.get(mask)
+        if hit is not None and hit[0] == key and not hit[1].stale:
+            return hit[1]
+    m = _bool_2d(mask)
+    stats = MaskStats(m.detach(), int(m.sum()), mask.detach(), mask._version)
+    _stats_cache[mask] = (key, stats)
+    return stats
+
+
 def invalidate(mask: torch.Tensor) -> None:
     """Forgets the cached layout of `mask` (after writes the version counter does not see)."""
     _cache.pop(mask, None)
+    _stats_cache.pop(mask, None)

@@ -19,7 +19,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import reference
-from .layout import CsrLayout, csr_layout
+from .layout import CsrLayout, MaskStats, csr_layout, mask_stats
 
 try:  # the CUDA kernels live in a second library, built only where nvcc and a CUDA torch are
     from . import _cuda  # noqa: F401
@@ -170,16 +170,21 @@ def _check_inputs(op: str, x, w, bias) -> None:
         raise TypeError(f"sparseops.{op}: bias must be a tensor or None, got {type(bias).__name__}")
 
 
-def _as_layout(op: str, layout) -> CsrLayout:
-    """The cached layout of a mask tensor, or a given CsrLayout once it is known not to be stale."""
+def _as_layout(op: str, layout) -> CsrLayout | MaskStats:
+    """For a mask tensor, its cached layout or (cheaper) its MaskStats; a given CsrLayout once it is
+    known not to be stale. `_csr` turns the result into a CsrLayout when a sparse kernel runs."""
     if isinstance(layout, torch.Tensor):
-        return csr_layout(layout)
+        return mask_stats(layout)
     if not isinstance(layout, CsrLayout):
         raise TypeError(f"sparseops.{op}: layout must be a CsrLayout or a mask tensor, got {type(layout).__name__}")
     if not torch.compiler.is_compiling() and layout.stale:  # version counters are not traceable
         raise ValueError(f"sparseops.{op}: layout is stale (its mask was changed in place after it was built); "
                          "call sparseops.layout.csr_layout(mask) again, or pass the mask")
     return layout
+
+
+def _csr(info: CsrLayout | MaskStats) -> CsrLayout:
+    return info if isinstance(info, CsrLayout) else csr_layout(info.source)
 
 
 def _check_tensors(op: str, **tensors) -> None:
@@ -376,7 +381,7 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
             # autograd keeps (what torch.nn.utils.prune does); large ones keep the memory.
             return reference.masked_linear(x, w, layout.mask, bias)
         return ops.masked_linear_dense(x, w, layout.mask, bias)
-    return ops.masked_linear(x, w, *layout.tensors(), bias)
+    return ops.masked_linear(x, w, *_csr(layout).tensors(), bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +494,7 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     else:
         impl = "reference" if name == "reference" else "dense"
     if impl == "cpu":
-        y = ops.masked_conv2d(x, w, *layout.tensors(), bias, stride, pad, dilation)
+        y = ops.masked_conv2d(x, w, *_csr(layout).tensors(), bias, stride, pad, dilation)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous(memory_format=torch.channels_last)
         return y

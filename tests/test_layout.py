@@ -71,3 +71,21 @@ def test_conv_masks_are_laid_out_as_2d_and_transpose():
     t = layout.t()
     assert t.shape == (27, 4) and torch.equal(t.row_ptr, layout.t_row_ptr) and torch.equal(t.mask, flat.t())
     assert torch.equal(t.t().col_idx, layout.col_idx)
+
+
+def test_dense_fallback_does_not_build_the_csr(monkeypatch):
+    import sparseops
+    from sparseops import layout as L
+
+    builds = []
+    real = L.build_csr_layout
+    monkeypatch.setattr(L, "build_csr_layout", lambda m: builds.append(1) or real(m))
+    mask = torch.rand(64, 32) > 0.1  # dense enough for the fallback
+    x, w = torch.randn(3, 32), torch.randn(64, 32)
+    sparseops.masked_linear(x, w, mask)
+    assert builds == [] and L.mask_stats(mask).nnz == int(mask.sum())
+    mask[:] = False  # an in-place edit: the stats follow it; the sparse path builds the CSR once
+    assert L.mask_stats(mask).nnz == 0
+    for _ in range(3):
+        torch.testing.assert_close(sparseops.masked_linear(x, w, mask), torch.zeros(3, 64))
+    assert builds == [1]
