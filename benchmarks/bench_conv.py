@@ -50,4 +50,4 @@ def test_masked_conv2d(benchmark, config):
     benchmark.group = "conv {net} {} b{batch} {mode} sparsity={sparsity}".format("x".join(map(str, config["shape"])),
                                                                                  **config)
     benchmark.extra_info.update(op="masked_conv2d", threads=torch.get_num_threads(), **config)
-    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
