@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(sparseops.__file__))
 
 def test_bench_search_and_plot_run(tmp_path):
     out = tmp_path / "search.json"
-    run = subprocess.run([sys.executable, "benchmarks/bench_search.py", "--levels", "1", "--steps", "1", "--batch",
-                          "4", "--cs-epochs", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    args = ["--levels", "1", "--steps", "1", "--batch", "4", "--cs-epochs", "2", "--repeats", "1", "--out", str(out)]
+    run = subprocess.run([sys.executable, "benchmarks/bench_search.py", *args], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["level"] for r in data["imp"]["sparseops"]] == [0, 1]

@@ -59,7 +59,8 @@ def test_gradcheck():
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     layout = csr_layout(random_mask(w.shape, 0.5))
-    f = lambda x, w, b: torch.ops.sparseops.masked_conv2d(x, w, *layout.tensors(), b, [2, 1], [1, 1], [1, 2])  # noqa: E731
+    def f(x, w, b):
+        return torch.ops.sparseops.masked_conv2d(x, w, *layout.tensors(), b, [2, 1], [1, 1], [1, 2])
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 

@@ -29,7 +29,8 @@ PRUNINGS = ("magnitude", "random")
 def parse_rewind(rewind) -> tuple[int, str]:
     """0, an iteration count (int or "500it") or an epoch count ("2ep") -> (count, "it" | "ep")."""
     if isinstance(rewind, bool):
-        raise ValueError(f"sparseops.tickets.imp: rewind must be an int or a string like '500it' or '2ep', got {rewind!r}")
+        raise ValueError("sparseops.tickets.imp: rewind must be an int or a string like '500it' or '2ep', "
+                         f"got {rewind!r}")
     if isinstance(rewind, int):
         count, unit = rewind, "it"
     else:
