@@ -17,6 +17,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from . import nn as snn
+from .layout import as_bool_mask
 
 MODES = ("mask", "soft")
 
@@ -44,6 +45,12 @@ def _base(module: nn.Module) -> type | None:
     if not is_patched(module):
         return None
     return next(cls for cls in type(module).__mro__ if cls.__module__ != snn.__name__)
+
+
+def check_model(model, who: str) -> None:
+    """TypeError naming `who` (e.g. "patch", "tickets.imp") unless `model` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparseops.{who}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -89,7 +96,9 @@ def _pruned_names(hook) -> set[str]:
 def _take_over_prune(module: nn.Module) -> torch.Tensor:
     """Removes torch.nn.utils.prune's reparametrisation of `weight` and returns its mask as bool.
     `weight_orig` becomes `weight` again (the same Parameter object, so optimisers keep it)."""
-    mask = module._buffers.pop("weight_mask")
+    # Validated before the module is touched, so a bad mask leaves the pruned layer as it was.
+    mask = as_bool_mask(module._buffers["weight_mask"], name="torch.nn.utils.prune's weight_mask")
+    del module._buffers["weight_mask"]
     orig = module._parameters.pop("weight_orig")
     for k in list(_prune_hooks(module)):
         del module._forward_pre_hooks[k]
@@ -98,9 +107,7 @@ def _take_over_prune(module: nn.Module) -> torch.Tensor:
     params.update(module._parameters)  # `weight` first again, as in the unpatched layer
     module._parameters.clear()
     module._parameters.update(params)
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("sparseops.patch: a torch.nn.utils.prune mask holds values other than 0 and 1")
-    return mask != 0
+    return mask
 
 
 def _unsupported_reason(module: nn.Module, twins) -> str | None:
@@ -148,8 +155,7 @@ def patch_report(model: nn.Module, *, mode: str = "mask",
 
 
 def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "patch")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError("sparseops.patch: patch the module before wrapping it in (Distributed)DataParallel")
     if mode not in MODES:
@@ -222,8 +228,7 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
     instead (`weight_orig` and `weight_mask`), which keeps the pruned weights' values. Soft layers fold
     their current mask (soft, or the ticket's) including its scale.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "unpatch")
     for _, m in list(patched_layers(model)):
         base = _base(m)
         with torch.no_grad():

@@ -170,6 +170,15 @@ def test_takes_over_layers_pruned_by_torch_prune():
     torch.testing.assert_close(model(x), y)
 
 
+def test_a_prune_mask_that_is_not_0_1_is_refused_and_the_layer_left_as_it_was():
+    layer = nn.Linear(4, 3)
+    prune.custom_from_mask(layer, "weight", torch.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match="weight_mask must hold only 0 and 1"):
+        sparseops.patch(layer)
+    assert prune.is_pruned(layer) and "weight_orig" in dict(layer.named_parameters())
+    assert type(layer) is nn.Linear and "weight_mask" in dict(layer.named_buffers())
+
+
 def test_loads_dense_and_prune_checkpoints():
     model = mlp()
     dense_state = copy.deepcopy(model.state_dict())

@@ -194,6 +194,8 @@ def test_imp_errors():
         imp(object(), no_steps, levels=2, progress=False)
     with pytest.raises(ValueError, match="exclude names"):
         imp(mlp(), no_steps, levels=2, exclude=["nope"], progress=False)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        imp(mlp(), no_steps, levels=2, scope="row", progress=False)
     with pytest.raises(TypeError, match="must return a dict"):
         imp(mlp(), lambda m, lv: 0.5, levels=1, progress=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..patch import check_model
 from .masks import _as_masks, set_masks
 
 
@@ -24,8 +25,7 @@ def random_ticket(ticket, *, generator: torch.Generator | None = None) -> dict[s
 def reinitialize(model: nn.Module, ticket=None, *, seed: int | None = None) -> nn.Module:
     """Fresh weights for every layer with `reset_parameters` (torch's default init), then the ticket's
     masks if given: the "ticket with a random re-init" baseline. `seed` makes the init reproducible."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.tickets.reinitialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "tickets.reinitialize")
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..patch import patch
+from ..patch import check_model, patch
 from .masks import get_masks, set_masks, sparsity_report
-from .pruning import check_rate, magnitude_masks, prunable_layers, random_masks
+from .pruning import SCOPES, check_rate, magnitude_masks, prunable_layers, random_masks
 
 PRUNINGS = ("magnitude", "random")
 
@@ -135,8 +135,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
     metrics, torch and Python RNG states); calling imp again with the same directory and settings
     resumes after the last finished level and gives the same result as an uninterrupted run.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.tickets.imp: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "tickets.imp")
     if not callable(train_fn):
         raise TypeError("sparseops.tickets.imp: train_fn must be callable as train_fn(model, level)")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
@@ -145,6 +144,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
     rewind_point = parse_rewind(rewind)
     if pruning not in PRUNINGS:
         raise ValueError(f"sparseops.tickets.imp: pruning must be one of {PRUNINGS}, got {pruning!r}")
+    if scope not in SCOPES:  # checked now, not when level 1 prunes after level 0's training
+        raise ValueError(f"sparseops.tickets.imp: scope must be one of {SCOPES}, got {scope!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     patch(model, filter_fn=filter_fn)
     prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training

@@ -12,21 +12,16 @@ from torch import nn
 
 from .. import nn as snn
 from ..layout import as_bool_mask
-from ..patch import patch, patch_report, patched_layers
+from ..patch import check_model, patch, patch_report, patched_layers
 
 FORMAT = "sparseops.ticket"
 FORMAT_VERSION = 1
 
 
-def _check_model(model, fn: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.tickets.{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{layer name: bool mask} of every sparseops layer (soft layers give their ticket mask, s > 0).
     The tensors are copies: later pruning does not change them."""
-    _check_model(model, "get_masks")
+    check_model(model, "tickets.get_masks")
     out = {}
     for name, m in patched_layers(model):
         mask = m.ticket_mask() if isinstance(m, snn._SoftMaskedMixin) else m.weight_mask
@@ -49,7 +44,7 @@ def set_masks(model: nn.Module, masks, *, strict: bool = True) -> nn.Module:
     Unknown names and shape mismatches are errors. With `strict`, every sparseops layer of the model
     must get a mask, as with `load_state_dict`. Soft (CS) layers cannot take a hard mask.
     """
-    _check_model(model, "set_masks")
+    check_model(model, "tickets.set_masks")
     masks = _as_masks(masks, "set_masks")
     modules = dict(model.named_modules())
     unknown = sorted(set(masks) - set(modules))

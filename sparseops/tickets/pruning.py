@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import nn as snn
-from ..patch import patched_layers
+from ..patch import check_model, patched_layers
 from .masks import get_masks
 
 SCOPES = ("global", "layerwise")
@@ -28,8 +28,7 @@ def check_rate(rate, fn: str) -> float:
 
 def prunable_layers(model: nn.Module, exclude: Iterable[str] = (), fn: str = "prune") -> dict[str, nn.Module]:
     """The hard-masked sparseops layers of `model` by name, less `exclude` (names must exist)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.tickets.{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, f"tickets.{fn}")
     if isinstance(exclude, str):
         exclude = (exclude,)
     exclude = set(exclude)
