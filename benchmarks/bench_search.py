@@ -89,10 +89,7 @@ def cs_schedule(epochs: int, steps: int, batch: int, seed: int = 0, final_temp: 
         beta = final_temp ** (e / (epochs - 1))
         tickets.cs.set_beta(model, beta)
         layers = tickets.cs.soft_layers(model)
-        with torch.no_grad():
-            zero = sum(int((torch.sigmoid(beta * m.weight_score) == 0).sum()) for m in layers)
-            total = sum(m.weight_score.numel() for m in layers)
-        row = {"epoch": e, "beta": beta, "mask_exact_zero": zero / total}
+        row = {"epoch": e, "beta": beta, "mask_exact_zero": tickets.cs.exact_zero_fraction(layers, beta)}
         for label, backend in (("sparseops", None), ("eager", "reference")):
             times = []
             with sparseops.backend(backend):

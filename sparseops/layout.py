@@ -21,18 +21,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 _INT32_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True, eq=False)
-class CsrLayout:
-    mask: torch.Tensor  # bool, [out_features, in_features]
-    row_ptr: torch.Tensor  # [N + 1]
-    col_idx: torch.Tensor  # [nnz]
-    t_row_ptr: torch.Tensor  # [K + 1], CSR of W^T
-    t_col_idx: torch.Tensor  # [nnz]
-    nnz: int
-    # A detached alias of the mask it was built from: it shares that tensor's version counter,
-    # so an in-place edit of the mask makes the layout stale (and never silently used).
-    source: torch.Tensor
-    built_version: int
+class _MaskView:
+    """What CsrLayout and MaskStats share: derived from `mask`, `nnz`, `source` and `built_version`."""
 
     @property
     def stale(self) -> bool:
@@ -46,6 +36,20 @@ class CsrLayout:
     def density(self) -> float:
         n = self.mask.numel()
         return self.nnz / n if n else 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class CsrLayout(_MaskView):
+    mask: torch.Tensor  # bool, [out_features, in_features]
+    row_ptr: torch.Tensor  # [N + 1]
+    col_idx: torch.Tensor  # [nnz]
+    t_row_ptr: torch.Tensor  # [K + 1], CSR of W^T
+    t_col_idx: torch.Tensor  # [nnz]
+    nnz: int
+    # A detached alias of the mask it was built from: it shares that tensor's version counter,
+    # so an in-place edit of the mask makes the layout stale (and never silently used).
+    source: torch.Tensor
+    built_version: int
 
     @property
     def sparsity(self) -> float:
@@ -103,7 +107,7 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
 
 
 @dataclass(frozen=True, eq=False)
-class MaskStats:
+class MaskStats(_MaskView):
     """What the backend choice needs to know of a mask, without building its CSR: the bool mask
     (as [rows, -1], like CsrLayout.mask) and its number of kept entries. Same staleness rule."""
 
@@ -111,10 +115,6 @@ class MaskStats:
     nnz: int
     source: torch.Tensor
     built_version: int
-
-    stale = CsrLayout.stale
-    shape = CsrLayout.shape
-    density = CsrLayout.density
 
 
 def _bool_2d(mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layout import as_bool_mask, csr_layout
+from .layout import as_bool_mask, csr_layout, mask_stats
 
 
 def _sigmoid(v: float) -> float:
@@ -90,11 +90,8 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         new._attach_mask(mask)
         return new
 
-    def _masked(self, x, bias):
-        return ops.masked_linear(x, self.weight, self.weight_mask, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._masked(x, self.bias)
+        return ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
 
 
 def _conv2d_input(conv: nn.Conv2d, x: torch.Tensor):
@@ -111,13 +108,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._attach_mask(mask)
 
-    def _masked(self, x, bias):
-        x, padding = _conv2d_input(self, x)
-        return ops.masked_conv2d(x, self.weight, self.weight_mask, bias, self.stride, padding, self.dilation,
-                                 self.groups)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._masked(x, self.bias)
+        x, padding = _conv2d_input(self, x)
+        return ops.masked_conv2d(x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation,
+                                 self.groups)
 
 
 class _SoftMaskedMixin:
@@ -189,9 +183,9 @@ class _SoftMaskedMixin:
         if not self.beta * float(-s.min()) > 80.0:  # fp32 sigmoid(z) is 0 only below z = -88.7
             return None
         keep = torch.sigmoid(self.beta * s) != 0
-        shape = (self.weight.shape[0], self.weight[0].numel())
+        stats = mask_stats(keep)  # cached: the op called with `keep` reads the same count
         op = "masked_conv2d" if self.weight.dim() == 4 else "masked_linear"
-        return keep if keep.sum().item() <= ops.max_density(op, "cpu", shape) * keep.numel() else None
+        return keep if stats.density <= ops.max_density(op, "cpu", stats.shape) else None
 
     def extra_repr(self) -> str:
         state = "ticket" if self.ticket else f"beta={self.beta:.4g}"
@@ -259,7 +253,6 @@ def _make_conv1d_twins():
     masked = type("MaskedConv1D", (_MaskedMixin, Conv1D), {
         "__doc__": "transformers' Conv1D with a fixed boolean mask on the weight ([in, out], as the weight).",
         "__module__": __name__,
-        "_masked": lambda self, x, bias: _conv1d_masked(self, x, bias, self.weight_mask),
         "forward": masked_forward,
     })
     soft = type("SoftMaskedConv1D", (_SoftMaskedMixin, Conv1D), {

@@ -493,11 +493,8 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
         impl = "cpu"
     else:
         impl = "reference" if name == "reference" else "dense"
-    if impl == "cpu":
-        y = ops.masked_conv2d(x, w, *_csr(layout).tensors(), bias, stride, pad, dilation)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+    if impl == "cpu":  # the op returns x's memory format (NCHW or channels_last)
+        return ops.masked_conv2d(x, w, *_csr(layout).tensors(), bias, stride, pad, dilation)
     if impl == "dense" and layout.nnz == layout.mask.numel():
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, layout.mask.view(w.shape), bias, stride, padding, dilation, groups)

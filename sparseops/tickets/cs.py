@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as snn
-from ..patch import patch, patched_layers
+from ..patch import check_model, patch, patched_layers
 from .imp import LevelResult, SearchResult
 from .masks import get_masks
 from .train import batches, evaluate
@@ -64,8 +64,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
     layers apply (s > 0) / sigmoid(s0) on the sparse kernels. `sparseops.tickets.get_masks(model)`
     gives the ticket; `unpatch(model)` folds it into plain layers.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparseops.tickets.cs: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "tickets.cs")
     for name, v, low in (("rounds", rounds, 1), ("epochs", epochs, 2), ("batch_size", batch_size, 1),
                          ("rewind_epoch", rewind_epoch, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -124,7 +123,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
                 for opt in optimizers:
                     opt.step()
             record = {"epoch": epoch, "beta": state["beta"], "time": time.perf_counter() - t0,
-                      "mask_exact_zero": _exact_zero_fraction(layers, state["beta"])}
+                      "mask_exact_zero": exact_zero_fraction(layers, state["beta"])}
             if test_data is not None:
                 record["accuracy"] = evaluate(model, test_data, loss_fn=loss_fn, device=device)["accuracy"]
             history.append(record)
@@ -163,7 +162,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
 
 
 @torch.no_grad()
-def _exact_zero_fraction(layers, beta: float) -> float:
+def exact_zero_fraction(layers, beta: float) -> float:
     """The fraction of soft-mask entries that are exactly 0 in the weight's precision: what a fused
     kernel may skip, exactly."""
     zero = total = 0
