@@ -50,6 +50,23 @@ TORCH_LIBRARY(sparseops, m) {
         "Tensor t_row_ptr, Tensor t_col_idx, int[2] stride, int[2] padding, int[2] dilation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // masked_linear over a block layout: the mask cut into `block` x `block` tiles, CSR over the tile
+  // grid of W (row_ptr, col_idx) and of W^T; tiles with no kept entry are skipped, kept tiles are
+  // multiplied with the mask applied inside the tile (exact for partly kept tiles).
+  m.def("masked_linear_block(Tensor x, Tensor w, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr, "
+        "Tensor t_col_idx, int block, Tensor? bias) -> Tensor");
+  // Its backward: dx over W^T's kept tiles, dw on kept tiles only (zero elsewhere), dbias.
+  m.def("masked_linear_block_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, Tensor row_ptr, "
+        "Tensor col_idx, Tensor t_row_ptr, Tensor t_col_idx, int block, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+
+  // Linear layer with the CS soft mask fused into the GEMM: y = x @ (w * scale * sigmoid(beta*s))^T
+  // + bias, the masked weight never materialised; tiles whose mask is exactly 0 are skipped.
+  m.def("soft_masked_linear(Tensor x, Tensor w, Tensor s, float beta, float scale, Tensor? bias) -> Tensor");
+  // Backward: dx = grad @ masked w; dw and ds from one grad^T @ x GEMM (ds in its epilogue); dbias.
+  m.def("soft_masked_linear_backward(Tensor grad, Tensor x, Tensor w, Tensor s, float beta, float scale, "
+        "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

@@ -2,9 +2,9 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import layout, reference
-from .layout import CsrLayout, csr_layout
+from .layout import BlockLayout, CsrLayout, block_layout, csr_layout
 from .nn import MaskedConv2d, MaskedLinear, SoftMaskedConv2d, SoftMaskedLinear
-from .ops import backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1
+from .ops import backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1, soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
 from . import tickets  # noqa: E402  (needs patch)
 
@@ -14,6 +14,7 @@ except PackageNotFoundError:  # running from a source tree that was built in pla
     __version__ = "0+unknown"
 
 __all__ = [
+    "BlockLayout",
     "CsrLayout",
     "MaskedConv2d",
     "MaskedLinear",
@@ -21,6 +22,7 @@ __all__ = [
     "SoftMaskedConv2d",
     "SoftMaskedLinear",
     "backend",
+    "block_layout",
     "csr_layout",
     "get_backend",
     "layout",
@@ -31,6 +33,7 @@ __all__ = [
     "reference",
     "soft_mask",
     "soft_mask_l1",
+    "soft_masked_linear",
     "tickets",
     "unpatch",
 ]

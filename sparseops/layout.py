@@ -161,7 +161,80 @@ def mask_stats(mask: torch.Tensor) -> CsrLayout | MaskStats:
     return stats
 
 
+BLOCK_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout(_MaskView):
+    """The kept tiles of a mask cut into `block` x `block` tiles: CSR over the tile grid of W
+    (row_ptr, col_idx) and of W^T (t_row_ptr, t_col_idx). Tiles with no kept entry are skipped by
+    the block kernels, kept ones run on tensor cores with the mask applied inside the tile (so a
+    partly kept tile is still exact)."""
+
+    mask: torch.Tensor  # bool [N, K]
+    block: int
+    row_ptr: torch.Tensor  # [ceil(N/block) + 1]
+    col_idx: torch.Tensor  # [kept tiles]
+    t_row_ptr: torch.Tensor  # [ceil(K/block) + 1]
+    t_col_idx: torch.Tensor
+    nnz: int  # kept entries
+    tiles: int  # kept tiles
+    source: torch.Tensor
+    built_version: int
+
+    @property
+    def tile_density(self) -> float:
+        """Kept tiles over all tiles: the work the block kernels do, relative to dense."""
+        n, k = self.shape
+        total = -(-n // self.block) * -(-k // self.block)
+        return self.tiles / total if total else 1.0
+
+    def tensors(self):
+        return self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx
+
+    def __repr__(self):
+        return (f"BlockLayout(shape={self.shape}, block={self.block}, tiles={self.tiles}, "
+                f"tile_density={self.tile_density:.4f}, density={self.density:.4f})")
+
+
+def build_block_layout(mask: torch.Tensor, block: int) -> BlockLayout:
+    """Builds a BlockLayout of a 2-D mask (or a conv mask, as [C_out, -1]) without caching."""
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"sparseops: block must be one of {BLOCK_SIZES}, got {block!r}")
+    m = _bool_2d(mask)
+    n, k = m.shape
+    nb, kb = -(-n // block), -(-k // block)
+    padded = torch.zeros((nb * block, kb * block), dtype=torch.int32, device=m.device)
+    padded[:n, :k] = m
+    counts = padded.view(nb, block, kb, block).sum((1, 3))  # kept entries per tile
+    kept = counts > 0
+    index_dtype = torch.int32
+    row_ptr, col_idx = _csr(kept, index_dtype)
+    t_row_ptr, t_col_idx = _csr(kept.t(), index_dtype)
+    return BlockLayout(m.detach(), block, row_ptr, col_idx, t_row_ptr, t_col_idx, int(counts.sum()),
+                       int(kept.sum()), mask.detach(), mask._version)
+
+
+_block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
+    """The BlockLayout of `mask` with `block` x `block` tiles (16, 32 or 64), cached like csr_layout."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
+    key = (_key(mask), block)
+    hits = _block_cache.get(mask) or {}
+    hit = hits.get(block)
+    if hit is not None and hit[0] == key and not hit[1].stale:
+        return hit[1]
+    layout = build_block_layout(mask, block)
+    hits[block] = (key, layout)
+    _block_cache[mask] = hits
+    return layout
+
+
 def invalidate(mask: torch.Tensor) -> None:
-    """Forgets the cached layout of `mask` (after writes the version counter does not see)."""
+    """Forgets the cached layouts of `mask` (after writes the version counter does not see)."""
     _cache.pop(mask, None)
     _stats_cache.pop(mask, None)
+    _block_cache.pop(mask, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from importlib import resources
@@ -19,7 +20,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import reference
-from .layout import CsrLayout, MaskStats, csr_layout, mask_stats
+from .layout import BlockLayout, CsrLayout, MaskStats, csr_layout, mask_stats
 
 try:  # the CUDA kernels live in a second library, built only where nvcc and a CUDA torch are
     from . import _cuda  # noqa: F401
@@ -29,6 +30,22 @@ except ImportError as exc:  # a CPU-only build, or CUDA libraries that cannot be
     CUDA_EXTENSION_ERROR = str(exc)
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
+_TRITON: dict = {}
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """None if sparseops' Triton kernels can run on `device`, else why not. Imports (and so
+    registers) them on first use: importing triton costs about a second."""
+    if "error" not in _TRITON:
+        try:
+            from . import triton as kernels
+
+            _TRITON["error"], _TRITON["module"] = None, kernels
+        except ImportError as exc:
+            _TRITON["error"] = f"Triton is not installed (pip install 'sparseops[triton]'): {exc}"
+    if _TRITON["error"] is not None:
+        return _TRITON["error"]
+    return _TRITON["module"].usable_on(device)
 ops = torch.ops.sparseops
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +128,7 @@ def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None,
     if _state.max_density is not None:
         return _state.max_density
     table = THRESHOLDS.get(device_type, {})
-    cap = float(table.get(op, 1.0))
+    cap = float(table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
     if plane is not None:
         points = table.get(f"{op}_by_plane")
         return min(cap, _interpolate(points, plane)) if points else cap
@@ -132,6 +149,27 @@ def _interpolate(points, h: float) -> float:
     return float(points[-1][1])
 
 
+def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str:
+    """"cuda" (C++) or "triton" for `op` on a GPU: the winner of the nearest measured point in
+    thresholds.json ("cuda": {"kernels": {op: [[h, density, winner], ...]}}, h = N*K/(N+K), written
+    by benchmarks/bench_gpu.py), among the kernels that exist here; Triton where nothing is measured."""
+    have = [k for k in ("triton", "cuda") if (k == "cuda" and has_kernel(op, "cuda"))
+            or (k == "triton" and triton_unavailable(device) is None)]
+    points = [p for p in THRESHOLDS.get("cuda", {}).get("kernels", {}).get(op, []) if p[2] in have]
+    if not points:
+        return have[0]
+    n, k = shape
+    h = max(n * k / (n + k), 1.0) if n + k else 1.0
+    nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1.0) / h)) + 4 * abs(p[1] - density))
+    return nearest[2]
+
+
+def measured_faster(op: str, device_type: str) -> bool:
+    """Whether a fused GPU op was measured faster than its unfused torch equivalent ("fused" in
+    thresholds.json, written by benchmarks/bench_gpu.py); `auto` uses it only then."""
+    return bool(THRESHOLDS.get(device_type, {}).get("fused", {}).get(op, False))
+
+
 # Which compiled kernels are registered, read once (a plain dict is cheap and torch.compile-friendly).
 _KERNELS = {
     (op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
@@ -150,11 +188,16 @@ def _resolve(op: str, device: torch.device, kernels: tuple[str, ...]) -> str:
     if name == "auto":
         if device.type in kernels and has_kernel(op, device.type):
             return device.type
+        if device.type == "cuda" and "triton" in kernels and triton_unavailable(device) is None:
+            return "triton"
         return "reference"
     if name in ("reference", "dense"):
         return name
     if name == "triton":
-        raise NotImplementedError(f"sparseops.{op}: there is no Triton kernel for this op yet")
+        why = triton_unavailable(device)
+        if why is not None:
+            raise NotImplementedError(f"sparseops.{op}: the triton backend cannot run here: {why}")
+        return "triton"
     if name not in kernels or not has_kernel(op, name):
         why = f" ({CUDA_EXTENSION_ERROR})" if name == "cuda" and CUDA_EXTENSION_ERROR else ""
         raise NotImplementedError(f"sparseops.{op}: no compiled {name} kernel for this op{why}")
@@ -170,20 +213,21 @@ def _check_inputs(op: str, x, w, bias) -> None:
         raise TypeError(f"sparseops.{op}: bias must be a tensor or None, got {type(bias).__name__}")
 
 
-def _as_layout(op: str, layout) -> CsrLayout | MaskStats:
-    """For a mask tensor, its cached layout or (cheaper) its MaskStats; a given CsrLayout once it is
+def _as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
+    """For a mask tensor, its cached layout or (cheaper) its MaskStats; a given layout once it is
     known not to be stale. `_csr` turns the result into a CsrLayout when a sparse kernel runs."""
     if isinstance(layout, torch.Tensor):
         return mask_stats(layout)
-    if not isinstance(layout, CsrLayout):
-        raise TypeError(f"sparseops.{op}: layout must be a CsrLayout or a mask tensor, got {type(layout).__name__}")
+    if not isinstance(layout, (CsrLayout, BlockLayout)):
+        raise TypeError(f"sparseops.{op}: layout must be a mask tensor, a CsrLayout or a BlockLayout, "
+                        f"got {type(layout).__name__}")
     if not torch.compiler.is_compiling() and layout.stale:  # version counters are not traceable
         raise ValueError(f"sparseops.{op}: layout is stale (its mask was changed in place after it was built); "
                          "call sparseops.layout.csr_layout(mask) again, or pass the mask")
     return layout
 
 
-def _csr(info: CsrLayout | MaskStats) -> CsrLayout:
+def _csr(info: CsrLayout | BlockLayout | MaskStats) -> CsrLayout:
     return info if isinstance(info, CsrLayout) else csr_layout(info.source)
 
 
@@ -199,6 +243,31 @@ def _check_tensors(op: str, **tensors) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Registration: each op's fake and autograd formula, kept so that its Triton twin gets the same
+
+
+_SPECS: dict[str, tuple] = {}
+
+
+def _register(op: str, fake, setup=None, backward=None) -> None:
+    """Registers the fake of `sparseops::<op>` and, with `setup`, its autograd formula;
+    `backward(bwd)` builds the formula around the op that computes the gradients."""
+    _SPECS[op] = (fake, setup, backward)
+    register_twin(op, op)
+
+
+def register_twin(op: str, name: str) -> None:
+    """Gives `sparseops::<name>` the fake and autograd formula of `<op>` (whose backward then runs
+    `<name>_backward`, the twin of `<op>_backward`)."""
+    fake, setup, backward = _SPECS[op]
+    torch.library.register_fake(f"sparseops::{name}", fake)
+    if setup is not None:
+        def bwd(*args):  # looked up when called: the twin's backward may be registered after it
+            return getattr(ops, f"{name}_backward")(*args)
+        torch.library.register_autograd(f"sparseops::{name}", backward(bwd), setup_context=setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # Soft mask (Continuous Sparsification)
 
 
@@ -208,25 +277,21 @@ def _check_scalar(op: str, v, name: str) -> float:
     return float(v)
 
 
-@torch.library.register_fake("sparseops::soft_mask")
-def _(w, s, beta, scale):
+def _soft_mask_fake(w, s, beta, scale):
     torch._check(w.shape == s.shape, lambda: f"sparseops.soft_mask: s must have the shape of w {tuple(w.shape)}")
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("sparseops::soft_mask_backward")
-def _(grad, w, s, beta, scale):
+def _soft_mask_backward_fake(grad, w, s, beta, scale):
     return (torch.empty_like(w, memory_format=torch.contiguous_format),
             torch.empty_like(s, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("sparseops::soft_mask_l1")
-def _(s, beta, scale):
+def _soft_mask_l1_fake(s, beta, scale):
     return s.new_empty(())
 
 
-@torch.library.register_fake("sparseops::soft_mask_l1_backward")
-def _(grad, s, beta, scale):
+def _soft_mask_l1_backward_fake(grad, s, beta, scale):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
@@ -236,13 +301,12 @@ def _soft_mask_setup(ctx, inputs, output):
     ctx.beta, ctx.scale = beta, scale
 
 
-def _soft_mask_backward(ctx, grad):
-    w, s = ctx.saved_tensors
-    dw, ds = ops.soft_mask_backward(grad, w, s, ctx.beta, ctx.scale)
-    return dw, ds, None, None
-
-
-torch.library.register_autograd("sparseops::soft_mask", _soft_mask_backward, setup_context=_soft_mask_setup)
+def _soft_mask_backward(bwd):
+    def backward(ctx, grad):
+        w, s = ctx.saved_tensors
+        dw, ds = bwd(grad, w, s, ctx.beta, ctx.scale)
+        return dw, ds, None, None
+    return backward
 
 
 def _soft_mask_l1_setup(ctx, inputs, output):
@@ -251,13 +315,17 @@ def _soft_mask_l1_setup(ctx, inputs, output):
     ctx.beta, ctx.scale = beta, scale
 
 
-def _soft_mask_l1_backward(ctx, grad):
-    (s,) = ctx.saved_tensors
-    return ops.soft_mask_l1_backward(grad, s, ctx.beta, ctx.scale), None, None
+def _soft_mask_l1_backward(bwd):
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return bwd(grad, s, ctx.beta, ctx.scale), None, None
+    return backward
 
 
-torch.library.register_autograd("sparseops::soft_mask_l1", _soft_mask_l1_backward,
-                                setup_context=_soft_mask_l1_setup)
+_register("soft_mask", _soft_mask_fake, _soft_mask_setup, _soft_mask_backward)
+_register("soft_mask_backward", _soft_mask_backward_fake)
+_register("soft_mask_l1", _soft_mask_l1_fake, _soft_mask_l1_setup, _soft_mask_l1_backward)
+_register("soft_mask_l1_backward", _soft_mask_l1_backward_fake)
 
 
 def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torch.Tensor:
@@ -268,9 +336,10 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float 
     if not isinstance(w, torch.Tensor) or not isinstance(s, torch.Tensor):
         raise TypeError("sparseops.soft_mask: w and s must be tensors")
     _check_tensors("soft_mask", w=w, s=s)
-    if _resolve("soft_mask", w.device, ("cpu", "cuda")) == "reference":
+    impl = _resolve("soft_mask", w.device, ("cpu", "cuda", "triton"))
+    if impl == "reference":
         return reference.soft_mask(w, s, beta, scale)
-    return ops.soft_mask(w, s, beta, scale)
+    return (ops.triton_soft_mask if impl == "triton" else ops.soft_mask)(w, s, beta, scale)
 
 
 def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torch.Tensor:
@@ -280,30 +349,32 @@ def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torc
     if not isinstance(s, torch.Tensor):
         raise TypeError("sparseops.soft_mask_l1: s must be a tensor")
     _check_tensors("soft_mask_l1", s=s)
-    if _resolve("soft_mask_l1", s.device, ("cpu", "cuda")) == "reference":
+    impl = _resolve("soft_mask_l1", s.device, ("cpu", "cuda", "triton"))
+    if impl == "reference":
         return reference.soft_mask_l1(s, beta, scale)
-    return ops.soft_mask_l1(s, beta, scale)
+    return (ops.triton_soft_mask_l1 if impl == "triton" else ops.soft_mask_l1)(s, beta, scale)
 
 
 # ---------------------------------------------------------------------------------------------
 # Masked linear
 
 
-@torch.library.register_fake("sparseops::masked_linear")
-def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
+def _masked_linear_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
     torch._check(w.dim() == 2, lambda: "sparseops.masked_linear: w must be 2-D")
     torch._check(x.shape[-1] == w.shape[1], lambda: "sparseops.masked_linear: x and w disagree on in_features")
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-@torch.library.register_fake("sparseops::masked_linear_backward")
-def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
+def _grads_fake(x, w, output_mask):
     shapes = (x.shape, w.shape, (w.shape[0],))  # outputs not asked for are distinct empty tensors
     return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
 
 
-@torch.library.register_fake("sparseops::masked_linear_dense")
-def _(x, w, mask, bias):
+def _masked_linear_backward_fake(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
+    return _grads_fake(x, w, output_mask)
+
+
+def _masked_linear_dense_fake(x, w, mask, bias):
     torch._check(x.shape[-1] == w.shape[1], lambda: "sparseops.masked_linear_dense: x and w disagree")
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
@@ -314,17 +385,14 @@ def _masked_linear_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _masked_linear_backward(ctx, grad):
-    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.has_bias and ctx.needs_input_grad[6]
-    dx, dw, db = ops.masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx,
-                                            [need_x, need_w, need_b])
-    return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None)
-
-
-torch.library.register_autograd("sparseops::masked_linear", _masked_linear_backward,
-                                setup_context=_masked_linear_setup)
+def _masked_linear_backward(bwd):
+    def backward(ctx, grad):
+        x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[6]
+        dx, dw, db = bwd(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, [need_x, need_w, need_b])
+        return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None)
+    return backward
 
 
 def _masked_linear_dense_setup(ctx, inputs, output):
@@ -344,18 +412,21 @@ def _masked_linear_dense_backward(ctx, grad):
     return dx, dw, None, db
 
 
-torch.library.register_autograd("sparseops::masked_linear_dense", _masked_linear_dense_backward,
-                                setup_context=_masked_linear_dense_setup)
+_register("masked_linear", _masked_linear_fake, _masked_linear_setup, _masked_linear_backward)
+_register("masked_linear_backward", _masked_linear_backward_fake)
+_register("masked_linear_dense", _masked_linear_dense_fake, _masked_linear_dense_setup,
+          lambda bwd: _masked_linear_dense_backward)
 
 
-def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Tensor,
+def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLayout | torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ (w * mask)^T + bias` where only the kept weights cost time.
 
-    `layout` is a CsrLayout (sparseops.layout.csr_layout(mask)) or the mask itself (bool or 0/1,
-    shape of w), whose layout is then built once and cached until the mask changes. `x` may have
-    any leading dimensions. Gradients: dx through the transposed layout, dw at kept entries only
-    (zero elsewhere), dbias as usual.
+    `layout` is the mask itself (bool or 0/1, shape of w), whose layout is then built once and
+    cached until the mask changes, a CsrLayout (sparseops.layout.csr_layout(mask)) or a BlockLayout
+    (sparseops.layout.block_layout(mask, 32): skips empty tiles, runs kept tiles on tensor cores;
+    Triton on GPUs). `x` may have any leading dimensions. Gradients: dx through the transposed
+    layout, dw at kept entries only (zero elsewhere), dbias as usual.
     """
     _check_inputs("masked_linear", x, w, bias)
     if isinstance(layout, torch.Tensor) and layout.dim() != 2:
@@ -365,14 +436,18 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     if tuple(w.shape) != layout.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {layout.shape} but w has {tuple(w.shape)}")
     _check_tensors("masked_linear", x=x, w=w, mask=layout.mask, bias=bias)
-    impl = _resolve("masked_linear", w.device, ("cpu",))
+    if isinstance(layout, BlockLayout):
+        return _masked_linear_block(x, w, layout, bias)
+    impl = _resolve("masked_linear", w.device, ("cpu", "cuda", "triton"))
     if impl == "reference":
         if _state.backend == "reference":
             return reference.masked_linear(x, w, layout.mask, bias)
-        impl = "dense"  # no sparse kernel for this device yet: the fused dense path
-    if impl == "cpu" and _state.backend == "auto" and layout.density > max_density("masked_linear", "cpu",
-                                                                                   layout.shape):
-        impl = "dense"
+        impl = "dense"  # no sparse kernel for this device: the fused dense path
+    if _state.backend == "auto" and impl != "dense":
+        if layout.density > max_density("masked_linear", w.device.type, layout.shape):
+            impl = "dense"
+        elif impl != "cpu":
+            impl = gpu_kernel("masked_linear", w.device, layout.shape, layout.density)
     if impl == "dense":
         if layout.nnz == layout.mask.numel():  # nothing pruned (IMP's level 0): exactly nn.Linear
             return torch.nn.functional.linear(x, w, bias)
@@ -381,7 +456,152 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
             # autograd keeps (what torch.nn.utils.prune does); large ones keep the memory.
             return reference.masked_linear(x, w, layout.mask, bias)
         return ops.masked_linear_dense(x, w, layout.mask, bias)
-    return ops.masked_linear(x, w, *_csr(layout).tensors(), bias)
+    kernel = ops.triton_masked_linear if impl == "triton" else ops.masked_linear
+    return kernel(x, w, *_csr(layout).tensors(), bias)
+
+
+def _masked_linear_block(x, w, layout: BlockLayout, bias):
+    """The block path: Triton's tile-skipping kernels where they run (forced, or in `auto` once the
+    tile density is below the break-even measured on this GPU); elsewhere the element path."""
+    name = _state.backend
+    if name == "reference":
+        return reference.masked_linear(x, w, layout.mask, bias)
+    if name == "triton" or (name == "auto" and w.device.type == "cuda" and triton_unavailable(w.device) is None
+                            and layout.tile_density <= max_density("masked_linear_block", "cuda")):
+        _resolve("masked_linear", w.device, ("triton",))  # raises, naming why, if Triton cannot run here
+        return ops.triton_masked_linear_block(x, w, layout.mask, *layout.tensors(), layout.block, bias)
+    return masked_linear(x, w, layout.mask, bias)
+
+
+def _masked_linear_block_setup(ctx, inputs, output):
+    x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias = inputs
+    ctx.save_for_backward(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx)
+    ctx.block, ctx.has_bias = block, bias is not None
+
+
+def _masked_linear_block_backward(bwd):
+    def backward(ctx, grad):
+        x, w, mask, *layout = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[8]
+        dx, dw, db = bwd(grad, x, w, mask, *layout, ctx.block, [need_x, need_w, need_b])
+        return (dx if need_x else None, dw if need_w else None, None, None, None, None, None, None,
+                db if need_b else None)
+    return backward
+
+
+def _masked_linear_block_fake(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
+    return _masked_linear_dense_fake(x, w, mask, bias)
+
+
+def _masked_linear_block_backward_fake(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block,
+                                       output_mask):
+    return _grads_fake(x, w, output_mask)
+
+
+@torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
+def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
+    # Outside Triton the tiles buy nothing: the dense masked product (same math, same fake).
+    return torch.nn.functional.linear(x, w * mask, bias)
+
+
+@torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
+def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, output_mask):
+    return _dense_masked_grads(grad, x, w * mask, mask, output_mask)
+
+
+def _dense_masked_grads(grad, x, wm, mask, output_mask):
+    """dx, dw (masked), db of y = x @ wm^T + b through dense GEMMs; empties where not asked for."""
+    need_x, need_w, need_b = output_mask
+    n, k = wm.shape
+    g2 = grad.reshape(-1, n)
+    dx = grad @ wm if need_x else wm.new_empty(0)
+    dw = (g2.t() @ x.reshape(-1, k)) * mask if need_w else wm.new_empty(0)
+    db = g2.sum(0) if need_b else wm.new_empty(0)
+    return dx, dw, db
+
+
+_register("masked_linear_block", _masked_linear_block_fake, _masked_linear_block_setup,
+          _masked_linear_block_backward)
+_register("masked_linear_block_backward", _masked_linear_block_backward_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-masked linear (CS with the mask fused into the GEMM)
+
+
+def _soft_masked_linear_fake(x, w, s, beta, scale, bias):
+    torch._check(x.shape[-1] == w.shape[1], lambda: "sparseops.soft_masked_linear: x and w disagree")
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _soft_masked_linear_backward_fake(grad, x, w, s, beta, scale, output_mask):
+    shapes = (x.shape, w.shape, s.shape, (w.shape[0],))
+    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
+
+
+def _soft_masked_linear_setup(ctx, inputs, output):
+    x, w, s, beta, scale, bias = inputs
+    ctx.save_for_backward(x, w, s)
+    ctx.beta, ctx.scale, ctx.has_bias = beta, scale, bias is not None
+
+
+def _soft_masked_linear_backward(bwd):
+    def backward(ctx, grad):
+        x, w, s = ctx.saved_tensors
+        need = [*ctx.needs_input_grad[:3], ctx.has_bias and ctx.needs_input_grad[5]]
+        dx, dw, ds, db = bwd(grad, x, w, s, ctx.beta, ctx.scale, need)
+        return (dx if need[0] else None, dw if need[1] else None, ds if need[2] else None, None, None,
+                db if need[3] else None)
+    return backward
+
+
+@torch.library.register_kernel("sparseops::soft_masked_linear", ("cpu", "cuda"))
+def _(x, w, s, beta, scale, bias):
+    # Outside Triton: the soft mask op, then a dense GEMM (the masked weight is materialised).
+    return torch.nn.functional.linear(x, ops.soft_mask(w, s, beta, scale), bias)
+
+
+@torch.library.register_kernel("sparseops::soft_masked_linear_backward", ("cpu", "cuda"))
+def _(grad, x, w, s, beta, scale, output_mask):
+    need_x, need_w, need_s, need_b = output_mask
+    n, k = w.shape
+    g2 = grad.reshape(-1, n)
+    dx = grad @ ops.soft_mask(w, s, beta, scale) if need_x else w.new_empty(0)
+    dw = ds = None
+    if need_w or need_s:
+        dw, ds = ops.soft_mask_backward(g2.t() @ x.reshape(-1, k), w, s, beta, scale)
+    return (dx, dw if need_w else w.new_empty(0), ds if need_s else w.new_empty(0),
+            g2.sum(0) if need_b else w.new_empty(0))
+
+
+_register("soft_masked_linear", _soft_masked_linear_fake, _soft_masked_linear_setup, _soft_masked_linear_backward)
+_register("soft_masked_linear_backward", _soft_masked_linear_backward_fake)
+
+
+def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (w * scale * sigmoid(beta*s))^T + bias`: a linear layer under CS's soft mask.
+
+    On GPUs with Triton the mask is fused into the GEMM (applied to each weight tile as it is
+    loaded; tiles whose mask is exactly 0 are skipped; ds comes from the dw GEMM's epilogue): used
+    with backend "triton", and in `auto` once measured faster on this GPU (thresholds.json "fused").
+    Elsewhere: sparseops.soft_mask, then F.linear.
+    """
+    beta = _check_scalar("soft_masked_linear", beta, "beta")
+    scale = _check_scalar("soft_masked_linear", scale, "scale")
+    _check_inputs("soft_masked_linear", x, w, bias)
+    if not isinstance(s, torch.Tensor):
+        raise TypeError("sparseops.soft_masked_linear: s must be a tensor")
+    _check_tensors("soft_masked_linear", x=x, w=w, s=s, bias=bias)
+    name = _state.backend
+    if name == "reference":
+        return reference.soft_masked_linear(x, w, s, beta, scale, bias)
+    if name == "triton" or (name == "auto" and w.device.type == "cuda" and measured_faster("soft_masked_linear", "cuda")
+                            and triton_unavailable(w.device) is None):
+        _resolve("soft_masked_linear", w.device, ("triton",))
+        return ops.triton_soft_masked_linear(x, w, s, beta, scale, bias)
+    return torch.nn.functional.linear(x, soft_mask(w, s, beta, scale), bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +612,7 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.register_fake("sparseops::masked_conv2d")
-def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation):
+def _masked_conv2d_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation):
     torch._check(x.dim() == 4 and w.dim() == 4, lambda: "sparseops.masked_conv2d: x and w must be 4-D")
     torch._check(x.shape[1] == w.shape[1], lambda: "sparseops.masked_conv2d: x and w disagree on C_in")
     ho = _conv_out(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
@@ -401,10 +620,9 @@ def _(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilat
     return x.new_empty((x.shape[0], w.shape[0], ho, wo))
 
 
-@torch.library.register_fake("sparseops::masked_conv2d_backward")
-def _(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation, output_mask):
-    shapes = (x.shape, w.shape, (w.shape[0],))
-    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
+def _masked_conv2d_backward_fake(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation,
+                                 output_mask):
+    return _grads_fake(x, w, output_mask)
 
 
 def _masked_conv2d_setup(ctx, inputs, output):
@@ -414,18 +632,20 @@ def _masked_conv2d_setup(ctx, inputs, output):
     ctx.geometry = (stride, padding, dilation)
 
 
-def _masked_conv2d_backward(ctx, grad):
-    x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.has_bias and ctx.needs_input_grad[6]
-    dx, dw, db = ops.masked_conv2d_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, *ctx.geometry,
-                                            [need_x, need_w, need_b])
-    return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None,
-            None, None, None)
+def _masked_conv2d_backward(bwd):
+    def backward(ctx, grad):
+        x, w, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[6]
+        dx, dw, db = bwd(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, *ctx.geometry,
+                         [need_x, need_w, need_b])
+        return (dx if need_x else None, dw if need_w else None, None, None, None, None, db if need_b else None,
+                None, None, None)
+    return backward
 
 
-torch.library.register_autograd("sparseops::masked_conv2d", _masked_conv2d_backward,
-                                setup_context=_masked_conv2d_setup)
+_register("masked_conv2d", _masked_conv2d_fake, _masked_conv2d_setup, _masked_conv2d_backward)
+_register("masked_conv2d_backward", _masked_conv2d_backward_fake)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -480,9 +700,9 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
     name = _state.backend
     supported = groups == 1 and pad is not None and x.dim() == 4
     if name in ("cpu", "cuda", "triton"):
-        impl = _resolve("masked_conv2d", w.device, ("cpu",))
+        impl = _resolve("masked_conv2d", w.device, ("cpu", "cuda", "triton"))
         if not supported:
-            raise NotImplementedError("sparseops.masked_conv2d: the cpu kernel covers groups=1 and symmetric "
+            raise NotImplementedError(f"sparseops.masked_conv2d: the {name} kernel covers groups=1 and symmetric "
                                       "padding; use the auto or reference backend for this convolution")
     elif name == "auto" and supported and w.device.type == "cpu" and has_kernel("masked_conv2d", "cpu") \
             and stride == (1, 1) and w.shape[1] * w.shape[2] * w.shape[3] >= 64 \
@@ -491,10 +711,14 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
         # stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel input layer);
         # both stay on the fallback in `auto`.
         impl = "cpu"
+    elif name == "auto" and supported and w.device.type == "cuda" \
+            and layout.density <= max_density("masked_conv2d", "cuda", plane=_plane(x, w, stride, pad, dilation)):
+        impl = gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density)  # once measured on a GPU
     else:
         impl = "reference" if name == "reference" else "dense"
-    if impl == "cpu":  # the op returns x's memory format (NCHW or channels_last)
-        return ops.masked_conv2d(x, w, *_csr(layout).tensors(), bias, stride, pad, dilation)
+    if impl in ("cpu", "cuda", "triton"):  # the ops return x's memory format (NCHW or channels_last)
+        kernel = ops.triton_masked_conv2d if impl == "triton" else ops.masked_conv2d
+        return kernel(x, w, *_csr(layout).tensors(), bias, stride, pad, dilation)
     if impl == "dense" and layout.nnz == layout.mask.numel():
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, layout.mask.view(w.shape), bias, stride, padding, dilation, groups)

@@ -19,6 +19,12 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: to
     return F.linear(x, w * mask, bias)
 
 
+def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,
+                       bias: torch.Tensor | None = None):
+    """x @ (w * scale * sigmoid(beta * s))^T + bias: a linear layer under CS's soft mask."""
+    return F.linear(x, soft_mask(w, s, beta, scale), bias)
+
+
 def masked_conv2d(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, groups: int = 1):
     """conv2d(x, w * mask) + bias."""

@@ -68,7 +68,7 @@ def test_masked_conv2d_bad_input():
         sparseops.masked_conv2d(x, w[0], mask[0])
     with pytest.raises(ValueError, match=r"the mask has shape \(3, 2, 3\)"):
         sparseops.masked_conv2d(x, w, mask[..., 0])
-    with pytest.raises(TypeError, match="layout must be a CsrLayout or a mask tensor"):
+    with pytest.raises(TypeError, match="layout must be a mask tensor, a CsrLayout or a BlockLayout"):
         sparseops.masked_conv2d(x, w, [1, 0])
     with pytest.raises(TypeError, match="bias must be a tensor or None"):
         sparseops.masked_conv2d(x, w, mask, 1.0)
@@ -80,9 +80,10 @@ def test_masked_conv2d_bad_input():
         sparseops.masked_conv2d(x, w, torch.full(w.shape, 2.0))
     with pytest.raises(ValueError, match="one device"):
         sparseops.masked_conv2d(x.to("meta"), w, mask)
-    with pytest.raises(NotImplementedError, match="no compiled triton kernel|no Triton kernel"), \
-            sparseops.backend("triton"):
-        sparseops.masked_conv2d(x, w, mask)
+    with pytest.raises((NotImplementedError, ValueError), match="cuda"), sparseops.backend("cuda"):
+        sparseops.masked_conv2d(x, w, mask)  # no CUDA kernel built, or CPU tensors
+    with pytest.raises(NotImplementedError, match="groups=1"), sparseops.backend("cpu"):
+        sparseops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3), torch.ones(2, 2, 3, 3), groups=2)
 
 
 def _eager_soft(w, s, beta, s0):

@@ -4,7 +4,7 @@ import torch
 from torch.library import opcheck
 
 import sparseops
-from sparseops import reference
+from sparseops import ops, reference
 from sparseops.layout import csr_layout
 
 from conftest import random_mask
@@ -253,8 +253,11 @@ def test_corrupt_layout_is_an_error_not_a_crash():
         torch.ops.sparseops.masked_linear_backward(g, x.detach(), w.detach(), rp, ci, trp, bad_tcol, [True, False, False])
 
 
-def test_backend_errors():
+def test_backend_errors(monkeypatch):
     x, w, b, mask = inputs((4,), 6, 5, 0.5)
+    if ops.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
+        import sparseops.triton
+        monkeypatch.setattr(sparseops.triton, "INTERPRET", False)
     with pytest.raises(ValueError, match="one of"):
         with sparseops.backend("gpu"):
             pass
@@ -262,7 +265,7 @@ def test_backend_errors():
         with sparseops.backend(max_density=1.5):
             pass
     with sparseops.backend("triton"):
-        with pytest.raises(NotImplementedError, match="Triton"):
+        with pytest.raises(NotImplementedError, match="Triton"):  # not installed, or CPU tensors
             sparseops.masked_linear(x, w, mask, b)
     with sparseops.backend("cuda"):
         with pytest.raises((NotImplementedError, ValueError), match="masked_linear"):

@@ -1,0 +1,199 @@
+"""Unstructured masked matmul: the forward and dx as CSR SpMMs, dw as an SDDMM over kept entries.
+
+Sputnik's decomposition (Gale et al., SC'20) on the transposed problem: with X^T stored [K, M]
+(one transpose per call), every kept weight W[n, k] scales one contiguous row X^T[k, :], so a
+program owns one sparse row n and a block of M, and all its loads are coalesced vectors. Rows are
+launched longest first (a per-layout permutation, cached) so the long rows do not form a tail.
+
+- forward: Y^T[n, :] = sum_j W[n, col_j] * X^T[col_j, :]       (CSR of W)
+- dx:      dX^T[k, :] = sum_j W[row_j, k] * G^T[row_j, :]      (CSR of W^T, same kernel)
+- dw:      dW[n, k] = <G^T[n, :], X^T[k, :]> at kept (n, k)     (SDDMM; M split over programs when
+           there are too few rows to fill the GPU, partial sums added in a fixed order)
+
+Indices are int32 or int64 as the layout holds them; addresses are computed in int64.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import acc_type, autotune, define, multiprocessors
+
+_SPMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
+                 for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (512, 8, 8), (128, 32, 4))]
+_SDDMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
+                  for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (128, 32, 4))]
+
+
+@autotune(_SPMM_CONFIGS, key=["R", "M", "NNZ_BUCKET"])
+@triton.jit
+def _spmm(order_ptr, row_ptr, col_idx, val_ptr, val_sr, val_sc, b_ptr, out_ptr, bias_ptr, R, M, NNZ_BUCKET,
+          HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[r, m] = sum over j in row r of val[r*val_sr + col_j*val_sc] * b[col_j, m] (+ bias[r])."""
+    r = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < M
+    start = tl.load(row_ptr + r).to(tl.int64)
+    end = tl.load(row_ptr + r + 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    for j0 in range(start, end, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        in_j = js < end
+        cols = tl.load(col_idx + js, mask=in_j, other=0).to(tl.int64)
+        v = tl.load(val_ptr + r * val_sr + cols * val_sc, mask=in_j, other=0).to(ACC)
+        b = tl.load(b_ptr + cols[:, None] * M + offs_m[None, :], mask=in_j[:, None] & in_m[None, :], other=0)
+        acc += tl.sum(v[:, None] * b.to(ACC), axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + r).to(ACC)
+    tl.store(out_ptr + r * M + offs_m, acc.to(out_ptr.dtype.element_ty), mask=in_m)
+
+
+@autotune(_SDDMM_CONFIGS, key=["R", "M", "NNZ_BUCKET"])
+@triton.jit
+def _sddmm(order_ptr, row_ptr, col_idx, a_ptr, b_ptr, out_ptr, part_ptr, R, C, M, NNZ, NNZ_BUCKET, m_per_split,
+           SPLIT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+    """For kept (r, col_j): <a[r, m-range], b[col_j, m-range]>, into out[r*C + col_j] (one split) or
+    part[split, j] (several)."""
+    r = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    split = tl.program_id(1)
+    m_lo = split.to(tl.int64) * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    start = tl.load(row_ptr + r).to(tl.int64)
+    end = tl.load(row_ptr + r + 1).to(tl.int64)
+    for j0 in range(start, end, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        in_j = js < end
+        cols = tl.load(col_idx + js, mask=in_j, other=0).to(tl.int64)
+        acc = tl.zeros((BLOCK_J,), dtype=ACC)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            in_m = offs_m < m_hi
+            a = tl.load(a_ptr + r * M + offs_m, mask=in_m, other=0).to(ACC)
+            b = tl.load(b_ptr + cols[:, None] * M + offs_m[None, :], mask=in_j[:, None] & in_m[None, :], other=0)
+            acc += tl.sum(b.to(ACC) * a[None, :], axis=1)
+        if SPLIT == 1:
+            tl.store(out_ptr + r * C + cols, acc.to(out_ptr.dtype.element_ty), mask=in_j)
+        else:
+            tl.store(part_ptr + split * NNZ + js, acc, mask=in_j)
+
+
+# Row permutations (longest row first) and entry rows, per layout index tensor: layouts are cached
+# per mask (sparseops.layout), so these are computed once per mask, not per call.
+_ORDER = WeakIdKeyDictionary()
+
+
+def row_order(row_ptr: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.argsort(row_ptr.diff(), descending=True, stable=True)
+    order = _ORDER.get(row_ptr)
+    if order is None:
+        order = _ORDER[row_ptr] = torch.argsort(row_ptr.diff(), descending=True, stable=True)
+    return order
+
+
+def _nnz_bucket(nnz: int) -> int:
+    """Autotune key: the kept-entry count to the next power of two (re-tune per density class)."""
+    return 1 << max(nnz - 1, 0).bit_length()
+
+
+def spmm_t(row_ptr, col_idx, vals, val_strides, b, rows: int, bias=None) -> torch.Tensor:
+    """out [rows, M] = S @ b for S in CSR (values read from `vals` at row*sr + col*sc), b [C, M]."""
+    m = b.shape[1]
+    out = torch.empty((rows, m), dtype=b.dtype, device=b.device)
+    if rows == 0 or m == 0:
+        return out
+    wrap_triton(_spmm)[lambda meta: (rows, triton.cdiv(m, meta["BLOCK_M"]))](
+        row_order(row_ptr), row_ptr, col_idx, vals, val_strides[0], val_strides[1], b, out,
+        bias if bias is not None else out, rows, m, _nnz_bucket(col_idx.numel()),
+        HAS_BIAS=bias is not None, ACC=acc_type(b.dtype))
+    return out
+
+
+def split_count(rows: int, m: int, device: torch.device, block: int = 128) -> int:
+    """How many programs share one row's reduction over M: enough programs to fill the GPU."""
+    want = triton.cdiv(4 * multiprocessors(device), max(rows, 1))
+    return max(1, min(want, triton.cdiv(m, block)))
+
+
+def sddmm(row_ptr, col_idx, a, b, shape, out_dtype) -> torch.Tensor:
+    """Dense [R, C] with out[r, c] = <a[r], b[c]> at the kept entries of the CSR, 0 elsewhere."""
+    rows, cols = shape
+    m, nnz = a.shape[1], col_idx.numel()
+    out = torch.zeros(shape, dtype=out_dtype, device=a.device)
+    if nnz == 0:
+        return out
+    split = split_count(rows, m, a.device)
+    per = triton.cdiv(m, split) if m else 0
+    part = torch.empty((split, nnz), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32,
+                       device=a.device) if split > 1 else out
+    wrap_triton(_sddmm)[(rows, split)](row_order(row_ptr), row_ptr, col_idx, a, b, out, part, rows, cols, m, nnz,
+                                       _nnz_bucket(nnz), per, SPLIT=split, ACC=acc_type(a.dtype))
+    if split > 1:  # a fixed-order sum of the partials, then one scatter: deterministic, no atomics
+        entry_rows = torch.repeat_interleave(torch.arange(rows, device=a.device), row_ptr.diff(),
+                                             output_size=nnz)
+        out.view(-1)[entry_rows * cols + col_idx.long()] = part.sum(0).to(out_dtype)
+    return out
+
+
+def _check(op, x, w, bias, layout, grad=None):
+    """The CPU op's input rules and messages, for what reaches the Triton kernels."""
+    row_ptr, col_idx, t_row_ptr, t_col_idx = layout
+    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for name, t in (("x", x), ("w", w), ("bias", bias), ("grad", grad)):
+        if t is None:
+            continue
+        if t.dtype not in floats:
+            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+        if t.dtype != w.dtype:
+            raise TypeError(f"sparseops.{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
+        if t.device != w.device:
+            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+    if w.dim() != 2:
+        raise ValueError(f"sparseops.{op}: w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"sparseops.{op}: x must end in in_features={w.shape[1]}, got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+    n, k = w.shape
+    for name, t, size in (("row_ptr", row_ptr, n + 1), ("t_row_ptr", t_row_ptr, k + 1), ("col_idx", col_idx, -1),
+                          ("t_col_idx", t_col_idx, col_idx.numel())):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"sparseops.{op}: {name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1 or (size >= 0 and t.numel() != size):
+            raise ValueError(f"sparseops.{op}: {name} must be 1-D with {size} entries, got shape {tuple(t.shape)}")
+        if t.device != w.device:
+            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+
+
+def masked_linear(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
+    _check("masked_linear", x, w, bias, (row_ptr, col_idx, t_row_ptr, t_col_idx))
+    n, k = w.shape
+    xt = x.reshape(-1, k).t().contiguous()  # [K, M]: every kept weight reads one contiguous row
+    w = w.contiguous()
+    yt = spmm_t(row_ptr, col_idx, w, (k, 1), xt, n, bias)
+    return yt.t().contiguous().reshape(*x.shape[:-1], n)  # one coalesced transpose pass
+
+
+def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
+    _check("masked_linear_backward", x, w, None, (row_ptr, col_idx, t_row_ptr, t_col_idx), grad)
+    n, k = w.shape
+    if grad.shape != (*x.shape[:-1], n):
+        raise ValueError(f"sparseops.masked_linear_backward: grad must have shape {(*x.shape[:-1], n)}, "
+                         f"got {tuple(grad.shape)}")
+    need_x, need_w, need_b = output_mask
+    g2 = grad.reshape(-1, n)
+    gt = g2.t().contiguous()  # [N, M], shared by dx and dw
+    w = w.contiguous()
+    dx, dw, db = (w.new_empty(0) for _ in range(3))  # distinct empties for outputs not asked for
+    if need_x:  # dX^T [K, M] through W^T's CSR; W[row, k] sits at row*K + k
+        dx = spmm_t(t_row_ptr, t_col_idx, w, (1, k), gt, k).t().contiguous().reshape(x.shape)
+    if need_w:
+        dw = sddmm(row_ptr, col_idx, gt, x.reshape(-1, k).t().contiguous(), (n, k), w.dtype)
+    if need_b:
+        db = g2.sum(0, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+    return dx, dw, db
+
+
+define("masked_linear_backward", masked_linear_backward)
+define("masked_linear", masked_linear)

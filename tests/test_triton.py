@@ -1,0 +1,352 @@
+"""Triton kernels (sparseops/triton/) against reference.py.
+
+Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors (conftest.py sets it), in float64
+and float32 on small shapes: odd sizes, empty rows, 0% and 100% sparsity, split reductions. With a
+GPU the same tests run on CUDA tensors, and the `cuda`-marked ones add half precision, larger
+shapes, opcheck and torch.compile (opcheck's fake-tensor test cannot run under the interpreter).
+"""
+import pytest
+import torch
+from torch.library import opcheck
+
+import sparseops
+from sparseops import ops, reference
+from sparseops.layout import BlockLayout, CsrLayout, block_layout, csr_layout
+
+from conftest import random_mask
+
+pytest.importorskip("triton")
+kernels = pytest.importorskip("sparseops.triton")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# numpy, under the interpreter, warns where the kernels compute exp(-z) = inf and then select 0
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
+       torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def _leaf(*shape, dtype=torch.float64, scale=1.0):
+    return (torch.randn(*shape, dtype=dtype, device=DEV) * scale).requires_grad_()
+
+
+def _check(out, inputs, ref_fn, dtype):
+    """Values and every input gradient of `out` against `ref_fn` run on float64 copies of `inputs`."""
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = ref_fn(*ref_inputs)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, g.to(out.dtype))
+    want = torch.autograd.grad(ref, ref_inputs, g)
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+    return ref_inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [0, 1, 1000, 5000])
+def test_soft_mask(dtype, n):
+    w, s = _leaf(n, dtype=dtype), _leaf(n, dtype=dtype, scale=5)
+    with torch.no_grad():
+        s[: n // 4] = -1e4  # saturated: exactly 0 mask, exactly 0 gradients
+    with sparseops.backend("triton"):
+        out = sparseops.soft_mask(w, s, 3.0, 1.5)
+        l1 = sparseops.soft_mask_l1(s, 3.0, 1.5)
+    _, s64 = _check(out, (w, s), lambda w, s: reference.soft_mask(w, s, 3.0, 1.5), dtype)
+    torch.testing.assert_close(l1.double(), reference.soft_mask_l1(s64, 3.0, 1.5), **TOL[dtype])
+    (ds,) = torch.autograd.grad(l1, s)
+    (ds_ref,) = torch.autograd.grad(reference.soft_mask_l1(s64, 3.0, 1.5), s64)
+    torch.testing.assert_close(ds.double(), ds_ref, **TOL[dtype])
+    assert (out[: n // 4] == 0).all() and (ds[: n // 4] == 0).all()
+
+
+def test_soft_mask_bad_input():
+    w = torch.randn(3, 4, device=DEV)
+    with sparseops.backend("triton"):
+        with pytest.raises(ValueError, match="shape of w"):
+            torch.ops.sparseops.triton_soft_mask(w, torch.randn(4, 3, device=DEV), 1.0, 1.0)
+        with pytest.raises(TypeError, match="dtype of w"):
+            torch.ops.sparseops.triton_soft_mask(w, torch.randn(3, 4, device=DEV, dtype=torch.float64), 1.0, 1.0)
+        with pytest.raises(ValueError, match="beta must be finite"):
+            torch.ops.sparseops.triton_soft_mask(w, w, float("nan"), 1.0)
+        with pytest.raises(TypeError, match="s must be float32"):
+            torch.ops.sparseops.triton_soft_mask_l1(torch.ones(3, dtype=torch.int64, device=DEV), 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unstructured masked linear (CSR SpMM / SDDMM)
+
+LINEAR_SHAPES = [(1, 1, 1), (3, 5, 7), (37, 29, 45), (300, 3, 20)]  # (M, N, K); the last splits dw over M
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+def test_masked_linear(shape, sparsity, dtype):
+    m, n, k = shape
+    x, w, b = _leaf(m, k, dtype=dtype), _leaf(n, k, dtype=dtype), _leaf(n, dtype=dtype)
+    mask = random_mask((n, k), sparsity).to(DEV)
+    if n > 2:
+        mask[1] = False  # an empty row
+    with sparseops.backend("triton"):
+        out = sparseops.masked_linear(x, w, mask, b)
+    _check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), dtype)
+
+
+def test_masked_linear_leading_dims_int64_indices_and_split():
+    x, w = _leaf(2, 150, 9), _leaf(4, 9)
+    mask = random_mask((4, 9), 0.5).to(DEV)
+    lay = csr_layout(mask)
+    wide = CsrLayout(lay.mask, *(t.long() for t in lay.tensors()), lay.nnz, lay.source, lay.built_version)
+    assert kernels.spmm.split_count(4, 300, x.device) > 1  # dw's reduction over M=300 is split
+    with sparseops.backend("triton"):
+        out = sparseops.masked_linear(x, w, wide)
+    _check(out, (x, w), lambda x, w: reference.masked_linear(x, w, mask), torch.float64)
+
+
+def test_masked_linear_gradcheck():
+    x, w, b = _leaf(3, 6), _leaf(4, 6), _leaf(4)
+    mask = random_mask((4, 6), 0.5).to(DEV)
+    with sparseops.backend("triton"):
+        assert torch.autograd.gradcheck(lambda x, w, b: sparseops.masked_linear(x, w, mask, b), (x, w, b))
+
+
+def test_masked_linear_bad_input():
+    w = torch.randn(4, 6, device=DEV)
+    rp, ci, trp, tci = csr_layout(random_mask((4, 6), 0.5).to(DEV)).tensors()
+    with pytest.raises(ValueError, match="x must end in in_features=6"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 5, device=DEV), w, rp, ci, trp, tci, None)
+    with pytest.raises(TypeError, match="x must have the dtype of w"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV, dtype=torch.float64), w, rp, ci, trp, tci, None)
+    with pytest.raises(ValueError, match="row_ptr must be 1-D with 5 entries"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp[:-1], ci, trp, tci, None)
+    with pytest.raises(TypeError, match="col_idx must be int32 or int64"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp, ci.float(), trp, tci, None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp, ci, trp, tci, torch.randn(3, device=DEV))
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.sparseops.triton_masked_linear_backward(torch.randn(3, 5, device=DEV), torch.randn(3, 6, device=DEV), w,
+                                          rp, ci, trp, tci, [True, True, False])
+
+
+def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with sparseops.backend("triton"), pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
+        sparseops.masked_linear(torch.randn(1, 3), torch.randn(2, 3), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked conv2d (implicit GEMM)
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation)
+CONV_CASES = [
+    (2, 3, 7, 6, 5, (3, 3), 1, 1, 1),
+    (2, 3, 9, 8, 4, (2, 3), 2, (1, 0), 2),
+    (1, 4, 5, 5, 3, (1, 1), 1, 0, 1),
+    (2, 2, 16, 16, 1, (3, 3), 1, 1, 1),  # one output channel: dw's reduction is split over positions
+    (0, 3, 5, 5, 2, (3, 3), 1, 1, 1),  # empty batch
+]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_masked_conv2d(case, sparsity):
+    nb, c, h, wd, co, k, stride, padding, dilation = case
+    x, w, b = _leaf(nb, c, h, wd), _leaf(co, c, *k), _leaf(co)
+    mask = random_mask(w.shape, sparsity).to(DEV)
+    with sparseops.backend("triton"):
+        out = sparseops.masked_conv2d(x, w, mask, b, stride, padding, dilation)
+    _check(out, (x, w, b), lambda x, w, b: reference.masked_conv2d(x, w, mask, b, stride, padding, dilation),
+           torch.float64)
+
+
+def test_masked_conv2d_float32_channels_last():
+    x = _leaf(2, 3, 6, 6, dtype=torch.float32).detach().to(memory_format=torch.channels_last).requires_grad_()
+    w = _leaf(4, 3, 3, 3, dtype=torch.float32)
+    mask = random_mask(w.shape, 0.5).to(DEV)
+    with sparseops.backend("triton"):
+        out = sparseops.masked_conv2d(x, w, mask, None, 1, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _check(out, (x, w), lambda x, w: reference.masked_conv2d(x, w, mask, None, 1, 1), torch.float32)
+
+
+def test_masked_conv2d_bad_input():
+    x, w = torch.randn(1, 3, 5, 5, device=DEV), torch.randn(2, 3, 3, 3, device=DEV)
+    tensors = csr_layout(torch.ones(2, 3, 3, 3, dtype=torch.bool, device=DEV)).tensors()
+    conv = torch.ops.sparseops.triton_masked_conv2d
+    with pytest.raises(ValueError, match="x has 4 channels but w expects 3"):
+        conv(torch.randn(1, 4, 5, 5, device=DEV), w, *tensors, None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="stride must be positive"):
+        conv(x, w, *tensors, None, [0, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        conv(x, w, *tensors, None, [1, 1], [0, 0], [3, 3])
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        conv(x[0], w, *tensors, None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.sparseops.triton_masked_conv2d_backward(torch.randn(1, 2, 4, 4, device=DEV), x, w, *tensors, [1, 1], [0, 0],
+                                          [1, 1], [True, True, True])
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-sparse masked linear
+
+
+def _block_mask(n, k, block, keep_tiles, partial):
+    """A mask whose kept entries fill a random `keep_tiles` fraction of the tiles (partly, if asked)."""
+    tiles = torch.rand(-(-n // block), -(-k // block)) < keep_tiles
+    mask = tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    return (mask & (torch.rand(n, k) < 0.7) if partial else mask).to(DEV)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape,block", [((37, 40, 50), 16), ((300, 70, 33), 32), ((5, 64, 64), 64)])
+def test_masked_linear_block(shape, block, keep, partial):
+    m, n, k = shape
+    x, w, b = _leaf(m, k), _leaf(n, k), _leaf(n)
+    mask = _block_mask(n, k, block, keep, partial)
+    lay = block_layout(mask, block)
+    with sparseops.backend("triton"):
+        out = sparseops.masked_linear(x, w, lay, b)
+    _check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), torch.float64)
+
+
+def test_block_layout():
+    mask = _block_mask(40, 50, 16, 0.5, partial=True).cpu()
+    mask[:16, :16] = False
+    mask[0, 0] = True  # a tile with a single kept entry is kept
+    lay = block_layout(mask, 16)
+    tiles = torch.zeros(3, 4, dtype=torch.bool)
+    for r in range(3):
+        for c in range(4):
+            tiles[r, c] = mask[16 * r:16 * r + 16, 16 * c:16 * c + 16].any()
+    assert isinstance(lay, BlockLayout) and lay.tiles == int(tiles.sum()) and lay.nnz == int(mask.sum())
+    assert lay.col_idx.tolist() == tiles.nonzero()[:, 1].tolist()
+    assert lay.t_col_idx.tolist() == tiles.t().nonzero()[:, 1].tolist()
+    assert lay.tile_density == pytest.approx(tiles.float().mean().item())
+    assert block_layout(mask, 16) is lay and block_layout(mask, 32) is not lay  # cached per block size
+    mask[39, 49] = not mask[39, 49]
+    assert lay.stale and block_layout(mask, 16) is not lay
+    with pytest.raises(ValueError, match="block must be one of"):
+        block_layout(mask, 8)
+
+
+def test_block_layout_elsewhere_runs_the_element_path():
+    """On the CPU the block layout is served exactly (element CSR or dense), not refused."""
+    x, w = torch.randn(7, 50, dtype=torch.float64), torch.randn(40, 50, dtype=torch.float64)
+    mask = _block_mask(40, 50, 16, 0.5, partial=True).cpu()
+    out = sparseops.masked_linear(x, w, block_layout(mask, 16))
+    torch.testing.assert_close(out, reference.masked_linear(x, w, mask))
+
+
+def test_block_composite_ops_opcheck():
+    """The block and fused ops' CPU implementations (the Triton kernels' stand-ins elsewhere)."""
+    x, w = torch.randn(5, 40, dtype=torch.float64), torch.randn(33, 40, dtype=torch.float64, requires_grad=True)
+    mask = _block_mask(33, 40, 16, 0.5, partial=True).cpu()
+    lay = block_layout(mask, 16)
+    opcheck(torch.ops.sparseops.masked_linear_block.default, (x, w, mask, *lay.tensors(), 16, None))
+    s = torch.randn(33, 40, dtype=torch.float64, requires_grad=True)
+    opcheck(torch.ops.sparseops.soft_masked_linear.default, (x, w, s, 2.0, 1.5, torch.randn(33).double()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft mask fused into the GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 29, 45), (70, 80, 90)])
+def test_soft_masked_linear(shape, dtype):
+    m, n, k = shape
+    x, w, b = _leaf(m, k, dtype=dtype), _leaf(n, k, dtype=dtype), _leaf(n, dtype=dtype)
+    s = _leaf(n, k, dtype=dtype, scale=3)
+    with torch.no_grad():
+        s[:, : k // 2] = -1e4  # whole tiles exactly 0: skipped, and their dw, ds must be exactly 0
+    with sparseops.backend("triton"):
+        out = sparseops.soft_masked_linear(x, w, s, 2.0, 1.5, b)
+    _check(out, (x, w, s, b), lambda x, w, s, b: reference.soft_masked_linear(x, w, s, 2.0, 1.5, b), dtype)
+    with sparseops.backend("triton"):
+        dw, ds = torch.autograd.grad(sparseops.soft_masked_linear(x, w, s, 2.0, 1.5, b).sum(), (w, s))
+    assert (dw[:, : k // 2] == 0).all() and (ds[:, : k // 2] == 0).all()
+
+
+def test_soft_masked_linear_gradcheck_and_bad_input():
+    x, w, s = _leaf(3, 5), _leaf(4, 5), _leaf(4, 5)
+    with sparseops.backend("triton"):
+        assert torch.autograd.gradcheck(lambda x, w, s: sparseops.soft_masked_linear(x, w, s, 2.0, 1.5), (x, w, s))
+        with pytest.raises(ValueError, match="s must have the shape of w"):
+            sparseops.soft_masked_linear(x, w, s.t(), 1.0)
+    with pytest.raises(TypeError, match="beta must be a Python number"):
+        sparseops.soft_masked_linear(x, w, s, torch.tensor(1.0))
+
+
+def test_soft_masked_linear_outside_triton_matches():
+    x, w, s = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4, 5)
+    torch.testing.assert_close(sparseops.soft_masked_linear(x, w, s, 2.0, 1.5),
+                               reference.soft_masked_linear(x, w, s, 2.0, 1.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice on GPUs (the tables are data; nothing measured means the dense fallback)
+
+
+def test_gpu_choice_follows_the_measured_table(monkeypatch):
+    assert ops.max_density("masked_linear", "no-such-device", (512, 512)) == 0.0
+    monkeypatch.setitem(ops.THRESHOLDS, "cuda", {"kernels": {"masked_linear": [[100, 0.05, "cuda"],
+                                                                               [2000, 0.01, "triton"]]}})
+    monkeypatch.setattr(ops, "has_kernel", lambda op, dev: True)
+    dev = torch.device(DEV)
+    assert ops.gpu_kernel("masked_linear", dev, (200, 200), 0.05) == "cuda"
+    assert ops.gpu_kernel("masked_linear", dev, (4096, 4096), 0.01) == "triton"
+    monkeypatch.setattr(ops, "has_kernel", lambda op, dev: False)  # only Triton here
+    assert ops.gpu_kernel("masked_linear", dev, (200, 200), 0.05) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: half precision, larger shapes, opcheck, torch.compile
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_half_precision_and_large(dtype):
+    x, w, b = _leaf(512, 768, dtype=dtype), _leaf(3072, 768, dtype=dtype), _leaf(3072, dtype=dtype)
+    mask = random_mask((3072, 768), 0.95).cuda()
+    for lay in (mask, block_layout(_block_mask(3072, 768, 32, 0.1, False), 32)):
+        with sparseops.backend("triton"):
+            out = sparseops.masked_linear(x, w, lay, b)
+        m = lay if isinstance(lay, torch.Tensor) else lay.mask
+        _check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, m, b), dtype)
+    s = _leaf(3072, 768, dtype=dtype, scale=3)
+    with sparseops.backend("triton"):
+        out = sparseops.soft_masked_linear(x, w, s, 4.0, 1.0, b)
+    _check(out, (x, w, s, b), lambda x, w, s, b: reference.soft_masked_linear(x, w, s, 4.0, 1.0, b), dtype)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_opcheck_and_compile():
+    x, w, b = torch.randn(9, 20, device="cuda"), torch.randn(12, 20, device="cuda", requires_grad=True), None
+    mask = random_mask((12, 20), 0.5).cuda()
+    s = torch.randn(12, 20, device="cuda", requires_grad=True)
+    lay, blk = csr_layout(mask), block_layout(mask, 16)
+    opcheck(torch.ops.sparseops.triton_soft_mask.default, (w, s, 2.0, 1.5))
+    opcheck(torch.ops.sparseops.triton_soft_mask_l1.default, (s, 2.0, 1.5))
+    opcheck(torch.ops.sparseops.triton_masked_linear.default, (x, w, *lay.tensors(), b))
+    opcheck(torch.ops.sparseops.triton_masked_linear_block.default, (x, w, mask, *blk.tensors(), 16, b))
+    opcheck(torch.ops.sparseops.triton_soft_masked_linear.default, (x, w, s, 2.0, 1.5, b))
+    xc, wc = torch.randn(2, 3, 8, 8, device="cuda"), torch.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
+    cl = csr_layout(random_mask(wc.shape, 0.5).cuda())
+    opcheck(torch.ops.sparseops.triton_masked_conv2d.default, (xc, wc, *cl.tensors(), None, [1, 1], [1, 1], [1, 1]))
+
+    def f(x, w):
+        return sparseops.masked_linear(x, w, lay).relu().sum()
+
+    with sparseops.backend("triton"):
+        eager = f(x, w)
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), eager)
