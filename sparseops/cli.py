@@ -28,12 +28,21 @@ def info() -> str:
         lines.append("  CUDA kernels: soft_mask, soft_mask_l1; masked_linear runs its dense fallback on CUDA")
     else:
         lines.append(f"CUDA backend: not available ({ops.CUDA_EXTENSION_ERROR or 'not built'})")
-    try:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = ops.triton_unavailable(device)
+    if why is None or "not installed" not in why:
         import triton
 
-        lines.append(f"Triton: {triton.__version__} installed; sparseops has no Triton kernels yet")
-    except ImportError:
-        lines.append("Triton: not installed (pip install 'sparseops[triton]')")
+        state = "kernels usable" + (" under TRITON_INTERPRET=1 (testing only)" if device.type == "cpu" else "")
+        lines.append(f"Triton: {triton.__version__}; {state if why is None else why}")
+        lines.append("  Triton kernels: soft_mask, soft_mask_l1, masked_linear (CSR and block 16/32/64), "
+                     "masked_conv2d, soft_masked_linear (fused); SPARSEOPS_BACKEND=triton forces them")
+        gpu = ops.THRESHOLDS.get("cuda")
+        lines.append("  auto on CUDA: " + ("measured thresholds in thresholds.json" if gpu else
+                                           "no GPU measurements in thresholds.json yet, so masked ops run their "
+                                           "dense fallback; benchmarks/bench_gpu.py --write-thresholds measures them"))
+    else:
+        lines.append(f"Triton: {why}")
     density = ops.max_density("masked_linear", "cpu")
     widths = ops.THRESHOLDS.get("cpu", {}).get("masked_linear_by_width", [])
     narrow = f", lower for narrow layers: {', '.join(f'width {h}: {d:g}' for h, d in widths)}" if widths else ""

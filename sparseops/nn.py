@@ -166,6 +166,9 @@ class _SoftMaskedMixin:
                 self.set_ticket(True)
             y = self._masked_by(x, self._hard_mask) * self.scale
             return y if self.bias is None else y + self._bias_view()
+        if self.weight.dim() == 2 and ops.fused_soft_linear(self.weight.device):
+            # the mask applied inside the GEMM (Triton), for SoftMaskedLinear and SoftMaskedConv1D
+            return self._fused(x)
         w = ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale)
         keep = self._nonzero_mask()
         if keep is not None:  # most of the mask underflowed to exactly 0: skip those entries, exactly
@@ -205,6 +208,9 @@ class SoftMaskedLinear(_SoftMaskedMixin, nn.Linear):
 
     def _masked_by(self, x, mask, weight=None, bias=None):
         return ops.masked_linear(x, self.weight if weight is None else weight, mask, bias)
+
+    def _fused(self, x):
+        return ops.soft_masked_linear(x, self.weight, self.weight_score, self.beta, self.scale, self.bias)
 
     def _bias_view(self):
         return self.bias
@@ -260,6 +266,8 @@ def _make_conv1d_twins():
         "__module__": __name__,
         "_dense": _conv1d_dense,
         "_masked_by": lambda self, x, mask, weight=None, bias=None: _conv1d_masked(self, x, bias, mask, weight),
+        "_fused": lambda self, x: ops.soft_masked_linear(x, self.weight.t(), self.weight_score.t(), self.beta,
+                                                         self.scale, self.bias),
         "_bias_view": lambda self: self.bias,
     })
     return masked, soft

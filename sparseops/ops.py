@@ -594,14 +594,22 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     if not isinstance(s, torch.Tensor):
         raise TypeError("sparseops.soft_masked_linear: s must be a tensor")
     _check_tensors("soft_masked_linear", x=x, w=w, s=s, bias=bias)
-    name = _state.backend
-    if name == "reference":
+    if _state.backend == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
-    if name == "triton" or (name == "auto" and w.device.type == "cuda" and measured_faster("soft_masked_linear", "cuda")
-                            and triton_unavailable(w.device) is None):
-        _resolve("soft_masked_linear", w.device, ("triton",))
+    if fused_soft_linear(w.device):
         return ops.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     return torch.nn.functional.linear(x, soft_mask(w, s, beta, scale), bias)
+
+
+def fused_soft_linear(device: torch.device) -> bool:
+    """Whether soft_masked_linear runs the fused Triton GEMM on `device`: when forced (raising,
+    with the reason, where Triton cannot run), or in `auto` on a GPU where it was measured faster."""
+    name = _state.backend
+    if name == "triton":
+        _resolve("soft_masked_linear", device, ("triton",))
+        return True
+    return (name == "auto" and device.type == "cuda" and measured_faster("soft_masked_linear", "cuda")
+            and triton_unavailable(device) is None)
 
 
 # ---------------------------------------------------------------------------------------------

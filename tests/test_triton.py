@@ -350,3 +350,26 @@ def test_gpu_opcheck_and_compile():
     with sparseops.backend("triton"):
         eager = f(x, w)
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), eager)
+
+
+def _soft_conv1d():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = sparseops.patch(torch.nn.Sequential(conv1d(5, 7)), mode="soft", s0=-0.2)
+    return model[0]
+
+
+@pytest.mark.parametrize("make", [lambda: sparseops.SoftMaskedLinear(7, 5, s0=-0.2), _soft_conv1d],
+                         ids=["linear", "conv1d"])
+def test_soft_masked_layers_run_the_fused_gemm(make, monkeypatch):
+    layer = make().double().to(DEV)
+    x = torch.randn(6, 7, dtype=torch.float64, device=DEV)
+    with monkeypatch.context() as m, sparseops.backend("triton"):
+        m.setattr(ops, "soft_mask", None)  # the unfused path would call it
+        fused = layer(x)
+    torch.testing.assert_close(fused, layer(x))  # the unfused path (soft_mask + GEMM)
+    fused.sum().backward()
+    dw, ds = layer.weight.grad.clone(), layer.weight_score.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(dw, layer.weight.grad)
+    torch.testing.assert_close(ds, layer.weight_score.grad)
