@@ -11,31 +11,6 @@
 namespace sparseops {
 inline namespace csr_ops {
 
-struct Dims {
-  int64_t M, K, N, nnz;
-};
-
-inline Dims check_layout(const char* op, const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                  const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {
-  TORCH_CHECK_VALUE(w.dim() == 2, "sparseops.", op, ": w must be 2-D [out_features, in_features], got shape ",
-                    w.sizes());
-  const int64_t N = w.size(0), K = w.size(1);
-  check_index(op, row_ptr, "layout.row_ptr", N + 1);
-  const int64_t nnz = col_idx.numel();
-  check_index(op, col_idx, "layout.col_idx", -1);
-  check_index(op, t_row_ptr, "layout.t_row_ptr", K + 1);
-  check_index(op, t_col_idx, "layout.t_col_idx", nnz);
-  for (const auto* t : {&row_ptr, &col_idx, &t_row_ptr, &t_col_idx}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == row_ptr.scalar_type(), "sparseops.", op,
-                     ": the layout's index tensors must share one dtype, got ", row_ptr.scalar_type(), " and ",
-                     t->scalar_type());
-    check_same_device(op, w, "w", *t, "layout");
-  }
-  TORCH_CHECK_VALUE(nnz <= N * K, "sparseops.", op, ": layout has ", nnz, " entries for a ", N, "x", K,
-                    " weight");
-  return {0, K, N, nnz};
-}
-
 // Raises if a CSR structure is broken, so a bad layout never reads out of bounds.
 inline void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col, int64_t rows, int64_t cols,
                const char* which) {
@@ -47,11 +22,6 @@ inline void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tenso
   TORCH_CHECK_VALUE(bad == 0, "sparseops.", op, ": the layout's ", which,
                     " CSR is invalid (row pointers must rise from 0 to nnz and columns lie in [0, ", cols,
                     ")); rebuild it with sparseops.layout.csr_layout(mask)");
-}
-
-// Rows of x seen as a matrix: the product of its leading dimensions.
-inline int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
 // NOTE: the SpMM and SDDMM want x^T and grad^T (the batch dimension contiguous). Transposing the
@@ -124,23 +94,6 @@ inline void spmm_into(at::Tensor& y, const at::Tensor& row_ptr, const at::Tensor
       cpu::spmm(a);
     });
   });
-}
-
-inline void check_bias(const char* op, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (!bias.has_value() || !bias->defined()) return;
-  check_floating(op, *bias, "bias", false);
-  check_same_dtype(op, w, "w", *bias, "bias");
-  check_same_device(op, w, "w", *bias, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), "sparseops.", op,
-                    ": bias must have shape [", w.size(0), "], got ", bias->sizes());
-}
-
-inline void check_x(const char* op, const at::Tensor& x, const at::Tensor& w, const char* name = "x") {
-  check_floating(op, x, name, false);
-  check_floating(op, w, "w", false);
-  check_same_dtype(op, w, "w", x, name);
-  check_same_device(op, w, "w", x, name);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "sparseops.", op, ": ", name, " must have at least one dimension");
 }
 
 }  // namespace csr_ops

@@ -21,51 +21,12 @@
 namespace sparseops {
 namespace {
 
-struct ConvGeom {
-  int64_t N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, dh, dw, Hp, Wp, Ho, Wo, K;
-};
-
-ConvGeom check_conv(const char* op, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                    at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_floating(op, x, "x", false);
-  check_floating(op, w, "w", false);
-  check_same_dtype(op, w, "w", x, "x");
-  check_same_device(op, w, "w", x, "x");
-  TORCH_CHECK_VALUE(x.dim() == 4, "sparseops.", op, ": x must be 4-D [N, C_in, H, W], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(w.dim() == 4, "sparseops.", op, ": w must be 4-D [C_out, C_in, kh, kw], got shape ", w.sizes());
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "sparseops.", op,
-                    ": stride, padding and dilation must have 2 values each");
-  TORCH_CHECK_VALUE(stride[0] > 0 && stride[1] > 0, "sparseops.", op, ": stride must be positive, got ", stride);
-  TORCH_CHECK_VALUE(dilation[0] > 0 && dilation[1] > 0, "sparseops.", op, ": dilation must be positive, got ",
-                    dilation);
-  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "sparseops.", op, ": padding must be >= 0, got ", padding);
-  ConvGeom g{};
-  g.N = x.size(0), g.Cin = x.size(1), g.H = x.size(2), g.W = x.size(3);
-  g.Cout = w.size(0), g.KH = w.size(2), g.KW = w.size(3);
-  TORCH_CHECK_VALUE(w.size(1) == g.Cin, "sparseops.", op, ": x has ", g.Cin, " channels but w expects ", w.size(1),
-                    " (groups other than 1 run through the reference)");
-  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
-  g.Hp = g.H + 2 * g.ph, g.Wp = g.W + 2 * g.pw;
-  const int64_t eh = g.dh * (g.KH - 1) + 1, ew = g.dw * (g.KW - 1) + 1;
-  TORCH_CHECK_VALUE(g.Hp >= eh && g.Wp >= ew, "sparseops.", op, ": the padded input (", g.Hp, "x", g.Wp,
-                    ") is smaller than the dilated kernel (", eh, "x", ew, ")");
-  g.Ho = (g.Hp - eh) / g.sh + 1, g.Wo = (g.Wp - ew) / g.sw + 1;
-  g.K = g.Cin * g.KH * g.KW;
-  return g;
-}
-
 // Scratch slots (csr_ops.h): the transposed input, the transposed grad, the scattered grad of dx.
 constexpr int kInput = 0, kGrad = 1, kScatter = 2;
 
 int64_t batch_ld(int64_t N, at::ScalarType st) {
   const int64_t MB = st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
   return std::max<int64_t>(1, (N + MB - 1) / MB) * MB;
-}
-
-// The memory format results take: channels-last when x is (and is not also plain contiguous).
-at::MemoryFormat format_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                                               : at::MemoryFormat::Contiguous;
 }
 
 // [N, C, H, W] -> [(H + 2ph) * (W + 2pw) * C, ld] batch-minor with rows (h, w, c) and a zero
