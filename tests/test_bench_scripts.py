@@ -22,3 +22,42 @@ def test_bench_search_and_plot_run(tmp_path):
     plot = subprocess.run([sys.executable, "benchmarks/plot.py", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert plot.returncode == 0, plot.stderr[-2000:]
     assert out.with_suffix(".png").stat().st_size > 10_000 and "whole search" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_thresholds_from_measurements():
+    """bench_gpu.py's GPU-free part: measurements -> the `auto` backend's data for CUDA."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for dtype, slow in (("float32", 1.0), ("bfloat16", 3.0)):  # bf16's sparse path relatively slower
+        for sp in (0.5, 0.8, 0.9, 0.99):
+            d = 1 - sp
+            for provider, ms in (("prune", 1.0), ("triton", 4 * d * slow), ("cuda", 3 * d * slow),
+                                 ("triton_block32", 2 * d)):
+                rows.append(dict(op="masked_linear", provider=provider, shape=[64, 512, 512], dtype=dtype,
+                                 sparsity=sp, mode="fwd+bwd", ms=ms, tile_density=d))
+            for provider, ms in (("prune", 1.0), ("triton", 2 * d), ("cuda", 8 * d)):
+                rows.append(dict(op="masked_conv2d", provider=provider, shape=[8, 64, 64, 16], dtype=dtype,
+                                 sparsity=sp, mode="fwd+bwd", ms=ms))
+    rows.append(dict(op="masked_linear", provider="triton", shape=[64, 512, 512], dtype="float32", sparsity=0.8,
+                     mode="fwd", ms=0.0))  # forward-only rows do not count
+    for zero, fused in ((0.0, 1.05), (0.9, 0.4)):
+        rows += [dict(op="soft_masked_linear", provider="unfused", shape=[8, 8, 8], dtype="bfloat16",
+                      sparsity=zero, mode="fwd+bwd", ms=1.0),
+                 dict(op="soft_masked_linear", provider="fused", shape=[8, 8, 8], dtype="bfloat16",
+                      sparsity=zero, mode="fwd+bwd", ms=fused)]
+    cuda = bench_gpu.derive_thresholds(rows)
+    # float32 wins (cuda at 3d < 1) up to d = 0.2; bfloat16 (9d) only up to 0.1: the smaller holds
+    assert cuda["masked_linear_by_width"] == [[256, 0.1]] and cuda["masked_linear"] == 0.1
+    assert cuda["masked_linear_block"] == 0.2  # 2d < 1 at d <= 0.2, not at 0.5
+    assert {tuple(p) for p in cuda["kernels"]["masked_linear"]} == {(256, 0.5, "cuda"), (256, 0.2, "cuda"),
+                                                                    (256, 0.1, "cuda"), (256, 0.01, "cuda")}
+    assert cuda["masked_conv2d_by_plane"] == [[256, 0.2]] and cuda["kernels"]["masked_conv2d"][0][2] == "triton"
+    assert cuda["fused"] == {"soft_masked_linear": False}  # it lost once (1.05 > 1.0)
+    noisy = [dict(r, ms=0.5) if r["provider"] == "triton" and r["sparsity"] == 0.5 else r for r in rows
+             if r["op"] == "masked_linear" and r["provider"] in ("prune", "triton")]
+    # triton alone (4d, bf16 12d): bf16 loses from d = 0.1 on; its win at 0.5, past that loss, is ignored
+    assert bench_gpu.derive_thresholds(noisy)["masked_linear"] == 0.01
