@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, define, dot_precision, multiprocessors
+from . import acc_type, autotune, checks, define, dot_precision, multiprocessors
 
 _CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
             for bm, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 2))]
@@ -93,35 +93,17 @@ def _dw(g_ptr, x_ptr, mask_ptr, tile_rows, col_idx, dw_ptr, part_ptr, M, N, K, m
 
 
 def _check(op, x, w, mask, layout, block, bias=None, grad=None):
-    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    for name, t in (("x", x), ("w", w), ("bias", bias), ("grad", grad)):
-        if t is None:
-            continue
-        if t.dtype not in floats:
-            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"sparseops.{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
-    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"sparseops.{op}: w must be 2-D [N, K] and x end in K; got x {tuple(x.shape)}, "
-                         f"w {tuple(w.shape)}")
+    checks.like(op, "w", w, x=x, bias=bias, grad=grad)
+    checks.linear(op, x, w, bias)
     if mask.shape != w.shape or mask.dtype != torch.bool:
         raise ValueError(f"sparseops.{op}: mask must be bool with the shape of w {tuple(w.shape)}, got "
                          f"{mask.dtype} {tuple(mask.shape)}")
     if block not in (16, 32, 64):
         raise ValueError(f"sparseops.{op}: block must be 16, 32 or 64, got {block}")
-    if bias is not None and tuple(bias.shape) != (w.shape[0],):
-        raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
     row_ptr, col_idx, t_row_ptr, t_col_idx = layout
     nb, kb = triton.cdiv(w.shape[0], block), triton.cdiv(w.shape[1], block)
-    for name, t, size in (("row_ptr", row_ptr, nb + 1), ("t_row_ptr", t_row_ptr, kb + 1), ("col_idx", col_idx, -1),
-                          ("t_col_idx", t_col_idx, col_idx.numel())):
-        if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or (size >= 0 and t.numel() != size):
-            raise ValueError(f"sparseops.{op}: {name} must be a 1-D int32/int64 tensor with {size} entries, "
-                             f"got {t.dtype} {tuple(t.shape)}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+    checks.indices(op, w.device, row_ptr=(row_ptr, nb + 1), t_row_ptr=(t_row_ptr, kb + 1), col_idx=(col_idx, -1),
+                   t_col_idx=(t_col_idx, col_idx.numel()))
 
 
 def masked_linear_block(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
@@ -142,8 +124,7 @@ def masked_linear_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
     op = "masked_linear_block_backward"
     _check(op, x, w, mask, (row_ptr, col_idx, t_row_ptr, t_col_idx), block, grad=grad)
     n, k = w.shape
-    if tuple(grad.shape) != (*x.shape[:-1], n):
-        raise ValueError(f"sparseops.{op}: grad must have shape {(*x.shape[:-1], n)}, got {tuple(grad.shape)}")
+    checks.grad_shape(op, grad, (*x.shape[:-1], n))
     need_x, need_w, need_b = output_mask
     g2, x2 = grad.reshape(-1, n).contiguous(), x.reshape(-1, k).contiguous()
     m = g2.shape[0]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, define
+from . import acc_type, autotune, checks, define
 from .spmm import _nnz_bucket, row_order, split_count
 
 _CONFIGS = [triton.Config({"BLOCK_Q": bq, "BLOCK_J": bj}, num_warps=w)
@@ -137,16 +137,7 @@ def _dw(order_ptr, row_ptr, col_idx, g_ptr, x_ptr, dw_ptr, part_ptr, C_OUT, Q, N
 
 
 def _check(op, x, w, bias, layout, stride, padding, dilation, grad=None):
-    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    for name, t in (("x", x), ("w", w), ("bias", bias), ("grad", grad)):
-        if t is None:
-            continue
-        if t.dtype not in floats:
-            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"sparseops.{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+    checks.like(op, "w", w, x=x, bias=bias, grad=grad)
     if x.dim() != 4:
         raise ValueError(f"sparseops.{op}: x must be 4-D [N, C_in, H, W], got shape {tuple(x.shape)}")
     if w.dim() != 4:
@@ -168,15 +159,8 @@ def _check(op, x, w, bias, layout, stride, padding, dilation, grad=None):
     if bias is not None and tuple(bias.shape) != (w.shape[0],):
         raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
     row_ptr, col_idx, t_row_ptr, t_col_idx = layout
-    kk = w[0].numel()
-    for name, t, size in (("row_ptr", row_ptr, w.shape[0] + 1), ("t_row_ptr", t_row_ptr, kk + 1),
-                          ("col_idx", col_idx, -1), ("t_col_idx", t_col_idx, col_idx.numel())):
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"sparseops.{op}: {name} must be int32 or int64, got {t.dtype}")
-        if t.dim() != 1 or (size >= 0 and t.numel() != size):
-            raise ValueError(f"sparseops.{op}: {name} must be 1-D with {size} entries, got shape {tuple(t.shape)}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+    checks.indices(op, w.device, row_ptr=(row_ptr, w.shape[0] + 1), t_row_ptr=(t_row_ptr, w[0].numel() + 1),
+                   col_idx=(col_idx, -1), t_col_idx=(t_col_idx, col_idx.numel()))
 
 
 def _geometry(x, w, stride, padding, dilation):
@@ -216,8 +200,7 @@ def masked_conv2d_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, s
     oh, ow, geo = _geometry(x, w, stride, padding, dilation)
     nb, c, h, wd = x.shape
     c_out = w.shape[0]
-    if tuple(grad.shape) != (nb, c_out, oh, ow):
-        raise ValueError(f"sparseops.{op}: grad must have shape {(nb, c_out, oh, ow)}, got {tuple(grad.shape)}")
+    checks.grad_shape(op, grad, (nb, c_out, oh, ow))
     need_x, need_w, need_b = output_mask
     g, xc, w = grad.contiguous(), x.contiguous(), w.contiguous()
     acc = acc_type(x.dtype)

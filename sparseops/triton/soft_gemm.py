@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, define, dot_precision
+from . import acc_type, autotune, checks, define, dot_precision
 from .soft_mask import _sigmoid_pair
 
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_warps=w, num_stages=st)
@@ -111,26 +111,11 @@ def _dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, M, N, K, beta, scale, ACC: 
 
 
 def _check(op, x, w, s, beta, scale, bias=None, grad=None):
-    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    for name, t in (("x", x), ("w", w), ("s", s), ("bias", bias), ("grad", grad)):
-        if t is None:
-            continue
-        if t.dtype not in floats:
-            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"sparseops.{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
-    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"sparseops.{op}: w must be 2-D [N, K] and x end in K; got x {tuple(x.shape)}, "
-                         f"w {tuple(w.shape)}")
+    checks.like(op, "w", w, x=x, s=s, bias=bias, grad=grad)
+    checks.linear(op, x, w, bias)
     if s.shape != w.shape:
         raise ValueError(f"sparseops.{op}: s must have the shape of w {tuple(w.shape)}, got {tuple(s.shape)}")
-    if bias is not None and tuple(bias.shape) != (w.shape[0],):
-        raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-    for name, v in (("beta", beta), ("scale", scale)):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"sparseops.{op}: {name} must be finite, got {v}")
+    checks.finite(op, beta=beta, scale=scale)
 
 
 def _grid(rows, cols, br, bc):
@@ -154,8 +139,7 @@ def soft_masked_linear_backward(grad, x, w, s, beta, scale, output_mask):
     op = "soft_masked_linear_backward"
     _check(op, x, w, s, beta, scale, grad=grad)
     n, k = w.shape
-    if tuple(grad.shape) != (*x.shape[:-1], n):
-        raise ValueError(f"sparseops.{op}: grad must have shape {(*x.shape[:-1], n)}, got {tuple(grad.shape)}")
+    checks.grad_shape(op, grad, (*x.shape[:-1], n))
     need_x, need_w, need_s, need_b = output_mask
     g2, x2 = grad.reshape(-1, n).contiguous(), x.reshape(-1, k).contiguous()
     m = g2.shape[0]

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, define
+from . import acc_type, autotune, checks, define
 
 # NOTE: memory-bound; large blocks with several warps keep enough loads in flight to approach
 # HBM bandwidth, and the autotuner picks the block per size class.
@@ -73,28 +73,18 @@ def _grid(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
 
 
-def _check(op, **tensors):
-    """The C++ ops' input rules (same messages), checked here since no C++ code runs before these."""
-    first, w = next(iter(tensors.items()))
+def _check(op, beta, scale, **tensors):
+    ref_name, ref = next(iter(tensors.items()))
+    checks.like(op, ref_name, ref, **tensors)
     for name, t in tensors.items():
-        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16 on this "
-                            f"device, got {t.dtype}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"sparseops.{op}: {name} must have the dtype of {first} ({w.dtype}), got {t.dtype}")
-        if t.shape != w.shape:
-            raise ValueError(f"sparseops.{op}: {name} must have the shape of {first} {tuple(w.shape)}, got {tuple(t.shape)}")
-
-
-def _check_scalars(op, beta, scale):
-    for name, v in (("beta", beta), ("scale", scale)):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"sparseops.{op}: {name} must be finite, got {v}")
+        if t.shape != ref.shape:
+            raise ValueError(f"sparseops.{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                             f"got {tuple(t.shape)}")
+    checks.finite(op, beta=beta, scale=scale)
 
 
 def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
-    _check("soft_mask", w=w, s=s)
-    _check_scalars("soft_mask", beta, scale)
+    _check("soft_mask", beta, scale, w=w, s=s)
     w, s = w.contiguous(), s.contiguous()
     out = torch.empty_like(w)
     if w.numel():
@@ -103,8 +93,7 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float) -> to
 
 
 def soft_mask_backward(grad, w, s, beta: float, scale: float):
-    _check("soft_mask_backward", w=w, s=s, grad=grad)
-    _check_scalars("soft_mask_backward", beta, scale)
+    _check("soft_mask_backward", beta, scale, w=w, s=s, grad=grad)
     grad, w, s = grad.contiguous(), w.contiguous(), s.contiguous()
     dw, ds = torch.empty_like(w), torch.empty_like(s)
     if w.numel():
@@ -116,8 +105,7 @@ _L1_BLOCK = 4096
 
 
 def soft_mask_l1(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
-    _check("soft_mask_l1", s=s)
-    _check_scalars("soft_mask_l1", beta, scale)
+    _check("soft_mask_l1", beta, scale, s=s)
     s = s.contiguous()
     n = s.numel()
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
@@ -129,8 +117,7 @@ def soft_mask_l1(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
 
 
 def soft_mask_l1_backward(grad: torch.Tensor, s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
-    _check("soft_mask_l1_backward", s=s)
-    _check_scalars("soft_mask_l1_backward", beta, scale)
+    _check("soft_mask_l1_backward", beta, scale, s=s)
     if grad.numel() != 1:
         raise ValueError("sparseops.soft_mask_l1_backward: grad must be a scalar")
     s = s.contiguous()

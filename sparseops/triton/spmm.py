@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import acc_type, autotune, define, multiprocessors
+from . import acc_type, autotune, checks, define, multiprocessors
 
 _SPMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
                  for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (512, 8, 8), (128, 32, 4))]
@@ -137,33 +137,12 @@ def sddmm(row_ptr, col_idx, a, b, shape, out_dtype) -> torch.Tensor:
 
 
 def _check(op, x, w, bias, layout, grad=None):
-    """The CPU op's input rules and messages, for what reaches the Triton kernels."""
     row_ptr, col_idx, t_row_ptr, t_col_idx = layout
-    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    for name, t in (("x", x), ("w", w), ("bias", bias), ("grad", grad)):
-        if t is None:
-            continue
-        if t.dtype not in floats:
-            raise TypeError(f"sparseops.{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"sparseops.{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
-    if w.dim() != 2:
-        raise ValueError(f"sparseops.{op}: w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"sparseops.{op}: x must end in in_features={w.shape[1]}, got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (w.shape[0],):
-        raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+    checks.like(op, "w", w, x=x, bias=bias, grad=grad)
+    checks.linear(op, x, w, bias)
     n, k = w.shape
-    for name, t, size in (("row_ptr", row_ptr, n + 1), ("t_row_ptr", t_row_ptr, k + 1), ("col_idx", col_idx, -1),
-                          ("t_col_idx", t_col_idx, col_idx.numel())):
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"sparseops.{op}: {name} must be int32 or int64, got {t.dtype}")
-        if t.dim() != 1 or (size >= 0 and t.numel() != size):
-            raise ValueError(f"sparseops.{op}: {name} must be 1-D with {size} entries, got shape {tuple(t.shape)}")
-        if t.device != w.device:
-            raise ValueError(f"sparseops.{op}: {name} is on {t.device} but w is on {w.device}; move them to one device")
+    checks.indices(op, w.device, row_ptr=(row_ptr, n + 1), t_row_ptr=(t_row_ptr, k + 1), col_idx=(col_idx, -1),
+                   t_col_idx=(t_col_idx, col_idx.numel()))
 
 
 def masked_linear(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
@@ -178,9 +157,7 @@ def masked_linear(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
 def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
     _check("masked_linear_backward", x, w, None, (row_ptr, col_idx, t_row_ptr, t_col_idx), grad)
     n, k = w.shape
-    if grad.shape != (*x.shape[:-1], n):
-        raise ValueError(f"sparseops.masked_linear_backward: grad must have shape {(*x.shape[:-1], n)}, "
-                         f"got {tuple(grad.shape)}")
+    checks.grad_shape("masked_linear_backward", grad, (*x.shape[:-1], n))
     need_x, need_w, need_b = output_mask
     g2 = grad.reshape(-1, n)
     gt = g2.t().contiguous()  # [N, M], shared by dx and dw
