@@ -5,6 +5,10 @@ and float32 on small shapes: odd sizes, empty rows, 0% and 100% sparsity, split 
 GPU the same tests run on CUDA tensors, and the `cuda`-marked ones add half precision, larger
 shapes, opcheck and torch.compile (opcheck's fake-tensor test cannot run under the interpreter).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -19,6 +23,8 @@ pytest.importorskip("triton")
 kernels = pytest.importorskip("sparseops.triton")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# the tl.dot kernels (block, fused soft mask) take float64 only under the interpreter
+DOT64 = torch.float64 if DEV == "cpu" else torch.float32
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # numpy, under the interpreter, warns where the kernels compute exp(-z) = inf and then select 0
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -209,12 +215,12 @@ def _block_mask(n, k, block, keep_tiles, partial):
 @pytest.mark.parametrize("shape,block", [((37, 40, 50), 16), ((300, 70, 33), 32), ((5, 64, 64), 64)])
 def test_masked_linear_block(shape, block, keep, partial):
     m, n, k = shape
-    x, w, b = _leaf(m, k), _leaf(n, k), _leaf(n)
+    x, w, b = _leaf(m, k, dtype=DOT64), _leaf(n, k, dtype=DOT64), _leaf(n, dtype=DOT64)
     mask = _block_mask(n, k, block, keep, partial)
     lay = block_layout(mask, block)
     with sparseops.backend("triton"):
         out = sparseops.masked_linear(x, w, lay, b)
-    _check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), torch.float64)
+    _check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), DOT64)
 
 
 def test_block_layout():
@@ -259,7 +265,7 @@ def test_block_composite_ops_opcheck():
 # Soft mask fused into the GEMM
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [DOT64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 29, 45), (70, 80, 90)])
 def test_soft_masked_linear(shape, dtype):
     m, n, k = shape
@@ -278,7 +284,11 @@ def test_soft_masked_linear(shape, dtype):
 def test_soft_masked_linear_gradcheck_and_bad_input():
     x, w, s = _leaf(3, 5), _leaf(4, 5), _leaf(4, 5)
     with sparseops.backend("triton"):
-        assert torch.autograd.gradcheck(lambda x, w, s: sparseops.soft_masked_linear(x, w, s, 2.0, 1.5), (x, w, s))
+        if DEV == "cpu":
+            assert torch.autograd.gradcheck(lambda x, w, s: sparseops.soft_masked_linear(x, w, s, 2.0, 1.5), (x, w, s))
+        else:
+            with pytest.raises(TypeError, match="float64 is not supported"):
+                sparseops.soft_masked_linear(x, w, s, 1.0)
         with pytest.raises(ValueError, match="s must have the shape of w"):
             sparseops.soft_masked_linear(x, w, s.t(), 1.0)
     with pytest.raises(TypeError, match="beta must be a Python number"):
@@ -361,8 +371,8 @@ def _soft_conv1d():
 @pytest.mark.parametrize("make", [lambda: sparseops.SoftMaskedLinear(7, 5, s0=-0.2), _soft_conv1d],
                          ids=["linear", "conv1d"])
 def test_soft_masked_layers_run_the_fused_gemm(make, monkeypatch):
-    layer = make().double().to(DEV)
-    x = torch.randn(6, 7, dtype=torch.float64, device=DEV)
+    layer = make().to(DOT64).to(DEV)
+    x = torch.randn(6, 7, dtype=DOT64, device=DEV)
     with monkeypatch.context() as m, sparseops.backend("triton"):
         m.setattr(ops, "soft_mask", None)  # the unfused path would call it
         fused = layer(x)
@@ -373,3 +383,14 @@ def test_soft_masked_layers_run_the_fused_gemm(make, monkeypatch):
     layer(x).sum().backward()
     torch.testing.assert_close(dw, layer.weight.grad)
     torch.testing.assert_close(ds, layer.weight_score.grad)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpus():
+    """Every kernel and autotune config through Triton's GPU compiler to a cubin for sm_80 and
+    sm_90 (tests/triton_aot.py): what the interpreter cannot check, checked without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_aot.py")], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "compiled" in run.stdout

@@ -95,6 +95,7 @@ def _dw(g_ptr, x_ptr, mask_ptr, tile_rows, col_idx, dw_ptr, part_ptr, M, N, K, m
 def _check(op, x, w, mask, layout, block, bias=None, grad=None):
     checks.like(op, "w", w, x=x, bias=bias, grad=grad)
     checks.linear(op, x, w, bias)
+    checks.dot_dtype(op, w)
     if mask.shape != w.shape or mask.dtype != torch.bool:
         raise ValueError(f"sparseops.{op}: mask must be bool with the shape of w {tuple(w.shape)}, got "
                          f"{mask.dtype} {tuple(mask.shape)}")

@@ -51,3 +51,11 @@ def finite(op: str, **scalars) -> None:
     for name, v in scalars.items():
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError(f"sparseops.{op}: {name} must be finite, got {v}")
+
+
+def dot_dtype(op: str, w: torch.Tensor) -> None:
+    """The tl.dot kernels (block, fused soft mask) compile for float32/float16/bfloat16 on GPUs;
+    float64 runs only under the interpreter (the CPU tests)."""
+    if w.dtype == torch.float64 and w.device.type == "cuda":
+        raise TypeError(f"sparseops.{op}: float64 is not supported by the Triton tensor-core kernels on GPUs; "
+                        "use float32, float16 or bfloat16 (or the CSR layout, whose kernels take float64)")

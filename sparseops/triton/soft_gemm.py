@@ -113,6 +113,7 @@ def _dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, M, N, K, beta, scale, ACC: 
 def _check(op, x, w, s, beta, scale, bias=None, grad=None):
     checks.like(op, "w", w, x=x, s=s, bias=bias, grad=grad)
     checks.linear(op, x, w, bias)
+    checks.dot_dtype(op, w)
     if s.shape != w.shape:
         raise ValueError(f"sparseops.{op}: s must have the shape of w {tuple(w.shape)}, got {tuple(s.shape)}")
     checks.finite(op, beta=beta, scale=scale)
