@@ -60,6 +60,14 @@ TORCH_LIBRARY(sparseops, m) {
         "Tensor col_idx, Tensor t_row_ptr, Tensor t_col_idx, int block, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // masked_conv2d over a block layout of the conv mask tiled as [C_out, kh*kw*C_in] (tap-major, so a
+  // tile is one tap and `block` input channels; C_in a multiple of block), groups = 1.
+  m.def("masked_conv2d_block(Tensor x, Tensor w, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr, "
+        "Tensor t_col_idx, int block, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def("masked_conv2d_block_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, Tensor row_ptr, "
+        "Tensor col_idx, Tensor t_row_ptr, Tensor t_col_idx, int block, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Linear layer with the CS soft mask fused into the GEMM: y = x @ (w * scale * sigmoid(beta*s))^T
   // + bias, the masked weight never materialised; tiles whose mask is exactly 0 are skipped.
   m.def("soft_masked_linear(Tensor x, Tensor w, Tensor s, float beta, float scale, Tensor? bias) -> Tensor");

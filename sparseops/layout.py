@@ -169,13 +169,18 @@ class BlockLayout(_MaskView):
     """The kept tiles of a mask cut into `block` x `block` tiles: CSR over the tile grid of W
     (row_ptr, col_idx) and of W^T (t_row_ptr, t_col_idx). Tiles with no kept entry are skipped by
     the block kernels, kept ones run on tensor cores with the mask applied inside the tile (so a
-    partly kept tile is still exact)."""
+    partly kept tile is still exact).
 
-    mask: torch.Tensor  # bool [N, K]
+    A conv mask [C_out, C_in, kh, kw] is tiled as [C_out, kh*kw*C_in] (tap-major): each tile is one
+    tap (r, s) and `block` input channels, so the kernels' tiles are plain shifted GEMMs; C_in must
+    be a multiple of `block`. `taps` is kh*kw (1 for a linear mask)."""
+
+    mask: torch.Tensor  # bool [N, K] (a conv mask as [C_out, C_in*kh*kw], like CsrLayout)
     block: int
+    taps: int
     row_ptr: torch.Tensor  # [ceil(N/block) + 1]
     col_idx: torch.Tensor  # [kept tiles]
-    t_row_ptr: torch.Tensor  # [ceil(K/block) + 1]
+    t_row_ptr: torch.Tensor  # [tile columns + 1]
     t_col_idx: torch.Tensor
     nnz: int  # kept entries
     tiles: int  # kept tiles
@@ -185,33 +190,41 @@ class BlockLayout(_MaskView):
     @property
     def tile_density(self) -> float:
         """Kept tiles over all tiles: the work the block kernels do, relative to dense."""
-        n, k = self.shape
-        total = -(-n // self.block) * -(-k // self.block)
+        total = (self.row_ptr.numel() - 1) * (self.t_row_ptr.numel() - 1)
         return self.tiles / total if total else 1.0
 
     def tensors(self):
         return self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx
 
     def __repr__(self):
-        return (f"BlockLayout(shape={self.shape}, block={self.block}, tiles={self.tiles}, "
+        return (f"BlockLayout(shape={self.shape}, block={self.block}, taps={self.taps}, tiles={self.tiles}, "
                 f"tile_density={self.tile_density:.4f}, density={self.density:.4f})")
 
 
 def build_block_layout(mask: torch.Tensor, block: int) -> BlockLayout:
-    """Builds a BlockLayout of a 2-D mask (or a conv mask, as [C_out, -1]) without caching."""
+    """Builds a BlockLayout of a 2-D mask, or of a 4-D conv mask (tap-major tiles), without caching."""
     if block not in BLOCK_SIZES:
         raise ValueError(f"sparseops: block must be one of {BLOCK_SIZES}, got {block!r}")
     m = _bool_2d(mask)
-    n, k = m.shape
+    taps = 1
+    tiled = m
+    if mask.dim() == 4:
+        c_in, taps = mask.shape[1], mask.shape[2] * mask.shape[3]
+        if c_in % block:
+            raise ValueError(f"sparseops: a conv block layout needs C_in to be a multiple of block; got C_in={c_in}, "
+                             f"block={block} (use a CSR layout, or block 16 if C_in allows)")
+        tiled = m.view(mask.shape).permute(0, 2, 3, 1).reshape(mask.shape[0], -1)  # [C_out, taps*C_in]
+    elif mask.dim() != 2:
+        raise ValueError(f"sparseops: a block layout needs a 2-D or 4-D mask, got shape {tuple(mask.shape)}")
+    n, k = tiled.shape
     nb, kb = -(-n // block), -(-k // block)
     padded = torch.zeros((nb * block, kb * block), dtype=torch.int32, device=m.device)
-    padded[:n, :k] = m
+    padded[:n, :k] = tiled
     counts = padded.view(nb, block, kb, block).sum((1, 3))  # kept entries per tile
     kept = counts > 0
-    index_dtype = torch.int32
-    row_ptr, col_idx = _csr(kept, index_dtype)
-    t_row_ptr, t_col_idx = _csr(kept.t(), index_dtype)
-    return BlockLayout(m.detach(), block, row_ptr, col_idx, t_row_ptr, t_col_idx, int(counts.sum()),
+    row_ptr, col_idx = _csr(kept, torch.int32)
+    t_row_ptr, t_col_idx = _csr(kept.t(), torch.int32)
+    return BlockLayout(m.detach(), block, taps, row_ptr, col_idx, t_row_ptr, t_col_idx, int(counts.sum()),
                        int(kept.sum()), mask.detach(), mask._version)
 
 
@@ -219,7 +232,8 @@ _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
-    """The BlockLayout of `mask` with `block` x `block` tiles (16, 32 or 64), cached like csr_layout."""
+    """The BlockLayout of `mask` (a linear [N, K] or conv [C_out, C_in, kh, kw] mask) with
+    `block` x `block` tiles (16, 32 or 64), cached like csr_layout."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
     key = (_key(mask), block)

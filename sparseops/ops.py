@@ -656,6 +656,53 @@ _register("masked_conv2d", _masked_conv2d_fake, _masked_conv2d_setup, _masked_co
 _register("masked_conv2d_backward", _masked_conv2d_backward_fake)
 
 
+def _masked_conv2d_block_fake(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding,
+                              dilation):
+    return _masked_conv2d_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation)
+
+
+def _masked_conv2d_block_backward_fake(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride,
+                                       padding, dilation, output_mask):
+    return _grads_fake(x, w, output_mask)
+
+
+def _masked_conv2d_block_setup(ctx, inputs, output):
+    x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx)
+    ctx.block, ctx.has_bias, ctx.geometry = block, bias is not None, (stride, padding, dilation)
+
+
+def _masked_conv2d_block_backward(bwd):
+    def backward(ctx, grad):
+        x, w, mask, *layout = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[8]
+        dx, dw, db = bwd(grad, x, w, mask, *layout, ctx.block, *ctx.geometry, [need_x, need_w, need_b])
+        return (dx if need_x else None, dw if need_w else None, *([None] * 6), db if need_b else None,
+                None, None, None)
+    return backward
+
+
+@torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
+def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
+    # Outside Triton the tiles buy nothing: the dense masked convolution (same math, same fake).
+    return torch.nn.functional.conv2d(x, w * mask, bias, stride, padding, dilation)
+
+
+@torch.library.register_kernel("sparseops::masked_conv2d_block_backward", ("cpu", "cuda"))
+def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
+    need_x, need_w, need_b = output_mask
+    grad_fn = torch.nn.grad
+    dx = grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation) if need_x else w.new_empty(0)
+    dw = grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation) * mask if need_w else w.new_empty(0)
+    return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
+
+
+_register("masked_conv2d_block", _masked_conv2d_block_fake, _masked_conv2d_block_setup,
+          _masked_conv2d_block_backward)
+_register("masked_conv2d_block_backward", _masked_conv2d_block_backward_fake)
+
+
 def _pair(v, name: str) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) else tuple(v)
     if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
@@ -680,12 +727,13 @@ def _numeric_padding(padding, w, dilation):
     return _pair(padding, "padding")
 
 
-def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Tensor,
+def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLayout | torch.Tensor,
                   bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """`conv2d(x, w * mask, bias, stride, padding, dilation, groups)` where only kept weights cost time.
 
-    `layout` is the mask (bool or 0/1, shape of w) or its CsrLayout (over [C_out, C_in*kh*kw]).
-    The CPU kernel covers groups=1 with any stride, padding and dilation, NCHW and channels_last
+    `layout` is the mask (bool or 0/1, shape of w), its CsrLayout (over [C_out, C_in*kh*kw]) or
+    its BlockLayout (sparseops.block_layout(mask, 32): tap-major tiles on tensor cores, Triton on
+    GPUs; elsewhere the element path). The CPU kernel covers groups=1 with any stride, padding and dilation, NCHW and channels_last
     inputs (the output follows the input's memory format). Grouped convolutions, asymmetric "same"
     padding and devices without a kernel run the reference (one mask multiply); so does a mask
     denser than the break-even (thresholds.json), and an unpruned mask runs exactly F.conv2d.
@@ -707,6 +755,15 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | torch.Te
         raise ValueError(f"sparseops.masked_conv2d: groups must be a positive int, got {groups!r}")
     name = _state.backend
     supported = groups == 1 and pad is not None and x.dim() == 4
+    if isinstance(layout, BlockLayout) and supported and (name == "triton" or (
+            name == "auto" and w.device.type == "cuda" and triton_unavailable(w.device) is None
+            and layout.tile_density <= max_density("masked_conv2d_block", "cuda"))):
+        if layout.taps != w.shape[2] * w.shape[3]:
+            raise ValueError("sparseops.masked_conv2d: the block layout was built from a 2-D mask; build it from the "
+                             "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
+        _resolve("masked_conv2d", w.device, ("triton",))  # raises, naming why, if Triton cannot run here
+        return ops.triton_masked_conv2d_block(x, w, layout.mask.view(w.shape), *layout.tensors(), layout.block, bias,
+                                              stride, pad, dilation)
     if name in ("cpu", "cuda", "triton"):
         impl = _resolve("masked_conv2d", w.device, ("cpu", "cuda", "triton"))
         if not supported:

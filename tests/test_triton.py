@@ -394,3 +394,50 @@ def test_kernels_compile_for_gpus():
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "compiled" in run.stdout
+
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, block)
+CONV_BLOCK_CASES = [
+    (2, 32, 6, 5, 20, (3, 3), 1, 1, 1, 16),  # C_out not a multiple of the block: a partial tile row
+    (1, 16, 9, 8, 16, (2, 3), 2, (1, 0), 2, 16),
+    (2, 32, 4, 4, 40, (1, 1), 1, 0, 1, 32),
+    (1, 16, 12, 12, 2, (3, 3), 1, 1, 1, 16),  # one tile row: dw's reduction split over positions
+]
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("case", CONV_BLOCK_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_masked_conv2d_block(case, keep):
+    nb, c, h, wd, co, k, stride, padding, dilation, block = case
+    x, w, b = _leaf(nb, c, h, wd, dtype=DOT64), _leaf(co, c, *k, dtype=DOT64), _leaf(co, dtype=DOT64)
+    # channel-block structure per tap, partly pruned inside kept tiles
+    tiles = torch.rand(-(-co // block), c // block, *k) < keep
+    mask = tiles.repeat_interleave(block, 0)[:co].repeat_interleave(block, 1) & (torch.rand(w.shape) < 0.8)
+    mask = mask.to(DEV)
+    lay = block_layout(mask, block)
+    assert lay.taps == k[0] * k[1]
+    with sparseops.backend("triton"):
+        out = sparseops.masked_conv2d(x, w, lay, b, stride, padding, dilation)
+    _check(out, (x, w, b), lambda x, w, b: reference.masked_conv2d(x, w, mask, b, stride, padding, dilation), DOT64)
+
+
+def test_conv_block_layout_rules():
+    mask = torch.rand(8, 24, 3, 3) < 0.5
+    with pytest.raises(ValueError, match="multiple of block"):
+        block_layout(mask, 16)
+    lay = block_layout(torch.ones(16, 16, 3, 3, dtype=torch.bool), 16)
+    assert (lay.tiles, lay.taps, lay.tile_density) == (9, 9, 1.0)
+    # the tap-major tiling: one tap of a 16x16 channel block pruned away removes exactly one tile
+    m = torch.ones(16, 16, 3, 3, dtype=torch.bool)
+    m[:, :, 1, 2] = False
+    assert block_layout(m, 16).tiles == 8
+    x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
+    flat = block_layout(m.view(16, -1), 16)  # built from the 2-D view: tiles do not follow the taps
+    with sparseops.backend("triton"), pytest.raises(ValueError, match="4-D conv mask"):
+        sparseops.masked_conv2d(x.to(DEV), w.to(DEV), flat, None, 1, 1)
+    # elsewhere (CPU, auto) a block layout runs the element path, exactly
+    torch.testing.assert_close(sparseops.masked_conv2d(x, w, block_layout(m, 16), None, 1, 1),
+                               reference.masked_conv2d(x, w, m, None, 1, 1))
+    lay = block_layout(m, 16)
+    opcheck(torch.ops.sparseops.masked_conv2d_block.default,
+            (x.double(), w.double().requires_grad_(), m, *lay.tensors(), 16, None, [1, 1], [1, 1], [1, 1]))

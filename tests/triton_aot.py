@@ -29,7 +29,8 @@ FLOAT_ARGS = {"beta", "scale"}
 EXTRA = dict(HAS_BIAS=True, SPLIT=2, B=32, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
 KERNELS = [(soft_mask, "_fwd"), (soft_mask, "_bwd"), (soft_mask, "_l1_bwd"), (soft_mask, "_l1_partial"),
            (spmm, "_spmm"), (spmm, "_sddmm"), (conv, "_fwd"), (conv, "_dx"), (conv, "_dw"),
-           (block, "_fwd"), (block, "_dx"), (block, "_dw"), (soft_gemm, "_fwd"), (soft_gemm, "_dx"),
+           (block, "_fwd"), (block, "_dx"), (block, "_dw"), (block, "_conv_fwd"), (block, "_conv_dx"),
+           (block, "_conv_dw"), (soft_gemm, "_fwd"), (soft_gemm, "_dx"),
            (soft_gemm, "_dws")]
 DTYPES = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": tl.float64}  # storage -> accumulator
 
