@@ -137,7 +137,7 @@ def conv_rows(shapes, sparsities):
     return rows
 
 
-def soft_rows(sizes, linear_shapes):
+def soft_rows(sizes, linear_shapes, conv_shapes):
     rows = []
     peak = peak_bandwidth(torch.cuda.get_device_name())
     for n in sizes:
@@ -172,6 +172,22 @@ def soft_rows(sizes, linear_shapes):
                     ms = bench(_step(fwd, (x, w, s), mode), (x, w, s))
                     rows.append(dict(op="soft_masked_linear", provider=name, shape=[m, n, k], dtype="bfloat16",
                                      sparsity=zero, mode=mode, ms=ms))
+    for nb, ci, co, side in conv_shapes:
+        x = torch.randn(nb, ci, side, side, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(co, ci, 3, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for zero in (0.0, 0.5, 0.9):  # fraction of output channels whose mask is exactly 0 (late CS)
+            s = torch.randn(co, ci, 3, 3, device="cuda", dtype=torch.bfloat16)
+            s[: int(co * zero)] = -1e4
+            s.requires_grad_()
+            providers = {
+                "dense": lambda: F.conv2d(x, w, None, 1, 1),
+                "unfused": lambda: F.conv2d(x, sparseops.soft_mask(w, s, 4.0), None, 1, 1),
+                "fused": lambda: _forced("triton", lambda: sparseops.soft_masked_conv2d(x, w, s, 4.0, 1.0, None, 1, 1)),
+            }
+            for name, fwd in providers.items():
+                ms = bench(_step(fwd, (x, w, s), "fwd+bwd"), (x, w, s))
+                rows.append(dict(op="soft_masked_conv2d", provider=name, shape=[nb, ci, co, side], dtype="bfloat16",
+                                 sparsity=zero, mode="fwd+bwd", ms=ms))
     return rows
 
 
@@ -249,17 +265,18 @@ def derive_thresholds(rows) -> dict:
     if by_plane:
         section["masked_conv2d_by_plane"] = [[p, d] for p, d in sorted(by_plane.items())]
         section["masked_conv2d"] = max(by_plane.values())
-    soft = _times(rows, "soft_masked_linear")
-    if soft:  # the fused GEMM only where it never loses to soft_mask + cuBLAS
-        section["fused"]["soft_masked_linear"] = all(t["fused"] <= t["unfused"] for t in soft.values()
-                                                     if "fused" in t and "unfused" in t)
+    for op in ("soft_masked_linear", "soft_masked_conv2d"):
+        soft = _times(rows, op)
+        if soft:  # the fused kernels only where they never lose to soft_mask + cuBLAS/cuDNN
+            section["fused"][op] = all(t["fused"] <= t["unfused"] for t in soft.values()
+                                       if "fused" in t and "unfused" in t)
     return section
 
 
 def markdown(rows, device) -> str:
     lines = [f"# GPU kernels on {device}", "",
              "Median ms (triton.testing.do_bench); speed-up = dense time / provider time, same dtype.", ""]
-    for op in ("masked_linear", "masked_conv2d", "soft_masked_linear"):
+    for op in ("masked_linear", "masked_conv2d", "soft_masked_linear", "soft_masked_conv2d"):
         table = _times(rows, op)
         if not table:
             continue
@@ -295,7 +312,7 @@ def main():
     start = time.time()
     rows = linear_rows(LINEAR[:2] if args.quick else LINEAR, sparsities)
     rows += conv_rows(CONV[:2] if args.quick else CONV, [s for s in sparsities if s >= 0.9] + [0.5])
-    rows += soft_rows(SOFT_SIZES[:2] if args.quick else SOFT_SIZES, LINEAR[:2])
+    rows += soft_rows(SOFT_SIZES[:2] if args.quick else SOFT_SIZES, LINEAR[:2], CONV[:2])
     slug = device.lower().replace("nvidia ", "").replace(" ", "-")
     out = args.out or RESULTS / f"gpu-{slug}.json"
     meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, seconds=time.time() - start,

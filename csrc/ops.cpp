@@ -75,6 +75,12 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("soft_masked_linear_backward(Tensor grad, Tensor x, Tensor w, Tensor s, float beta, float scale, "
         "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The same for conv2d (groups = 1): implicit GEMMs tap by tap with the mask applied to each weight tile.
+  m.def("soft_masked_conv2d(Tensor x, Tensor w, Tensor s, float beta, float scale, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
+  m.def("soft_masked_conv2d_backward(Tensor grad, Tensor x, Tensor w, Tensor s, float beta, float scale, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

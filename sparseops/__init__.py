@@ -4,7 +4,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import layout, reference
 from .layout import BlockLayout, CsrLayout, block_layout, csr_layout
 from .nn import MaskedConv2d, MaskedLinear, SoftMaskedConv2d, SoftMaskedLinear
-from .ops import backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1, soft_masked_linear
+from .ops import (backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1, soft_masked_conv2d,
+                  soft_masked_linear)
 from .patch import PatchReport, patch, patch_report, unpatch
 from . import tickets  # noqa: E402  (needs patch)
 
@@ -33,6 +34,7 @@ __all__ = [
     "reference",
     "soft_mask",
     "soft_mask_l1",
+    "soft_masked_conv2d",
     "soft_masked_linear",
     "tickets",
     "unpatch",

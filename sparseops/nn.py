@@ -166,9 +166,9 @@ class _SoftMaskedMixin:
                 self.set_ticket(True)
             y = self._masked_by(x, self._hard_mask) * self.scale
             return y if self.bias is None else y + self._bias_view()
-        if self.weight.dim() == 2 and ops.fused_soft_linear(self.weight.device):
-            # the mask applied inside the GEMM (Triton), for SoftMaskedLinear and SoftMaskedConv1D
-            return self._fused(x)
+        if ops.fused_soft("soft_masked_conv2d" if self.weight.dim() == 4 else "soft_masked_linear",
+                          self.weight.device):
+            return self._fused(x)  # the mask applied inside the GEMM (Triton)
         w = ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale)
         keep = self._nonzero_mask()
         if keep is not None:  # most of the mask underflowed to exactly 0: skip those entries, exactly
@@ -230,6 +230,11 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
         x, padding = _conv2d_input(self, x)
         return ops.masked_conv2d(x, self.weight if weight is None else weight, mask, bias, self.stride, padding,
                                  self.dilation, self.groups)
+
+    def _fused(self, x):
+        x, padding = _conv2d_input(self, x)
+        return ops.soft_masked_conv2d(x, self.weight, self.weight_score, self.beta, self.scale, self.bias,
+                                      self.stride, padding, self.dilation, self.groups)
 
     def _bias_view(self):
         return self.bias.view(1, -1, 1, 1)

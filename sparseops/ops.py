@@ -596,19 +596,20 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     _check_tensors("soft_masked_linear", x=x, w=w, s=s, bias=bias)
     if _state.backend == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
-    if fused_soft_linear(w.device):
+    if fused_soft("soft_masked_linear", w.device):
         return ops.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     return torch.nn.functional.linear(x, soft_mask(w, s, beta, scale), bias)
 
 
-def fused_soft_linear(device: torch.device) -> bool:
-    """Whether soft_masked_linear runs the fused Triton GEMM on `device`: when forced (raising,
-    with the reason, where Triton cannot run), or in `auto` on a GPU where it was measured faster."""
+def fused_soft(op: str, device: torch.device) -> bool:
+    """Whether `op` (soft_masked_linear or soft_masked_conv2d) runs the fused Triton kernels on
+    `device`: when forced (raising, with the reason, where Triton cannot run), or in `auto` on a GPU
+    where it was measured faster than soft_mask + the dense op."""
     name = _state.backend
     if name == "triton":
-        _resolve("soft_masked_linear", device, ("triton",))
+        _resolve(op, device, ("triton",))
         return True
-    return (name == "auto" and device.type == "cuda" and measured_faster("soft_masked_linear", "cuda")
+    return (name == "auto" and device.type == "cuda" and measured_faster(op, "cuda")
             and triton_unavailable(device) is None)
 
 
@@ -787,3 +788,85 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     if impl == "dense" and layout.nnz == layout.mask.numel():
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, layout.mask.view(w.shape), bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-masked conv2d (CS with the mask fused into the implicit GEMM)
+
+
+def _soft_masked_conv2d_fake(x, w, s, beta, scale, bias, stride, padding, dilation):
+    return _masked_conv2d_fake(x, w, None, None, None, None, bias, stride, padding, dilation)
+
+
+def _soft_masked_conv2d_backward_fake(grad, x, w, s, beta, scale, stride, padding, dilation, output_mask):
+    return _soft_masked_linear_backward_fake(grad, x, w, s, beta, scale, output_mask)
+
+
+def _soft_masked_conv2d_setup(ctx, inputs, output):
+    x, w, s, beta, scale, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, w, s)
+    ctx.beta, ctx.scale, ctx.has_bias, ctx.geometry = beta, scale, bias is not None, (stride, padding, dilation)
+
+
+def _soft_masked_conv2d_backward(bwd):
+    def backward(ctx, grad):
+        x, w, s = ctx.saved_tensors
+        need = [*ctx.needs_input_grad[:3], ctx.has_bias and ctx.needs_input_grad[5]]
+        dx, dw, ds, db = bwd(grad, x, w, s, ctx.beta, ctx.scale, *ctx.geometry, need)
+        return (dx if need[0] else None, dw if need[1] else None, ds if need[2] else None, None, None,
+                db if need[3] else None, None, None, None)
+    return backward
+
+
+@torch.library.register_kernel("sparseops::soft_masked_conv2d", ("cpu", "cuda"))
+def _(x, w, s, beta, scale, bias, stride, padding, dilation):
+    return torch.nn.functional.conv2d(x, ops.soft_mask(w, s, beta, scale), bias, stride, padding, dilation)
+
+
+@torch.library.register_kernel("sparseops::soft_masked_conv2d_backward", ("cpu", "cuda"))
+def _(grad, x, w, s, beta, scale, stride, padding, dilation, output_mask):
+    need_x, need_w, need_s, need_b = output_mask
+    grad_fn = torch.nn.grad
+    dx = (grad_fn.conv2d_input(x.shape, ops.soft_mask(w, s, beta, scale), grad, stride, padding, dilation)
+          if need_x else w.new_empty(0))
+    dw = ds = None
+    if need_w or need_s:
+        dw, ds = ops.soft_mask_backward(grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation), w, s,
+                                        beta, scale)
+    return (dx, dw if need_w else w.new_empty(0), ds if need_s else w.new_empty(0),
+            grad.sum((0, 2, 3)) if need_b else w.new_empty(0))
+
+
+_register("soft_masked_conv2d", _soft_masked_conv2d_fake, _soft_masked_conv2d_setup, _soft_masked_conv2d_backward)
+_register("soft_masked_conv2d_backward", _soft_masked_conv2d_backward_fake)
+
+
+def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0,
+                       bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1):
+    """`conv2d(x, w * scale * sigmoid(beta*s), bias, ...)`: a convolution under CS's soft mask.
+
+    With Triton (forced, or in `auto` once measured faster on this GPU: thresholds.json "fused") the
+    mask is applied to each weight tile inside the implicit GEMM, tiles whose mask is exactly 0 are
+    skipped, and dw and ds come from one GEMM; groups=1 and symmetric padding. Elsewhere, and for
+    other convolutions in `auto`: sparseops.soft_mask, then F.conv2d.
+    """
+    beta = _check_scalar("soft_masked_conv2d", beta, "beta")
+    scale = _check_scalar("soft_masked_conv2d", scale, "scale")
+    _check_inputs("soft_masked_conv2d", x, w, bias)
+    if not isinstance(s, torch.Tensor):
+        raise TypeError("sparseops.soft_masked_conv2d: s must be a tensor")
+    _check_tensors("soft_masked_conv2d", x=x, w=w, s=s, bias=bias)
+    if w.dim() != 4:
+        raise ValueError(f"sparseops.soft_masked_conv2d: w must be 4-D [C_out, C_in/groups, kh, kw], "
+                         f"got {tuple(w.shape)}")
+    if _state.backend == "reference":
+        return reference.soft_masked_conv2d(x, w, s, beta, scale, bias, stride, padding, dilation, groups)
+    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = _numeric_padding(padding, w, dilation_)
+    supported = groups == 1 and pad is not None and x.dim() == 4
+    if fused_soft("soft_masked_conv2d", w.device) and (supported or _state.backend == "triton"):
+        if not supported:
+            raise NotImplementedError("sparseops.soft_masked_conv2d: the triton kernel covers groups=1 and "
+                                      "symmetric padding; use the auto or reference backend for this convolution")
+        return ops.triton_soft_masked_conv2d(x, w, s, beta, scale, bias, stride_, pad, dilation_)
+    return torch.nn.functional.conv2d(x, soft_mask(w, s, beta, scale), bias, stride, padding, dilation, groups)

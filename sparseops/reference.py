@@ -29,3 +29,9 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: to
                   stride=1, padding=0, dilation=1, groups: int = 1):
     """conv2d(x, w * mask) + bias."""
     return F.conv2d(x, w * mask, bias, stride, padding, dilation, groups)
+
+
+def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,
+                       bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1):
+    """conv2d(x, w * scale * sigmoid(beta * s)) + bias: a convolution under CS's soft mask."""
+    return F.conv2d(x, soft_mask(w, s, beta, scale), bias, stride, padding, dilation, groups)

@@ -266,7 +266,7 @@ def test_block_composite_ops_opcheck():
 
 
 @pytest.mark.parametrize("dtype", [DOT64, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 29, 45), (70, 80, 90)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 29, 45), (70, 80, 90), (1100, 20, 30)])  # the last splits dw over M
 def test_soft_masked_linear(shape, dtype):
     m, n, k = shape
     x, w, b = _leaf(m, k, dtype=dtype), _leaf(n, k, dtype=dtype), _leaf(n, dtype=dtype)
@@ -441,3 +441,45 @@ def test_conv_block_layout_rules():
     lay = block_layout(m, 16)
     opcheck(torch.ops.sparseops.masked_conv2d_block.default,
             (x.double(), w.double().requires_grad_(), m, *lay.tensors(), 16, None, [1, 1], [1, 1], [1, 1]))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: "x".join(map(str, c[:5])))
+def test_soft_masked_conv2d(case):
+    nb, c, h, wd, co, k, stride, padding, dilation = case
+    x, w, b = _leaf(nb, c, h, wd, dtype=DOT64), _leaf(co, c, *k, dtype=DOT64), _leaf(co, dtype=DOT64)
+    s = _leaf(co, c, *k, dtype=DOT64, scale=3)
+    with torch.no_grad():
+        s[:, :, 0] = -1e4  # the first kernel row exactly 0: those tiles are skipped, their dw and ds exactly 0
+    with sparseops.backend("triton"):
+        out = sparseops.soft_masked_conv2d(x, w, s, 2.0, 1.5, b, stride, padding, dilation)
+    _check(out, (x, w, s, b),
+           lambda x, w, s, b: reference.soft_masked_conv2d(x, w, s, 2.0, 1.5, b, stride, padding, dilation), DOT64)
+    with sparseops.backend("triton"):
+        out = sparseops.soft_masked_conv2d(x, w, s, 2.0, 1.5, b, stride, padding, dilation)
+    dw, ds = torch.autograd.grad(out.sum(), (w, s))
+    assert (dw[:, :, 0] == 0).all() and (ds[:, :, 0] == 0).all()
+
+
+def test_soft_masked_conv2d_layer_split_and_rules(monkeypatch):
+    layer = sparseops.SoftMaskedConv2d(3, 4, 1, padding=1, padding_mode="reflect", s0=-0.1).to(DOT64).to(DEV)
+    x = torch.randn(2, 3, 24, 24, dtype=DOT64, device=DEV)  # one tile, 1352 positions: dw's reduction splits
+    assert kernels.soft_gemm._splits(1, 1352, x.device) > 1
+    with monkeypatch.context() as m, sparseops.backend("triton"):
+        m.setattr(ops, "soft_mask", None)  # the unfused path would call it
+        fused = layer(x)
+    torch.testing.assert_close(fused, layer(x))
+    fused.sum().backward()
+    dw, ds = layer.weight.grad.clone(), layer.weight_score.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(dw, layer.weight.grad)
+    torch.testing.assert_close(ds, layer.weight_score.grad)
+    w, s = torch.randn(4, 2, 3, 3, dtype=DOT64, device=DEV), torch.randn(4, 2, 3, 3, dtype=DOT64, device=DEV)
+    with sparseops.backend("triton"), pytest.raises(NotImplementedError, match="groups=1"):
+        sparseops.soft_masked_conv2d(torch.randn(1, 4, 5, 5, dtype=DOT64, device=DEV), w, s, groups=2)
+    torch.testing.assert_close(  # auto (no GPU measurements): soft_mask + F.conv2d, grouped included
+        sparseops.soft_masked_conv2d(torch.randn(1, 4, 5, 5, dtype=DOT64, device=DEV), w, s, groups=2).shape,
+        torch.Size([1, 4, 3, 3]))
+    opcheck(torch.ops.sparseops.soft_masked_conv2d.default,
+            (x.cpu(), layer.weight.detach().cpu(), layer.weight_score.detach().cpu().requires_grad_(), 2.0, 1.5, None,
+             [1, 1], [1, 1], [1, 1]))

@@ -30,8 +30,8 @@ EXTRA = dict(HAS_BIAS=True, SPLIT=2, B=32, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, D
 KERNELS = [(soft_mask, "_fwd"), (soft_mask, "_bwd"), (soft_mask, "_l1_bwd"), (soft_mask, "_l1_partial"),
            (spmm, "_spmm"), (spmm, "_sddmm"), (conv, "_fwd"), (conv, "_dx"), (conv, "_dw"),
            (block, "_fwd"), (block, "_dx"), (block, "_dw"), (block, "_conv_fwd"), (block, "_conv_dx"),
-           (block, "_conv_dw"), (soft_gemm, "_fwd"), (soft_gemm, "_dx"),
-           (soft_gemm, "_dws")]
+           (block, "_conv_dw"), (soft_gemm, "_fwd"), (soft_gemm, "_dx"), (soft_gemm, "_dws"),
+           (soft_gemm, "_conv_fwd"), (soft_gemm, "_conv_dx"), (soft_gemm, "_conv_dws")]
 DTYPES = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": tl.float64}  # storage -> accumulator
 
 

@@ -137,7 +137,8 @@ def _dw(order_ptr, row_ptr, col_idx, g_ptr, x_ptr, dw_ptr, part_ptr, C_OUT, Q, N
 
 
 def _check(op, x, w, bias, layout, stride, padding, dilation, grad=None, sizes=True):
-    """`sizes`: check the layout as the CSR of W (the block ops check their tile CSR themselves)."""
+    """`sizes`: check `layout` as the CSR of W (the block ops check their tile CSR themselves; the
+    soft-masked conv has none)."""
     checks.like(op, "w", w, x=x, bias=bias, grad=grad)
     if x.dim() != 4:
         raise ValueError(f"sparseops.{op}: x must be 4-D [N, C_in, H, W], got shape {tuple(x.shape)}")
@@ -159,8 +160,8 @@ def _check(op, x, w, bias, layout, stride, padding, dilation, grad=None, sizes=T
                              f"smaller than the dilated kernel ({dilation[i] * (w.shape[2 + i] - 1) + 1})")
     if bias is not None and tuple(bias.shape) != (w.shape[0],):
         raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-    row_ptr, col_idx, t_row_ptr, t_col_idx = layout
-    if sizes:
+    if sizes and layout is not None:
+        row_ptr, col_idx, t_row_ptr, t_col_idx = layout
         checks.indices(op, w.device, row_ptr=(row_ptr, w.shape[0] + 1), t_row_ptr=(t_row_ptr, w[0].numel() + 1),
                        col_idx=(col_idx, -1), t_col_idx=(t_col_idx, col_idx.numel()))
 
