@@ -8,7 +8,11 @@ Environment switches:
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else found from nvcc)
   DEBUG=1                 -O0 -g
   MAX_JOBS                parallel compile jobs (ninja)
+  NVCC_THREADS            nvcc --threads: GPU targets compiled in parallel per .cu file (default 2)
   VERSION_SUFFIX          local version suffix, e.g. "+cu130torch2.14"
+
+The package requires torch of the minor version it is built against (e.g. torch>=2.14,<2.15): the
+extensions link against libtorch's C++ API, which is not stable across minor versions.
 """
 import glob
 import os
@@ -108,6 +112,11 @@ def extensions():
     return exts
 
 
+def install_requires():
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy", "tqdm>=4.60"]
+
+
 def version():
     v = (ROOT / "version.txt").read_text().strip()
     return v + os.environ.get("VERSION_SUFFIX", "")
@@ -115,6 +124,7 @@ def version():
 
 setup(
     version=version(),
+    install_requires=install_requires(),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
