@@ -11,7 +11,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup
 BENCH_TIME := $(shell date +%Y%m%d-%H%M%S)
 BENCH_OUT ?= benchmarks/results/cpu-$(BENCH_TIME).json
 
-.PHONY: install build test demo bench bench-search info clean
+.PHONY: install build test demo bench bench-search info wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: build
 bench-search: build
 	$(PYTHON) benchmarks/bench_search.py --out benchmarks/results/search-cpu.json
 	$(PYTHON) benchmarks/plot.py benchmarks/results/search-cpu.json
+
+# Release artefacts into dist/: sdist, CPU and CUDA wheels for TORCH_SPEC, each installed into a fresh
+# venv and tested (SMOKE=0 skips that). Its own build venvs (.wheel-venvs/), not .venv. See README "Wheels".
+SMOKE ?= 1
+wheel:
+	TORCH_SPEC="$(TORCH_SPEC)" SMOKE=$(SMOKE) scripts/build_wheels.sh
 
 clean:
 	rm -rf build sparseops/*.so sparseops/.built *.egg-info

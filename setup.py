@@ -4,11 +4,15 @@ when a CUDA build of torch and nvcc are present (or FORCE_CUDA=1).
 Environment switches:
   SPARSEOPS_NO_CUDA=1     skip the CUDA extension
   FORCE_CUDA=1            build the CUDA extension even if detection says no
-  TORCH_CUDA_ARCH_LIST    GPU targets (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    GPU targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer GPUs)
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else found from nvcc)
   DEBUG=1                 -O0 -g
   MAX_JOBS                parallel compile jobs (ninja)
+  NVCC_THREADS            nvcc --threads: GPU targets compiled in parallel per .cu file (default 2)
   VERSION_SUFFIX          local version suffix, e.g. "+cu130torch2.14"
+
+The package requires torch of the minor version it is built against (e.g. torch>=2.14,<2.15): the
+extensions link against libtorch's C++ API, which is not stable across minor versions.
 """
 import glob
 import os
@@ -47,7 +51,7 @@ def _find_cuda_home():
 _cuda_home = _find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home  # must be set before torch.utils.cpp_extension is imported
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: forward compatibility
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -108,6 +112,11 @@ def extensions():
     return exts
 
 
+def install_requires():
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy", "tqdm>=4.60"]
+
+
 def version():
     v = (ROOT / "version.txt").read_text().strip()
     return v + os.environ.get("VERSION_SUFFIX", "")
@@ -115,6 +124,7 @@ def version():
 
 setup(
     version=version(),
+    install_requires=install_requires(),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

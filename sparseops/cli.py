@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import platform
 import sys
 
 import torch
+
+
+def _no_gpu_reason() -> str:
+    """Why torch sees no GPU, in torch's words where it has them (e.g. no NVIDIA driver)."""
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch's message says what is missing
+        return str(exc).split(". ")[0]
+    return "torch.cuda.is_available() is False"
 
 
 def info() -> str:
@@ -22,12 +37,16 @@ def info() -> str:
     lines.append(f"threads: {torch.get_num_threads()} (torch.set_num_threads / OMP_NUM_THREADS)")
     if ops.CUDA_EXTENSION_ERROR is None:
         archs = torch.ops.sparseops._cuda_arch_list()
-        gpu = (torch.cuda.get_device_name() if torch.cuda.is_available()
-               else "no GPU visible: CUDA kernels cannot run here")
+        gpu = (f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+               else f"CUDA kernels cannot run here: {_no_gpu_reason()}")
         lines.append(f"CUDA backend: compiled for TORCH_CUDA_ARCH_LIST={archs}; {gpu}")
-        lines.append("  CUDA kernels: soft_mask, soft_mask_l1; masked_linear runs its dense fallback on CUDA")
+        lines.append("  CUDA kernels: soft_mask, soft_mask_l1, masked_linear, masked_conv2d (SPARSEOPS_BACKEND=cuda)")
+    elif importlib.util.find_spec("sparseops._cuda") is None:
+        why = ("torch is a CPU-only build" if torch.version.cuda is None else
+               "built with SPARSEOPS_NO_CUDA=1 or without nvcc; a +cu wheel or a source build with nvcc has it")
+        lines.append(f"CUDA backend: not built (this install has no sparseops._cuda: {why})")
     else:
-        lines.append(f"CUDA backend: not available ({ops.CUDA_EXTENSION_ERROR or 'not built'})")
+        lines.append(f"CUDA backend: built but cannot be loaded: {ops.CUDA_EXTENSION_ERROR}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     why = ops.triton_unavailable(device)
     if why is None or "not installed" not in why:
@@ -35,8 +54,8 @@ def info() -> str:
 
         state = "kernels usable" + (" under TRITON_INTERPRET=1 (testing only)" if device.type == "cpu" else "")
         lines.append(f"Triton: {triton.__version__}; {state if why is None else why}")
-        lines.append("  Triton kernels: soft_mask, soft_mask_l1, masked_linear (CSR and block 16/32/64), "
-                     "masked_conv2d, soft_masked_linear (fused); SPARSEOPS_BACKEND=triton forces them")
+        lines.append("  Triton kernels: soft_mask, soft_mask_l1, masked_linear and masked_conv2d (CSR and block "
+                     "16/32/64), soft_masked_linear and soft_masked_conv2d (fused); SPARSEOPS_BACKEND=triton")
         gpu = ops.THRESHOLDS.get("cuda")
         lines.append("  auto on CUDA: " + ("measured thresholds in thresholds.json" if gpu else
                                            "no GPU measurements in thresholds.json yet, so masked ops run their "
