@@ -149,15 +149,16 @@ def _interpolate(points, h: float) -> float:
     return float(points[-1][1])
 
 
-def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str:
+def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str | None:
     """"cuda" (C++) or "triton" for `op` on a GPU: the winner of the nearest measured point in
     thresholds.json ("cuda": {"kernels": {op: [[h, density, winner], ...]}}, h = N*K/(N+K), written
-    by benchmarks/bench_gpu.py), among the kernels that exist here; Triton where nothing is measured."""
+    by benchmarks/bench_gpu.py), among the kernels that exist here; Triton where nothing is
+    measured; None if neither exists."""
     have = [k for k in ("triton", "cuda") if (k == "cuda" and has_kernel(op, "cuda"))
             or (k == "triton" and triton_unavailable(device) is None)]
     points = [p for p in THRESHOLDS.get("cuda", {}).get("kernels", {}).get(op, []) if p[2] in have]
     if not points:
-        return have[0]
+        return have[0] if have else None
     n, k = shape
     h = max(n * k / (n + k), 1.0) if n + k else 1.0
     nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1.0) / h)) + 4 * abs(p[1] - density))
@@ -778,7 +779,8 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         # both stay on the fallback in `auto`.
         impl = "cpu"
     elif name == "auto" and supported and w.device.type == "cuda" \
-            and layout.density <= max_density("masked_conv2d", "cuda", plane=_plane(x, w, stride, pad, dilation)):
+            and layout.density <= max_density("masked_conv2d", "cuda", plane=_plane(x, w, stride, pad, dilation)) \
+            and gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density) is not None:
         impl = gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density)  # once measured on a GPU
     else:
         impl = "reference" if name == "reference" else "dense"

@@ -315,6 +315,8 @@ def test_gpu_choice_follows_the_measured_table(monkeypatch):
     assert ops.gpu_kernel("masked_linear", dev, (4096, 4096), 0.01) == "triton"
     monkeypatch.setattr(ops, "has_kernel", lambda op, dev: False)  # only Triton here
     assert ops.gpu_kernel("masked_linear", dev, (200, 200), 0.05) == "triton"
+    monkeypatch.setattr(ops, "triton_unavailable", lambda device: "not here")  # neither
+    assert ops.gpu_kernel("masked_linear", dev, (200, 200), 0.05) is None
 
 
 # ---------------------------------------------------------------------------------------------
