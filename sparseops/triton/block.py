@@ -197,10 +197,7 @@ def _conv_fwd(x_ptr, w_ptr, mask_ptr, row_ptr, col_idx, bias_ptr, y_ptr, Q, C, H
         w = tl.load(w_ptr + w_at, mask=co[:, None] < C_OUT, other=0)
         keep = tl.load(mask_ptr + w_at, mask=co[:, None] < C_OUT, other=0)
         w = tl.where(keep != 0, w, 0)
-        ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
-        ok = (q < Q) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xs = tl.load(x_ptr + ((n[None, :] * C + ci[:, None]) * H + ih[None, :]) * W + iw[None, :],
-                     mask=ok[None, :], other=0)
+        xs = conv.x_at_tap(x_ptr, n, ci, oh, ow, r, s, q < Q, C, H, W, SH, SW, PH, PW, DH, DW)
         acc += tl.dot(w, xs, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co < C_OUT, other=0).to(ACC)[:, None]
@@ -223,9 +220,6 @@ def _conv_dx(g_ptr, w_ptr, mask_ptr, t_row_ptr, t_col_idx, dx_ptr, Q, C, H, W, C
     acc = tl.zeros((B, BLOCK_Q), dtype=ACC)
     for tap in range(KH * KW):
         r, s = tap // KW, tap % KW
-        th, tw = ih + PH - r * DH, iw + PW - s * DW
-        oh, ow = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW  # clamped: never divide a negative
-        ok = (q < Q) & (th >= 0) & (th % SH == 0) & (oh < OH) & (tw >= 0) & (tw % SW == 0) & (ow < OW)
         kb = tap * (C // B) + cib
         for j in range(tl.load(t_row_ptr + kb), tl.load(t_row_ptr + kb + 1)):
             co = tl.load(t_col_idx + j).to(tl.int64) * B + tl.arange(0, B)
@@ -233,8 +227,7 @@ def _conv_dx(g_ptr, w_ptr, mask_ptr, t_row_ptr, t_col_idx, dx_ptr, Q, C, H, W, C
             w = tl.load(w_ptr + w_at, mask=co[None, :] < C_OUT, other=0)
             keep = tl.load(mask_ptr + w_at, mask=co[None, :] < C_OUT, other=0)
             w = tl.where(keep != 0, w, 0)
-            gs = tl.load(g_ptr + ((n[None, :] * C_OUT + co[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
-                         mask=(co[:, None] < C_OUT) & ok[None, :], other=0)
+            gs = conv.grad_at_tap(g_ptr, n, co, ih, iw, r, s, q < Q, C_OUT, OH, OW, SH, SW, PH, PW, DH, DW)
             acc += tl.dot(w, gs, input_precision=PREC, out_dtype=ACC)
     tl.store(dx_ptr + (n[None, :] * C + ci[:, None]) * (H * W) + p[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=q[None, :] < Q)
@@ -261,10 +254,7 @@ def _conv_dw(g_ptr, x_ptr, mask_ptr, tile_rows, col_idx, dw_ptr, part_ptr, Q, C,
         oh, ow = p // OW, p % OW
         g = tl.load(g_ptr + (n[None, :] * C_OUT + co[:, None]) * (OH * OW) + p[None, :],
                     mask=(co[:, None] < C_OUT) & (q[None, :] < q_hi), other=0)
-        ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
-        ok = (q < q_hi) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xs = tl.load(x_ptr + ((n[None, :] * C + ci[:, None]) * H + ih[None, :]) * W + iw[None, :],
-                     mask=ok[None, :], other=0)
+        xs = conv.x_at_tap(x_ptr, n, ci, oh, ow, r, s, q < q_hi, C, H, W, SH, SW, PH, PW, DH, DW)
         acc += tl.dot(g, tl.trans(xs), input_precision=PREC, out_dtype=ACC)
     w_at = co[:, None] * (C * KH * KW) + ci[None, :] * (KH * KW) + r * KW + s
     keep = tl.load(mask_ptr + w_at, mask=co[:, None] < C_OUT, other=0)

@@ -22,6 +22,29 @@ _CONFIGS = [triton.Config({"BLOCK_Q": bq, "BLOCK_J": bj}, num_warps=w)
             for bq, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (128, 32, 4))]
 
 
+@triton.jit
+def x_at_tap(x_ptr, n, ci, oh, ow, r, s, valid, C, H, W, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+             PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """The [channels, positions] tile of x that tap (r, s) reads for output positions (n, oh, ow):
+    x[n, ci, oh*SH - PH + r*DH, ow*SW - PW + s*DW], 0 in the padding and where `valid` is False."""
+    ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+    ok = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(x_ptr + ((n[None, :] * C + ci[:, None]) * H + ih[None, :]) * W + iw[None, :],
+                   mask=(ci[:, None] < C) & ok[None, :], other=0)
+
+
+@triton.jit
+def grad_at_tap(g_ptr, n, co, ih, iw, r, s, valid, C_OUT, OH, OW, SH: tl.constexpr, SW: tl.constexpr,
+                PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """The [channels, positions] tile of grad that tap (r, s) sends back to input positions
+    (n, ih, iw): grad[n, co, oh, ow] where oh*SH = ih + PH - r*DH (and likewise ow) divides, else 0."""
+    th, tw = ih + PH - r * DH, iw + PW - s * DW
+    oh, ow = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW  # clamped: never divide a negative
+    ok = valid & (th >= 0) & (th % SH == 0) & (oh < OH) & (tw >= 0) & (tw % SW == 0) & (ow < OW)
+    return tl.load(g_ptr + ((n[None, :] * C_OUT + co[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
+                   mask=(co[:, None] < C_OUT) & ok[None, :], other=0)
+
+
 @autotune(_CONFIGS, key=["C_OUT", "Q", "NNZ_BUCKET"])
 @triton.jit
 def _fwd(order_ptr, row_ptr, col_idx, x_ptr, w_ptr, bias_ptr, out_ptr, C_OUT, Q, NNZ_BUCKET, C, H, W, OH, OW,

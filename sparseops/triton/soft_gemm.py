@@ -228,15 +228,12 @@ def _conv_fwd(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, Q, C, H, W, C_OUT, OH, OW, b
     acc = tl.zeros((BN, BQ), dtype=ACC)
     for tap in range(KH * KW):
         r, s = tap // KW, tap % KW
-        ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
-        ok = (q < Q) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         for c0 in range(0, C, BK):
             ci = c0 + tl.arange(0, BK)
             m, _, at, inside = _conv_mask_tile(s_ptr, co, ci, r, s, C, C_OUT, KH, KW, beta, scale, ACC)
             if tl.max(tl.max(m, axis=1), axis=0) > 0:  # else this weight tile is masked to exactly 0
                 w = tl.load(w_ptr + at, mask=inside, other=0)
-                xs = tl.load(x_ptr + ((n[None, :] * C + ci[:, None]) * H + ih[None, :]) * W + iw[None, :],
-                             mask=(ci[:, None] < C) & ok[None, :], other=0)
+                xs = conv.x_at_tap(x_ptr, n, ci, oh, ow, r, s, q < Q, C, H, W, SH, SW, PH, PW, DH, DW)
                 acc += tl.dot((w.to(ACC) * m).to(x_ptr.dtype.element_ty), xs, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co < C_OUT, other=0).to(ACC)[:, None]
@@ -258,16 +255,12 @@ def _conv_dx(g_ptr, w_ptr, s_ptr, dx_ptr, Q, C, H, W, C_OUT, OH, OW, beta, scale
     acc = tl.zeros((BK, BQ), dtype=ACC)
     for tap in range(KH * KW):
         r, s = tap // KW, tap % KW
-        th, tw = ih + PH - r * DH, iw + PW - s * DW
-        oh, ow = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW  # clamped: never divide a negative
-        ok = (q < Q) & (th >= 0) & (th % SH == 0) & (oh < OH) & (tw >= 0) & (tw % SW == 0) & (ow < OW)
         for c0 in range(0, C_OUT, BN):
             co = c0 + tl.arange(0, BN)
             m, _, at, inside = _conv_mask_tile(s_ptr, co, ci, r, s, C, C_OUT, KH, KW, beta, scale, ACC)
             if tl.max(tl.max(m, axis=1), axis=0) > 0:
                 w = tl.load(w_ptr + at, mask=inside, other=0)
-                gs = tl.load(g_ptr + ((n[None, :] * C_OUT + co[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
-                             mask=(co[:, None] < C_OUT) & ok[None, :], other=0)
+                gs = conv.grad_at_tap(g_ptr, n, co, ih, iw, r, s, q < Q, C_OUT, OH, OW, SH, SW, PH, PW, DH, DW)
                 wm = (w.to(ACC) * m).to(g_ptr.dtype.element_ty)
                 acc += tl.dot(tl.trans(wm), gs, input_precision=PREC, out_dtype=ACC)
     tl.store(dx_ptr + (n[None, :] * C + ci[:, None]) * (H * W) + p[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -298,10 +291,7 @@ def _conv_dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, part_ptr, Q, C, H, W, 
             oh, ow = p // OW, p % OW
             g = tl.load(g_ptr + (n[None, :] * C_OUT + co[:, None]) * (OH * OW) + p[None, :],
                         mask=(co[:, None] < C_OUT) & (q[None, :] < q_hi), other=0)
-            ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
-            ok = (q < q_hi) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xs = tl.load(x_ptr + ((n[None, :] * C + ci[:, None]) * H + ih[None, :]) * W + iw[None, :],
-                         mask=(ci[:, None] < C) & ok[None, :], other=0)
+            xs = conv.x_at_tap(x_ptr, n, ci, oh, ow, r, s, q < q_hi, C, H, W, SH, SW, PH, PW, DH, DW)
             acc += tl.dot(g, tl.trans(xs), input_precision=PREC, out_dtype=ACC)
     if SPLIT == 1:
         w = tl.load(w_ptr + at, mask=inside, other=0).to(ACC)
