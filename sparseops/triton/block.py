@@ -182,9 +182,9 @@ def _conv_fwd(x_ptr, w_ptr, mask_ptr, row_ptr, col_idx, bias_ptr, y_ptr, Q, C, H
               KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
               PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_Q: tl.constexpr):
-    cb = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1).to(tl.int64)  # positions on grid axis 0: no 65535 limit there
     co = cb * B + tl.arange(0, B)
-    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     n, p = q // (OH * OW), q % (OH * OW)
     oh, ow = p // OW, p % OW
     kk = C * KH * KW
@@ -211,9 +211,9 @@ def _conv_dx(g_ptr, w_ptr, mask_ptr, t_row_ptr, t_col_idx, dx_ptr, Q, C, H, W, C
              KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
              PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, B: tl.constexpr, ACC: tl.constexpr,
              PREC: tl.constexpr, BLOCK_Q: tl.constexpr):
-    cib = tl.program_id(0).to(tl.int64)
+    cib = tl.program_id(1).to(tl.int64)
     ci = cib * B + tl.arange(0, B)
-    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # input positions
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # input positions
     n, p = q // (H * W), q % (H * W)
     ih, iw = p // W, p % W
     kk = C * KH * KW
@@ -291,7 +291,7 @@ def masked_conv2d_block(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, bloc
     y = torch.empty((nb, c_out, oh, ow), dtype=x.dtype, device=x.device)
     q = nb * oh * ow
     if q and c_out:
-        wrap_triton(_conv_fwd)[lambda meta: (triton.cdiv(c_out, block), triton.cdiv(q, meta["BLOCK_Q"]))](
+        wrap_triton(_conv_fwd)[lambda meta: (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(c_out, block))](
             xc, w.contiguous(), mask.contiguous().view(torch.uint8), row_ptr, col_idx,
             bias if bias is not None else w, y, q, c, h, wd, c_out, oh, ow, **geo, B=block,
             HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype))
@@ -315,7 +315,7 @@ def masked_conv2d_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
         dx = torch.empty_like(xc)
         qx = nb * h * wd
         if qx and c:
-            wrap_triton(_conv_dx)[lambda meta: (c // block, triton.cdiv(qx, meta["BLOCK_Q"]))](
+            wrap_triton(_conv_dx)[lambda meta: (triton.cdiv(qx, meta["BLOCK_Q"]), c // block)](
                 g, w, mask8, t_row_ptr, t_col_idx, dx, qx, c, h, wd, c_out, oh, ow, **geo, B=block, ACC=acc,
                 PREC=prec)
         dx = conv._like_x(dx, x)

@@ -51,8 +51,8 @@ def _fwd(order_ptr, row_ptr, col_idx, x_ptr, w_ptr, bias_ptr, out_ptr, C_OUT, Q,
          KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
          PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
          BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr):
-    co = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    co = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)  # positions on grid axis 0: no 65535 limit there
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     in_q = q < Q
     p = q % (OH * OW)
     n = q // (OH * OW)
@@ -86,8 +86,8 @@ def _dx(t_row_ptr, t_col_idx, g_ptr, w_ptr, dx_ptr, C, Q, NNZ_BUCKET, C_OUT, H, 
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
         PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, ACC: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr):
-    ci = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ci = tl.program_id(1).to(tl.int64)
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     in_q = q < Q
     p = q % (H * W)
     n = q // (H * W)
@@ -212,7 +212,7 @@ def masked_conv2d(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, pa
     out = torch.empty((nb, c_out, oh, ow), dtype=x.dtype, device=x.device)
     q = nb * oh * ow
     if q and c_out:
-        wrap_triton(_fwd)[lambda meta: (c_out, triton.cdiv(q, meta["BLOCK_Q"]))](
+        wrap_triton(_fwd)[lambda meta: (triton.cdiv(q, meta["BLOCK_Q"]), c_out)](
             row_order(row_ptr), row_ptr, col_idx, xc, w, bias if bias is not None else w, out, c_out, q,
             _nnz_bucket(col_idx.numel()), c, h, wd, oh, ow, **geo, HAS_BIAS=bias is not None,
             ACC=acc_type(x.dtype))
@@ -235,7 +235,7 @@ def masked_conv2d_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, s
         dx = torch.empty_like(xc)
         qx = nb * h * wd
         if qx and c:
-            wrap_triton(_dx)[lambda meta: (c, triton.cdiv(qx, meta["BLOCK_Q"]))](
+            wrap_triton(_dx)[lambda meta: (triton.cdiv(qx, meta["BLOCK_Q"]), c)](
                 t_row_ptr, t_col_idx, g, w, dx, c, qx, _nnz_bucket(col_idx.numel()), c_out, h, wd, oh, ow, **geo,
                 ACC=acc)
         dx = _like_x(dx, x)

@@ -221,8 +221,8 @@ def _conv_fwd(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, Q, C, H, W, C_OUT, OH, OW, b
               KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
               PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
               PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr):
-    co = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    q = tl.program_id(1).to(tl.int64) * BQ + tl.arange(0, BQ)
+    co = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)  # positions on grid axis 0: no 65535 limit
+    q = tl.program_id(0).to(tl.int64) * BQ + tl.arange(0, BQ)
     n, p = q // (OH * OW), q % (OH * OW)
     oh, ow = p // OW, p % OW
     acc = tl.zeros((BN, BQ), dtype=ACC)
@@ -248,8 +248,8 @@ def _conv_dx(g_ptr, w_ptr, s_ptr, dx_ptr, Q, C, H, W, C_OUT, OH, OW, beta, scale
              PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
              BN: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr):
     """BK tiles the output's C_in and BN the reduction over C_out; q runs over input positions."""
-    ci = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
-    q = tl.program_id(1).to(tl.int64) * BQ + tl.arange(0, BQ)
+    ci = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    q = tl.program_id(0).to(tl.int64) * BQ + tl.arange(0, BQ)
     n, p = q // (H * W), q % (H * W)
     ih, iw = p // W, p % W
     acc = tl.zeros((BK, BQ), dtype=ACC)
@@ -318,7 +318,7 @@ def soft_masked_conv2d(x, w, s, beta, scale, bias, stride, padding, dilation):
     y = torch.empty((nb, c_out, oh, ow), dtype=x.dtype, device=x.device)
     q = nb * oh * ow
     if q and c_out:
-        wrap_triton(_conv_fwd)[lambda meta: (triton.cdiv(c_out, meta["BN"]), triton.cdiv(q, meta["BQ"]))](
+        wrap_triton(_conv_fwd)[lambda meta: (triton.cdiv(q, meta["BQ"]), triton.cdiv(c_out, meta["BN"]))](
             x.contiguous(), w.contiguous(), s.contiguous(), bias if bias is not None else w, y, q, c, h, wd, c_out,
             oh, ow, beta, scale, **geo, HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype))
     return conv._like_x(y, x)
@@ -339,7 +339,7 @@ def soft_masked_conv2d_backward(grad, x, w, s, beta, scale, stride, padding, dil
         dx = torch.empty_like(xc)
         qx = nb * h * wd
         if qx and c:
-            wrap_triton(_conv_dx)[lambda meta: (triton.cdiv(c, meta["BK"]), triton.cdiv(qx, meta["BQ"]))](
+            wrap_triton(_conv_dx)[lambda meta: (triton.cdiv(qx, meta["BQ"]), triton.cdiv(c, meta["BK"]))](
                 g, w, s, dx, qx, c, h, wd, c_out, oh, ow, beta, scale, **geo, ACC=acc, PREC=prec)
         dx = conv._like_x(dx, x)
     if need_w or need_s:

@@ -31,8 +31,11 @@ _SDDMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
 def _spmm(order_ptr, row_ptr, col_idx, val_ptr, val_sr, val_sc, b_ptr, out_ptr, bias_ptr, R, M, NNZ_BUCKET,
           HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
     """out[r, m] = sum over j in row r of val[r*val_sr + col_j*val_sc] * b[col_j, m] (+ bias[r])."""
-    r = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # one flat grid (rows may pass the 65535 limit of grid axis 1): consecutive programs take
+    # consecutive rows of the longest-first order for one block of M
+    pid = tl.program_id(0).to(tl.int64)
+    r = tl.load(order_ptr + pid % R).to(tl.int64)
+    offs_m = (pid // R) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
     start = tl.load(row_ptr + r).to(tl.int64)
     end = tl.load(row_ptr + r + 1).to(tl.int64)
@@ -103,7 +106,7 @@ def spmm_t(row_ptr, col_idx, vals, val_strides, b, rows: int, bias=None) -> torc
     out = torch.empty((rows, m), dtype=b.dtype, device=b.device)
     if rows == 0 or m == 0:
         return out
-    wrap_triton(_spmm)[lambda meta: (rows, triton.cdiv(m, meta["BLOCK_M"]))](
+    wrap_triton(_spmm)[lambda meta: (rows * triton.cdiv(m, meta["BLOCK_M"]),)](
         row_order(row_ptr), row_ptr, col_idx, vals, val_strides[0], val_strides[1], b, out,
         bias if bias is not None else out, rows, m, _nnz_bucket(col_idx.numel()),
         HAS_BIAS=bias is not None, ACC=acc_type(b.dtype))
