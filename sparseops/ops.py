@@ -622,17 +622,33 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    """The conv ops' convention (csrc/checks.h format_of): outputs and dx take x's memory format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _masked_conv2d_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation):
     torch._check(x.dim() == 4 and w.dim() == 4, lambda: "sparseops.masked_conv2d: x and w must be 4-D")
     torch._check(x.shape[1] == w.shape[1], lambda: "sparseops.masked_conv2d: x and w disagree on C_in")
     ho = _conv_out(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
     wo = _conv_out(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], w.shape[0], ho, wo))
+    return x.new_empty((x.shape[0], w.shape[0], ho, wo)).contiguous(memory_format=_format_of(x))
+
+
+def _conv_grads_fake(x, w, output_mask, extra=()):
+    """dx (in x's memory format), dw, the `extra` weight-shaped grads (ds), db; empties where not asked."""
+    shapes = (x.shape, w.shape, *(w.shape for _ in extra), (w.shape[0],))
+    out = [w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True)]
+    if output_mask[0]:
+        out[0] = out[0].contiguous(memory_format=_format_of(x))
+    return tuple(out)
 
 
 def _masked_conv2d_backward_fake(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation,
                                  output_mask):
-    return _grads_fake(x, w, output_mask)
+    return _conv_grads_fake(x, w, output_mask)
 
 
 def _masked_conv2d_setup(ctx, inputs, output):
@@ -665,7 +681,7 @@ def _masked_conv2d_block_fake(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx
 
 def _masked_conv2d_block_backward_fake(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride,
                                        padding, dilation, output_mask):
-    return _grads_fake(x, w, output_mask)
+    return _conv_grads_fake(x, w, output_mask)
 
 
 def _masked_conv2d_block_setup(ctx, inputs, output):
@@ -688,14 +704,16 @@ def _masked_conv2d_block_backward(bwd):
 @torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
     # Outside Triton the tiles buy nothing: the dense masked convolution (same math, same fake).
-    return torch.nn.functional.conv2d(x, w * mask, bias, stride, padding, dilation)
+    return torch.nn.functional.conv2d(x, w * mask, bias, stride, padding, dilation).contiguous(
+        memory_format=_format_of(x))
 
 
 @torch.library.register_kernel("sparseops::masked_conv2d_block_backward", ("cpu", "cuda"))
 def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
     need_x, need_w, need_b = output_mask
     grad_fn = torch.nn.grad
-    dx = grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation) if need_x else w.new_empty(0)
+    dx = (grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation).contiguous(
+        memory_format=_format_of(x)) if need_x else w.new_empty(0))
     dw = grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation) * mask if need_w else w.new_empty(0)
     return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
 
@@ -801,7 +819,7 @@ def _soft_masked_conv2d_fake(x, w, s, beta, scale, bias, stride, padding, dilati
 
 
 def _soft_masked_conv2d_backward_fake(grad, x, w, s, beta, scale, stride, padding, dilation, output_mask):
-    return _soft_masked_linear_backward_fake(grad, x, w, s, beta, scale, output_mask)
+    return _conv_grads_fake(x, w, output_mask, extra=(s,))
 
 
 def _soft_masked_conv2d_setup(ctx, inputs, output):
@@ -822,7 +840,8 @@ def _soft_masked_conv2d_backward(bwd):
 
 @torch.library.register_kernel("sparseops::soft_masked_conv2d", ("cpu", "cuda"))
 def _(x, w, s, beta, scale, bias, stride, padding, dilation):
-    return torch.nn.functional.conv2d(x, ops.soft_mask(w, s, beta, scale), bias, stride, padding, dilation)
+    return torch.nn.functional.conv2d(x, ops.soft_mask(w, s, beta, scale), bias, stride, padding, dilation).contiguous(
+        memory_format=_format_of(x))
 
 
 @torch.library.register_kernel("sparseops::soft_masked_conv2d_backward", ("cpu", "cuda"))
@@ -830,7 +849,7 @@ def _(grad, x, w, s, beta, scale, stride, padding, dilation, output_mask):
     need_x, need_w, need_s, need_b = output_mask
     grad_fn = torch.nn.grad
     dx = (grad_fn.conv2d_input(x.shape, ops.soft_mask(w, s, beta, scale), grad, stride, padding, dilation)
-          if need_x else w.new_empty(0))
+          .contiguous(memory_format=_format_of(x)) if need_x else w.new_empty(0))
     dw = ds = None
     if need_w or need_s:
         dw, ds = ops.soft_mask_backward(grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation), w, s,

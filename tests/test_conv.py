@@ -64,9 +64,13 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(bias):
-    x = torch.randn(3, 2, 6, 5, requires_grad=True)
+def test_opcheck(bias, channels_last):
+    x = torch.randn(3, 2, 6, 5)
+    # channels_last: the fakes must promise the memory format the kernels return (x's), or compiled
+    # graphs read y and dx with the wrong strides
+    x = x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
     w = torch.randn(4, 2, 3, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True) if bias else None
     layout = csr_layout(random_mask(w.shape, 0.5))

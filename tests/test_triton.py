@@ -441,8 +441,9 @@ def test_conv_block_layout_rules():
     torch.testing.assert_close(sparseops.masked_conv2d(x, w, block_layout(m, 16), None, 1, 1),
                                reference.masked_conv2d(x, w, m, None, 1, 1))
     lay = block_layout(m, 16)
-    opcheck(torch.ops.sparseops.masked_conv2d_block.default,
-            (x.double(), w.double().requires_grad_(), m, *lay.tensors(), 16, None, [1, 1], [1, 1], [1, 1]))
+    for xx in (x, x.to(memory_format=torch.channels_last)):  # the fake follows x's memory format
+        opcheck(torch.ops.sparseops.masked_conv2d_block.default,
+                (xx.double(), w.double().requires_grad_(), m, *lay.tensors(), 16, None, [1, 1], [1, 1], [1, 1]))
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: "x".join(map(str, c[:5])))
@@ -482,6 +483,7 @@ def test_soft_masked_conv2d_layer_split_and_rules(monkeypatch):
     torch.testing.assert_close(  # auto (no GPU measurements): soft_mask + F.conv2d, grouped included
         sparseops.soft_masked_conv2d(torch.randn(1, 4, 5, 5, dtype=DOT64, device=DEV), w, s, groups=2).shape,
         torch.Size([1, 4, 3, 3]))
-    opcheck(torch.ops.sparseops.soft_masked_conv2d.default,
-            (x.cpu(), layer.weight.detach().cpu(), layer.weight_score.detach().cpu().requires_grad_(), 2.0, 1.5, None,
-             [1, 1], [1, 1], [1, 1]))
+    for xx in (x.cpu(), x.cpu().to(memory_format=torch.channels_last)):
+        opcheck(torch.ops.sparseops.soft_masked_conv2d.default,
+                (xx, layer.weight.detach().cpu(), layer.weight_score.detach().cpu().requires_grad_(), 2.0, 1.5, None,
+                 [1, 1], [1, 1], [1, 1]))

@@ -1,4 +1,5 @@
-// CUDA kernels for the Continuous Sparsification soft mask (schemas in csrc/ops.cpp).
+// CUDA kernels for the Continuous Sparsification soft mask (schemas in csrc/ops.cpp). beta and
+// scale reach the kernels in the accumulator type (double for float64: no float rounding).
 // Elementwise, one pass each, grid-stride loops; fp32/fp64/fp16/bf16 storage, fp32 math for the
 // half types. Launched on the current stream; no host synchronisation except soft_mask_l1_backward,
 // which reads its scalar gradient on the device instead of on the host.
@@ -33,7 +34,8 @@ int blocks_for(int64_t n, int threads) {
 
 template <typename T>
 __global__ void soft_mask_fwd_kernel(const T* __restrict__ w, const T* __restrict__ s, T* __restrict__ out,
-                                     int64_t n, float beta, float scale) {
+                                     int64_t n, typename Acc<T>::type beta,
+                                     typename Acc<T>::type scale) {
   using A = typename Acc<T>::type;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     A m, dm;
@@ -44,7 +46,8 @@ __global__ void soft_mask_fwd_kernel(const T* __restrict__ w, const T* __restric
 
 template <typename T>
 __global__ void soft_mask_bwd_kernel(const T* __restrict__ g, const T* __restrict__ w, const T* __restrict__ s,
-                                     T* __restrict__ dw, T* __restrict__ ds, int64_t n, float beta, float scale) {
+                                     T* __restrict__ dw, T* __restrict__ ds, int64_t n,
+                                     typename Acc<T>::type beta, typename Acc<T>::type scale) {
   using A = typename Acc<T>::type;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     A m, dm;
@@ -58,7 +61,8 @@ __global__ void soft_mask_bwd_kernel(const T* __restrict__ g, const T* __restric
 // Block-level sum of sigmoid(beta*s) into one double per block (deterministic second pass on host side
 // of the graph: at::sum over the partials).
 template <typename T>
-__global__ void soft_mask_sum_kernel(const T* __restrict__ s, double* __restrict__ partial, int64_t n, float beta) {
+__global__ void soft_mask_sum_kernel(const T* __restrict__ s, double* __restrict__ partial, int64_t n,
+                                     typename Acc<T>::type beta) {
   using A = typename Acc<T>::type;
   __shared__ double buf[256];
   double acc = 0;
@@ -77,10 +81,11 @@ __global__ void soft_mask_sum_kernel(const T* __restrict__ s, double* __restrict
 }
 
 template <typename T>
-__global__ void soft_mask_l1_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ s, T* __restrict__ ds,
-                                        int64_t n, float beta, float scale) {
+__global__ void soft_mask_l1_bwd_kernel(const typename Acc<T>::type* __restrict__ grad, const T* __restrict__ s,
+                                        T* __restrict__ ds, int64_t n, typename Acc<T>::type beta,
+                                        typename Acc<T>::type scale) {
   using A = typename Acc<T>::type;
-  const A coef = A(grad[0]) * A(scale) * A(beta);
+  const A coef = grad[0] * scale * beta;  // the scalar grad in the accumulator type: no half overflow
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     A m, dm;
     sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
@@ -150,14 +155,14 @@ at::Tensor soft_mask_l1_backward_cuda(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK_VALUE(grad.numel() == 1, "sparseops.soft_mask_l1_backward: grad must be a scalar");
   const c10::cuda::CUDAGuard guard(s.device());
   auto sc = s.contiguous();
-  auto gc = grad.reshape({1}).to(s.scalar_type()).contiguous();
+  auto gc = grad.reshape({1}).to(s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   auto ds = at::empty_like(sc);
   const int64_t n = sc.numel();
   if (n == 0) return ds;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "soft_mask_l1_backward_cuda", [&] {
     soft_mask_l1_bwd_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), n, beta, scale);
+        gc.data_ptr<typename Acc<scalar_t>::type>(), sc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), n, beta, scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return ds;

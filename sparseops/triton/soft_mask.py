@@ -121,7 +121,7 @@ def soft_mask_l1_backward(grad: torch.Tensor, s: torch.Tensor, beta: float, scal
     if grad.numel() != 1:
         raise ValueError("sparseops.soft_mask_l1_backward: grad must be a scalar")
     s = s.contiguous()
-    g = grad.reshape(1).to(s.dtype)
+    g = grad.reshape(1).to(torch.float64 if s.dtype == torch.float64 else torch.float32)  # no half overflow
     ds = torch.empty_like(s)
     if s.numel():
         wrap_triton(_l1_bwd)[_grid(s.numel())](g, s, ds, s.numel(), beta, scale, ACC=acc_type(s.dtype))
