@@ -1,4 +1,6 @@
 """masked_linear (sparse CSR kernels and the dense fallback) against reference.py."""
+import importlib
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -256,8 +258,7 @@ def test_corrupt_layout_is_an_error_not_a_crash():
 def test_backend_errors(monkeypatch):
     x, w, b, mask = inputs((4,), 6, 5, 0.5)
     if ops.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
-        import sparseops.triton
-        monkeypatch.setattr(sparseops.triton, "INTERPRET", False)
+        monkeypatch.setattr(importlib.import_module("sparseops.triton"), "INTERPRET", False)
     with pytest.raises(ValueError, match="one of"):
         with sparseops.backend("gpu"):
             pass
