@@ -366,9 +366,21 @@ def _masked_linear_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _grads_fake(x, w, output_mask):
-    shapes = (x.shape, w.shape, (w.shape[0],))  # outputs not asked for are distinct empty tensors
-    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
+def _grads_fake(x, w, output_mask, extra=()):
+    """dx (in x's memory format, as the conv kernels return it), dw, the `extra` weight-shaped grads
+    (ds), db; outputs not asked for are distinct empty tensors."""
+    shapes = (x.shape, w.shape, *(w.shape for _ in extra), (w.shape[0],))
+    out = [w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True)]
+    if output_mask[0]:
+        out[0] = out[0].contiguous(memory_format=_format_of(x))
+    return tuple(out)
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    """The conv ops' convention (csrc/checks.h format_of): outputs and dx take x's memory format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _masked_linear_backward_fake(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
@@ -404,13 +416,20 @@ def _masked_linear_dense_setup(ctx, inputs, output):
 
 def _masked_linear_dense_backward(ctx, grad):
     x, w, mask = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.has_bias and ctx.needs_input_grad[3]
-    g2 = grad.reshape(-1, w.shape[0])
-    dx = (grad @ (w * mask)) if need_x else None
-    dw = (g2.t() @ x.reshape(-1, w.shape[1])).mul_(mask) if need_w else None
-    db = g2.sum(0) if need_b else None
-    return dx, dw, None, db
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3])
+    dx, dw, db = _dense_masked_grads(grad, x, w, mask, need)
+    return dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None
+
+
+def _dense_masked_grads(grad, x, w, mask, output_mask):
+    """dx, dw (masked), db of y = x @ (w*mask)^T + b through dense GEMMs; empties where not asked for."""
+    need_x, need_w, need_b = output_mask
+    n, k = w.shape
+    g2 = grad.reshape(-1, n)
+    dx = grad @ (w * mask) if need_x else w.new_empty(0)
+    dw = (g2.t() @ x.reshape(-1, k)).mul_(mask) if need_w else w.new_empty(0)
+    db = g2.sum(0) if need_b else w.new_empty(0)
+    return dx, dw, db
 
 
 _register("masked_linear", _masked_linear_fake, _masked_linear_setup, _masked_linear_backward)
@@ -508,18 +527,7 @@ def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
 
 @torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
 def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, output_mask):
-    return _dense_masked_grads(grad, x, w * mask, mask, output_mask)
-
-
-def _dense_masked_grads(grad, x, wm, mask, output_mask):
-    """dx, dw (masked), db of y = x @ wm^T + b through dense GEMMs; empties where not asked for."""
-    need_x, need_w, need_b = output_mask
-    n, k = wm.shape
-    g2 = grad.reshape(-1, n)
-    dx = grad @ wm if need_x else wm.new_empty(0)
-    dw = (g2.t() @ x.reshape(-1, k)) * mask if need_w else wm.new_empty(0)
-    db = g2.sum(0) if need_b else wm.new_empty(0)
-    return dx, dw, db
+    return _dense_masked_grads(grad, x, w, mask, output_mask)
 
 
 _register("masked_linear_block", _masked_linear_block_fake, _masked_linear_block_setup,
@@ -537,8 +545,7 @@ def _soft_masked_linear_fake(x, w, s, beta, scale, bias):
 
 
 def _soft_masked_linear_backward_fake(grad, x, w, s, beta, scale, output_mask):
-    shapes = (x.shape, w.shape, s.shape, (w.shape[0],))
-    return tuple(w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True))
+    return _grads_fake(x, w, output_mask, extra=(s,))
 
 
 def _soft_masked_linear_setup(ctx, inputs, output):
@@ -589,17 +596,22 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     with backend "triton", and in `auto` once measured faster on this GPU (thresholds.json "fused").
     Elsewhere: sparseops.soft_mask, then F.linear.
     """
-    beta = _check_scalar("soft_masked_linear", beta, "beta")
-    scale = _check_scalar("soft_masked_linear", scale, "scale")
-    _check_inputs("soft_masked_linear", x, w, bias)
-    if not isinstance(s, torch.Tensor):
-        raise TypeError("sparseops.soft_masked_linear: s must be a tensor")
-    _check_tensors("soft_masked_linear", x=x, w=w, s=s, bias=bias)
+    beta, scale = _check_soft("soft_masked_linear", x, w, s, beta, scale, bias)
     if _state.backend == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
     if fused_soft("soft_masked_linear", w.device):
         return ops.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     return torch.nn.functional.linear(x, soft_mask(w, s, beta, scale), bias)
+
+
+def _check_soft(op: str, x, w, s, beta, scale, bias) -> tuple[float, float]:
+    """The soft-masked ops' arguments: tensors on one device, beta and scale as Python numbers."""
+    beta, scale = _check_scalar(op, beta, "beta"), _check_scalar(op, scale, "scale")
+    _check_inputs(op, x, w, bias)
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"sparseops.{op}: s must be a tensor")
+    _check_tensors(op, x=x, w=w, s=s, bias=bias)
+    return beta, scale
 
 
 def fused_soft(op: str, device: torch.device) -> bool:
@@ -622,13 +634,6 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _format_of(x: torch.Tensor) -> torch.memory_format:
-    """The conv ops' convention (csrc/checks.h format_of): outputs and dx take x's memory format."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _masked_conv2d_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation):
     torch._check(x.dim() == 4 and w.dim() == 4, lambda: "sparseops.masked_conv2d: x and w must be 4-D")
     torch._check(x.shape[1] == w.shape[1], lambda: "sparseops.masked_conv2d: x and w disagree on C_in")
@@ -637,18 +642,9 @@ def _masked_conv2d_fake(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stri
     return x.new_empty((x.shape[0], w.shape[0], ho, wo)).contiguous(memory_format=_format_of(x))
 
 
-def _conv_grads_fake(x, w, output_mask, extra=()):
-    """dx (in x's memory format), dw, the `extra` weight-shaped grads (ds), db; empties where not asked."""
-    shapes = (x.shape, w.shape, *(w.shape for _ in extra), (w.shape[0],))
-    out = [w.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask, strict=True)]
-    if output_mask[0]:
-        out[0] = out[0].contiguous(memory_format=_format_of(x))
-    return tuple(out)
-
-
 def _masked_conv2d_backward_fake(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation,
                                  output_mask):
-    return _conv_grads_fake(x, w, output_mask)
+    return _grads_fake(x, w, output_mask)
 
 
 def _masked_conv2d_setup(ctx, inputs, output):
@@ -681,7 +677,7 @@ def _masked_conv2d_block_fake(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx
 
 def _masked_conv2d_block_backward_fake(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride,
                                        padding, dilation, output_mask):
-    return _conv_grads_fake(x, w, output_mask)
+    return _grads_fake(x, w, output_mask)
 
 
 def _masked_conv2d_block_setup(ctx, inputs, output):
@@ -798,8 +794,8 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         impl = "cpu"
     elif name == "auto" and supported and w.device.type == "cuda" \
             and layout.density <= max_density("masked_conv2d", "cuda", plane=_plane(x, w, stride, pad, dilation)) \
-            and gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density) is not None:
-        impl = gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density)  # once measured on a GPU
+            and (chosen := gpu_kernel("masked_conv2d", w.device, layout.shape, layout.density)) is not None:
+        impl = chosen  # once measured on a GPU
     else:
         impl = "reference" if name == "reference" else "dense"
     if impl in ("cpu", "cuda", "triton"):  # the ops return x's memory format (NCHW or channels_last)
@@ -819,7 +815,7 @@ def _soft_masked_conv2d_fake(x, w, s, beta, scale, bias, stride, padding, dilati
 
 
 def _soft_masked_conv2d_backward_fake(grad, x, w, s, beta, scale, stride, padding, dilation, output_mask):
-    return _conv_grads_fake(x, w, output_mask, extra=(s,))
+    return _grads_fake(x, w, output_mask, extra=(s,))
 
 
 def _soft_masked_conv2d_setup(ctx, inputs, output):
@@ -871,12 +867,7 @@ def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     skipped, and dw and ds come from one GEMM; groups=1 and symmetric padding. Elsewhere, and for
     other convolutions in `auto`: sparseops.soft_mask, then F.conv2d.
     """
-    beta = _check_scalar("soft_masked_conv2d", beta, "beta")
-    scale = _check_scalar("soft_masked_conv2d", scale, "scale")
-    _check_inputs("soft_masked_conv2d", x, w, bias)
-    if not isinstance(s, torch.Tensor):
-        raise TypeError("sparseops.soft_masked_conv2d: s must be a tensor")
-    _check_tensors("soft_masked_conv2d", x=x, w=w, s=s, bias=bias)
+    beta, scale = _check_soft("soft_masked_conv2d", x, w, s, beta, scale, bias)
     if w.dim() != 4:
         raise ValueError(f"sparseops.soft_masked_conv2d: w must be 4-D [C_out, C_in/groups, kh, kw], "
                          f"got {tuple(w.shape)}")

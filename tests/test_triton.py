@@ -114,7 +114,7 @@ def test_masked_linear_leading_dims_int64_indices_and_split():
     mask = random_mask((4, 9), 0.5).to(DEV)
     lay = csr_layout(mask)
     wide = CsrLayout(lay.mask, *(t.long() for t in lay.tensors()), lay.nnz, lay.source, lay.built_version)
-    assert kernels.spmm.split_count(4, 300, x.device) > 1  # dw's reduction over M=300 is split
+    assert kernels.split_count(4, 300, x.device, 128) > 1  # dw's reduction over M=300 is split
     with sparseops.backend("triton"):
         out = sparseops.masked_linear(x, w, wide)
     _check(out, (x, w), lambda x, w: reference.masked_linear(x, w, mask), torch.float64)
@@ -490,7 +490,7 @@ def test_soft_masked_conv2d(case):
 def test_soft_masked_conv2d_layer_split_and_rules(monkeypatch):
     layer = sparseops.SoftMaskedConv2d(3, 4, 1, padding=1, padding_mode="reflect", s0=-0.1).to(DOT64).to(DEV)
     x = torch.randn(2, 3, 24, 24, dtype=DOT64, device=DEV)  # one tile, 1352 positions: dw's reduction splits
-    assert kernels.soft_gemm._splits(1, 1352, x.device) > 1
+    assert kernels.split_count(1, 1352, x.device, kernels.soft_gemm.SPLIT_BLOCK) > 1
     with monkeypatch.context() as m, sparseops.backend("triton"):
         m.setattr(ops, "soft_mask", None)  # the unfused path would call it
         fused = layer(x)

@@ -45,6 +45,16 @@ def acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """acc_type's torch twin, for partial-sum buffers and reductions done in torch."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bias_grad(grad: torch.Tensor, dims, dtype: torch.dtype) -> torch.Tensor:
+    """dbias: grad summed over `dims` in the accumulator type, returned in `dtype`."""
+    return grad.sum(dims, dtype=acc_dtype(dtype)).to(dtype)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 GEMMs follow torch's TF32 switch (off by default)."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -56,6 +66,19 @@ def multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # the interpreter: small, so that tests exercise split reductions
+
+
+def split_count(units: int, reduction: int, device: torch.device, chunk: int) -> int:
+    """How many programs share each output unit's reduction (of length `reduction`, at least `chunk`
+    each): enough programs to fill the GPU when the units are few; 1 when they are many."""
+    want = triton.cdiv(4 * multiprocessors(device), max(units, 1))
+    return max(1, min(want, triton.cdiv(reduction, chunk)))
+
+
+def entry_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each entry of a CSR (no host sync: the output size is given)."""
+    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device), row_ptr.diff(),
+                                   output_size=nnz)
 
 
 def define(op: str, fn):

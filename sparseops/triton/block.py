@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, checks, conv, define, dot_precision, multiprocessors
+from . import (acc_dtype, acc_type, autotune, bias_grad, checks, conv, define, dot_precision, entry_rows,
+               split_count)
 
 _CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
             for bm, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 2))]
@@ -142,13 +143,11 @@ def masked_linear_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
         dw = torch.zeros_like(w)
         tiles = col_idx.numel()
         if tiles and m:
-            nbr = row_ptr.numel() - 1
-            tile_rows = torch.repeat_interleave(torch.arange(nbr, device=w.device), row_ptr.diff(),
-                                                output_size=tiles)
-            split = max(1, min(triton.cdiv(4 * multiprocessors(w.device), tiles), triton.cdiv(m, 128)))
+            tile_rows = entry_rows(row_ptr, tiles)
+            split = split_count(tiles, m, w.device, 128)
             per = triton.cdiv(m, split)
-            part = torch.empty((split, tiles, block, block), dtype=torch.float64 if w.dtype == torch.float64
-                               else torch.float32, device=w.device) if split > 1 else dw
+            part = torch.empty((split, tiles, block, block), dtype=acc_dtype(w.dtype), device=w.device) \
+                if split > 1 else dw
             wrap_triton(_dw)[(tiles, split)](g2, x2, mask8, tile_rows, col_idx, dw, part, m, n, k, per, B=block,
                                              SPLIT=split, ACC=acc, PREC=prec)
             if split > 1:  # fixed-order sum of the partial tiles, then one scatter into the padded grid
@@ -157,7 +156,7 @@ def masked_linear_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
                 padded[tile_rows, col_idx.long()] = part.sum(0).to(w.dtype)
                 dw = padded.permute(0, 2, 1, 3).reshape(nb * block, kb * block)[:n, :k].contiguous()
     if need_b:
-        db = g2.sum(0, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(g2, 0, w.dtype)
     return dx, dw, db
 
 
@@ -323,12 +322,11 @@ def masked_conv2d_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
         dw = torch.zeros_like(w)
         tiles, q = col_idx.numel(), nb * oh * ow
         if tiles and q:
-            tile_rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=w.device), row_ptr.diff(),
-                                                output_size=tiles)
-            split = max(1, min(triton.cdiv(4 * multiprocessors(w.device), tiles), triton.cdiv(q, 256)))
+            tile_rows = entry_rows(row_ptr, tiles)
+            split = split_count(tiles, q, w.device, 256)
             per = triton.cdiv(q, split)
-            part = torch.empty((split, tiles, block, block), dtype=torch.float64 if w.dtype == torch.float64
-                               else torch.float32, device=w.device) if split > 1 else dw
+            part = torch.empty((split, tiles, block, block), dtype=acc_dtype(w.dtype), device=w.device) \
+                if split > 1 else dw
             wrap_triton(_conv_dw)[(tiles, split)](g, xc, mask8, tile_rows, col_idx, dw, part, q, c, h, wd, c_out,
                                                   oh, ow, per, **geo, B=block, SPLIT=split, ACC=acc, PREC=prec)
             if split > 1:  # fixed-order sum of the partial tiles, then one scatter (rows past C_out dropped)
@@ -340,7 +338,7 @@ def masked_conv2d_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
                 inside = (co < c_out).expand_as(at)
                 dw.view(-1)[at[inside]] = part.sum(0)[inside].to(w.dtype)
     if need_b:
-        db = grad.sum((0, 2, 3), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(grad, (0, 2, 3), w.dtype)
     return dx, dw, db
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, checks, define
-from .spmm import _nnz_bucket, row_order, split_count
+from . import acc_dtype, acc_type, autotune, bias_grad, checks, define, split_count
+from .spmm import _nnz_bucket, row_order, scatter_partials
 
 _CONFIGS = [triton.Config({"BLOCK_Q": bq, "BLOCK_J": bj}, num_warps=w)
             for bq, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (128, 32, 4))]
@@ -243,18 +243,16 @@ def masked_conv2d_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, s
         dw = torch.zeros_like(w)
         nnz, q = col_idx.numel(), nb * oh * ow
         if nnz and q:
-            split = split_count(c_out, q, w.device)
+            split = split_count(c_out, q, w.device, 128)
             per = triton.cdiv(q, split)
-            part = torch.empty((split, nnz), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
-                               device=w.device) if split > 1 else dw
+            part = torch.empty((split, nnz), dtype=acc_dtype(w.dtype), device=w.device) if split > 1 else dw
             wrap_triton(_dw)[(c_out, split)](
                 row_order(row_ptr), row_ptr, col_idx, g, xc, dw, part, c_out, q, _nnz_bucket(nnz), nnz, per,
                 c, h, wd, oh, ow, **geo, SPLIT=split, ACC=acc)
-            if split > 1:  # fixed-order sum of the partials, one scatter: deterministic
-                rows = torch.repeat_interleave(torch.arange(c_out, device=w.device), row_ptr.diff(), output_size=nnz)
-                dw.view(c_out, -1)[rows, col_idx.long()] = part.sum(0).to(w.dtype)
+            if split > 1:
+                scatter_partials(dw.view(c_out, -1), row_ptr, col_idx, part)
     if need_b:
-        db = grad.sum((0, 2, 3), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(grad, (0, 2, 3), w.dtype)
     return dx, dw, db
 
 

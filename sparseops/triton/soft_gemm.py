@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, checks, conv, define, dot_precision, multiprocessors
+from . import acc_dtype, acc_type, autotune, bias_grad, checks, conv, define, dot_precision, split_count
 from .soft_mask import _sigmoid_pair
 
 _CONV_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "BQ": bq}, num_warps=w, num_stages=st)
@@ -131,9 +131,7 @@ def _epilogue(dwt, w, s, beta, scale):
     return (dwt * scale * m).to(w.dtype), (dwt * w.to(dwt.dtype) * (scale * beta) * dm).to(w.dtype)
 
 
-def _splits(tiles: int, reduction: int, device) -> int:
-    """Programs per output tile: enough to fill the GPU when the tiles are few and the reduction long."""
-    return max(1, min(triton.cdiv(4 * multiprocessors(device), tiles), triton.cdiv(reduction, 1024)))
+SPLIT_BLOCK = 1024  # the dW~ GEMMs split their reduction only in slices of at least this many rows
 
 
 def _check(op, x, w, s, beta, scale, bias=None, grad=None):
@@ -181,8 +179,8 @@ def soft_masked_linear_backward(grad, x, w, s, beta, scale, output_mask):
     if need_w or need_s:  # one GEMM serves both; its epilogue writes both
         full_dw, full_ds = torch.empty_like(w), torch.empty_like(s)
         if n and k:
-            split = _splits(triton.cdiv(n, 64) * triton.cdiv(k, 64), m, w.device)
-            part = torch.zeros((split, n, k), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+            split = split_count(triton.cdiv(n, 64) * triton.cdiv(k, 64), m, w.device, SPLIT_BLOCK)
+            part = torch.zeros((split, n, k), dtype=acc_dtype(w.dtype),
                                device=w.device) if split > 1 else full_dw
             grid = _grid(n, k, "BN", "BK")
             wrap_triton(_dws)[lambda meta: (grid(meta)[0], split)](
@@ -192,7 +190,7 @@ def soft_masked_linear_backward(grad, x, w, s, beta, scale, output_mask):
                 full_dw, full_ds = _epilogue(part.sum(0), w, s, beta, scale)
         dw, ds = (full_dw if need_w else dw), (full_ds if need_s else ds)
     if need_b:
-        db = g2.sum(0, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(g2, 0, w.dtype)
     return dx, dw, ds, db
 
 
@@ -349,8 +347,8 @@ def soft_masked_conv2d_backward(grad, x, w, s, beta, scale, stride, padding, dil
             full_dw.zero_(), full_ds.zero_()
         elif w.numel():
             taps = w.shape[2] * w.shape[3]
-            split = _splits(triton.cdiv(c_out, 64) * triton.cdiv(c, 64) * taps, q, w.device)
-            part = torch.zeros((split, *w.shape), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+            split = split_count(triton.cdiv(c_out, 64) * triton.cdiv(c, 64) * taps, q, w.device, SPLIT_BLOCK)
+            part = torch.zeros((split, *w.shape), dtype=acc_dtype(w.dtype),
                                device=w.device) if split > 1 else full_dw
             wrap_triton(_conv_dws)[lambda meta: (triton.cdiv(c_out, meta["BN"]) * triton.cdiv(c, meta["BK"]) * taps,
                                                  split)](
@@ -360,7 +358,7 @@ def soft_masked_conv2d_backward(grad, x, w, s, beta, scale, stride, padding, dil
                 full_dw, full_ds = _epilogue(part.sum(0), w, s, beta, scale)
         dw, ds = (full_dw if need_w else dw), (full_ds if need_s else ds)
     if need_b:
-        db = grad.sum((0, 2, 3), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(grad, (0, 2, 3), w.dtype)
     return dx, dw, ds, db
 
 

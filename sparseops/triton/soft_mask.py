@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_type, autotune, checks, define
+from . import acc_dtype, acc_type, autotune, checks, define
 
 # NOTE: memory-bound; large blocks with several warps keep enough loads in flight to approach
 # HBM bandwidth, and the autotuner picks the block per size class.
@@ -108,8 +108,7 @@ def soft_mask_l1(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
     _check("soft_mask_l1", beta, scale, s=s)
     s = s.contiguous()
     n = s.numel()
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    part = torch.zeros(triton.cdiv(n, _L1_BLOCK), dtype=acc, device=s.device)
+    part = torch.zeros(triton.cdiv(n, _L1_BLOCK), dtype=acc_dtype(s.dtype), device=s.device)
     if n:
         wrap_triton(_l1_partial)[(part.numel(),)](s, part, n, beta, ACC=acc_type(s.dtype), BLOCK=_L1_BLOCK,
                                                   num_warps=8)
@@ -121,7 +120,7 @@ def soft_mask_l1_backward(grad: torch.Tensor, s: torch.Tensor, beta: float, scal
     if grad.numel() != 1:
         raise ValueError("sparseops.soft_mask_l1_backward: grad must be a scalar")
     s = s.contiguous()
-    g = grad.reshape(1).to(torch.float64 if s.dtype == torch.float64 else torch.float32)  # no half overflow
+    g = grad.reshape(1).to(acc_dtype(s.dtype))  # no half overflow
     ds = torch.empty_like(s)
     if s.numel():
         wrap_triton(_l1_bwd)[_grid(s.numel())](g, s, ds, s.numel(), beta, scale, ACC=acc_type(s.dtype))

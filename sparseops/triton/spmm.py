@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import acc_type, autotune, checks, define, multiprocessors
+from . import acc_dtype, acc_type, autotune, bias_grad, checks, define, entry_rows, split_count
 
 _SPMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
                  for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (512, 8, 8), (128, 32, 4))]
@@ -113,12 +113,6 @@ def spmm_t(row_ptr, col_idx, vals, val_strides, b, rows: int, bias=None) -> torc
     return out
 
 
-def split_count(rows: int, m: int, device: torch.device, block: int = 128) -> int:
-    """How many programs share one row's reduction over M: enough programs to fill the GPU."""
-    want = triton.cdiv(4 * multiprocessors(device), max(rows, 1))
-    return max(1, min(want, triton.cdiv(m, block)))
-
-
 def sddmm(row_ptr, col_idx, a, b, shape, out_dtype) -> torch.Tensor:
     """Dense [R, C] with out[r, c] = <a[r], b[c]> at the kept entries of the CSR, 0 elsewhere."""
     rows, cols = shape
@@ -126,17 +120,20 @@ def sddmm(row_ptr, col_idx, a, b, shape, out_dtype) -> torch.Tensor:
     out = torch.zeros(shape, dtype=out_dtype, device=a.device)
     if nnz == 0:
         return out
-    split = split_count(rows, m, a.device)
+    split = split_count(rows, m, a.device, 128)
     per = triton.cdiv(m, split) if m else 0
-    part = torch.empty((split, nnz), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32,
-                       device=a.device) if split > 1 else out
+    part = torch.empty((split, nnz), dtype=acc_dtype(a.dtype), device=a.device) if split > 1 else out
     wrap_triton(_sddmm)[(rows, split)](row_order(row_ptr), row_ptr, col_idx, a, b, out, part, rows, cols, m, nnz,
                                        _nnz_bucket(nnz), per, SPLIT=split, ACC=acc_type(a.dtype))
-    if split > 1:  # a fixed-order sum of the partials, then one scatter: deterministic, no atomics
-        entry_rows = torch.repeat_interleave(torch.arange(rows, device=a.device), row_ptr.diff(),
-                                             output_size=nnz)
-        out.view(-1)[entry_rows * cols + col_idx.long()] = part.sum(0).to(out_dtype)
+    if split > 1:
+        scatter_partials(out, row_ptr, col_idx, part)
     return out
+
+
+def scatter_partials(out2d: torch.Tensor, row_ptr, col_idx, part) -> None:
+    """out2d[row, col] = the fixed-order sum over splits of part[split, j], for each kept entry j of
+    the CSR: deterministic, no atomics."""
+    out2d[entry_rows(row_ptr, col_idx.numel()), col_idx.long()] = part.sum(0).to(out2d.dtype)
 
 
 def _check(op, x, w, bias, layout, grad=None):
@@ -171,7 +168,7 @@ def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, o
     if need_w:
         dw = sddmm(row_ptr, col_idx, gt, x.reshape(-1, k).t().contiguous(), (n, k), w.dtype)
     if need_b:
-        db = g2.sum(0, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32).to(w.dtype)
+        db = bias_grad(g2, 0, w.dtype)
     return dx, dw, db
 
 
