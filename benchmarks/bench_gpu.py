@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseops
-from sparseops import ops
+from sparseops._library import has_kernel
 
 RESULTS = Path(__file__).with_name("results")
 THRESHOLDS = Path(sparseops.__file__).with_name("thresholds.json")
@@ -85,7 +85,7 @@ def linear_rows(shapes, sparsities, modes=("fwd", "fwd+bwd")):
                     "triton": lambda: _forced("triton", lambda: sparseops.masked_linear(x, w, mask)),
                     "triton_block32": lambda: _forced("triton", lambda: sparseops.masked_linear(x, w, blk)),
                 }
-                if ops.has_kernel("masked_linear", "cuda"):
+                if has_kernel("masked_linear", "cuda"):
                     providers["cuda"] = lambda: _forced("cuda", lambda: sparseops.masked_linear(x, w, mask))
                 wb = (w.detach() * bmask).to_sparse_bsr(32)
                 providers["torch_bsr"] = lambda: F.linear(x.detach(), wb)  # forward only: no BSR autograd
@@ -126,7 +126,7 @@ def conv_rows(shapes, sparsities):
                     "prune": lambda: F.conv2d(x, w * mask, None, 1, 1),
                     "triton": lambda: _forced("triton", lambda: sparseops.masked_conv2d(x, w, mask, None, 1, 1)),
                 }
-                if ops.has_kernel("masked_conv2d", "cuda"):
+                if has_kernel("masked_conv2d", "cuda"):
                     providers["cuda"] = lambda: _forced("cuda", lambda: sparseops.masked_conv2d(x, w, mask, None, 1, 1))
                 for name, fwd in providers.items():
                     ms = bench(_step(fwd, (x, w), "fwd+bwd"), (x, w))

@@ -4,8 +4,13 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import layout, reference
 from .layout import BlockLayout, CsrLayout, block_layout, csr_layout
 from .nn import MaskedConv2d, MaskedLinear, SoftMaskedConv2d, SoftMaskedLinear
-from .ops import (backend, get_backend, masked_conv2d, masked_linear, soft_mask, soft_mask_l1, soft_masked_conv2d,
-                  soft_masked_linear)
+from . import backend  # the module, callable as the context manager: `with sparseops.backend("cpu"):`
+from .backend import get_backend
+from .ops.masked_conv2d import masked_conv2d
+from .ops.masked_linear import masked_linear
+from .ops.soft_mask import soft_mask, soft_mask_l1
+from .ops.soft_masked_conv2d import soft_masked_conv2d
+from .ops.soft_masked_linear import soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
 from . import tickets  # noqa: E402  (needs patch)
 

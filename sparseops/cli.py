@@ -25,7 +25,8 @@ def _no_gpu_reason() -> str:
 
 def info() -> str:
     import sparseops
-    from sparseops import ops
+    from sparseops import backend
+    from sparseops._library import CUDA_EXTENSION_ERROR
 
     lines = [f"sparseops {sparseops.__version__}",
              f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
@@ -35,7 +36,7 @@ def info() -> str:
     lines.append(f"CPU backend: compiled; kernels in use: {isa} (this CPU runs: {supported}; "
                  f"SPARSEOPS_CPU_ISA caps it)")
     lines.append(f"threads: {torch.get_num_threads()} (torch.set_num_threads / OMP_NUM_THREADS)")
-    if ops.CUDA_EXTENSION_ERROR is None:
+    if CUDA_EXTENSION_ERROR is None:
         archs = torch.ops.sparseops._cuda_arch_list()
         gpu = (f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                else f"CUDA kernels cannot run here: {_no_gpu_reason()}")
@@ -46,9 +47,9 @@ def info() -> str:
                "built with SPARSEOPS_NO_CUDA=1 or without nvcc; a +cu wheel or a source build with nvcc has it")
         lines.append(f"CUDA backend: not built (this install has no sparseops._cuda: {why})")
     else:
-        lines.append(f"CUDA backend: built but cannot be loaded: {ops.CUDA_EXTENSION_ERROR}")
+        lines.append(f"CUDA backend: built but cannot be loaded: {CUDA_EXTENSION_ERROR}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    why = ops.triton_unavailable(device)
+    why = backend.triton_unavailable(device)
     if why is None or "not installed" not in why:
         import triton
 
@@ -56,18 +57,18 @@ def info() -> str:
         lines.append(f"Triton: {triton.__version__}; {state if why is None else why}")
         lines.append("  Triton kernels: soft_mask, soft_mask_l1, masked_linear and masked_conv2d (CSR and block "
                      "16/32/64), soft_masked_linear and soft_masked_conv2d (fused); SPARSEOPS_BACKEND=triton")
-        gpu = ops.THRESHOLDS.get("cuda")
+        gpu = backend.thresholds().get("cuda")
         lines.append("  auto on CUDA: " + ("measured thresholds in thresholds.json" if gpu else
                                            "no GPU measurements in thresholds.json yet, so masked ops run their "
                                            "dense fallback; benchmarks/bench_gpu.py --write-thresholds measures them"))
     else:
         lines.append(f"Triton: {why}")
-    density = ops.max_density("masked_linear", "cpu")
-    widths = ops.THRESHOLDS.get("cpu", {}).get("masked_linear_by_width", [])
+    density = backend.max_density("masked_linear", "cpu")
+    widths = backend.thresholds().get("cpu", {}).get("masked_linear_by_width", [])
     narrow = f", lower for narrow layers: {', '.join(f'width {h}: {d:g}' for h, d in widths)}" if widths else ""
-    lines.append(f"backend: {ops.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
+    lines.append(f"backend: {backend.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
                  f"density {density:g}{narrow} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
-    planes = ops.THRESHOLDS.get("cpu", {}).get("masked_conv2d_by_plane", [])
+    planes = backend.thresholds().get("cpu", {}).get("masked_conv2d_by_plane", [])
     lines.append("masked_conv2d on CPU: sparse kernel for groups=1, stride 1, C_in*kh*kw >= 64, up to density "
                  + (", ".join(f"{d:g} at {p} output positions" for p, d in planes) or "-")
                  + "; grouped and strided convolutions and denser masks run the reference (one mask multiply)")

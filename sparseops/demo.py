@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from . import ops
+from . import backend
 from .tickets.command import search
 
 
@@ -20,8 +20,8 @@ def run(levels: int = 10, epochs: int = 3, hidden: int = 2048, batch_size: int =
     out(f"IMP with rewinding on digits: MLP 64-{hidden}-{hidden}-10, {levels} levels at rate 0.2, {epochs} epochs "
         f"per level, batch {batch_size}, {torch.get_num_threads()} threads")
     runs = {}
-    for label, backend in (("mask multiply", "reference"), ("sparseops", None)):
-        args.backend = backend
+    for label, name in (("mask multiply", "reference"), ("sparseops", None)):
+        args.backend = name
         runs[label], _ = search(args)
     ref, ours = runs["mask multiply"].levels, runs["sparseops"].levels
     out(f"{'level':>5} | {'sparsity':>8} | {'acc (mask mult.)':>16} | {'acc (sparseops)':>15} | "
@@ -32,5 +32,5 @@ def run(levels: int = 10, epochs: int = 3, hidden: int = 2048, batch_size: int =
             f"{ta * 1e3:>15.1f} ms | {tb * 1e3:>14.1f} ms | {ta / tb:>6.2f}x")
     total_a, total_b = sum(r.wall_time for r in ref), sum(r.wall_time for r in ours)
     out(f"whole search: {total_a:.1f} s with mask multiplication, {total_b:.1f} s with sparseops "
-        f"({total_a / total_b:.2f}x); dense fallback above density {ops.max_density('masked_linear', 'cpu'):g}")
+        f"({total_a / total_b:.2f}x); dense fallback above density {backend.max_density('masked_linear', 'cpu'):g}")
     return runs

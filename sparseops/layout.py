@@ -86,7 +86,7 @@ def as_bool_mask(mask, *, name: str = "mask") -> torch.Tensor:
     return mask != 0
 
 
-def _csr(mask: torch.Tensor, index_dtype: torch.dtype):
+def _csr_indices(mask: torch.Tensor, index_dtype: torch.dtype):
     rows = mask.shape[0]
     nz = mask.nonzero()  # row-major order: rows ascending, columns ascending within a row
     counts = torch.bincount(nz[:, 0], minlength=rows)
@@ -101,8 +101,8 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     m = _bool_2d(mask)
     nnz = int(m.sum())
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
-    row_ptr, col_idx = _csr(m, index_dtype)
-    t_row_ptr, t_col_idx = _csr(m.t(), index_dtype)
+    row_ptr, col_idx = _csr_indices(m, index_dtype)
+    t_row_ptr, t_col_idx = _csr_indices(m.t(), index_dtype)
     return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, mask.detach(), mask._version)
 
 
@@ -222,8 +222,8 @@ def build_block_layout(mask: torch.Tensor, block: int) -> BlockLayout:
     padded[:n, :k] = tiled
     counts = padded.view(nb, block, kb, block).sum((1, 3))  # kept entries per tile
     kept = counts > 0
-    row_ptr, col_idx = _csr(kept, torch.int32)
-    t_row_ptr, t_col_idx = _csr(kept.t(), torch.int32)
+    row_ptr, col_idx = _csr_indices(kept, torch.int32)
+    t_row_ptr, t_col_idx = _csr_indices(kept.t(), torch.int32)
     return BlockLayout(m.detach(), block, taps, row_ptr, col_idx, t_row_ptr, t_col_idx, int(counts.sum()),
                        int(kept.sum()), mask.detach(), mask._version)
 
@@ -245,6 +245,11 @@ def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
     hits[block] = (key, layout)
     _block_cache[mask] = hits
     return layout
+
+
+def as_csr(info: CsrLayout | BlockLayout | MaskStats) -> CsrLayout:
+    """The CsrLayout behind a layout or MaskStats (built from its mask and cached, if need be)."""
+    return info if isinstance(info, CsrLayout) else csr_layout(info.source)
 
 
 def invalidate(mask: torch.Tensor) -> None:

@@ -20,8 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .layout import as_bool_mask, csr_layout, mask_stats
+from .layout import as_bool_mask, csr_layout
+from .ops.masked_conv2d import masked_conv2d
+from .ops.masked_linear import masked_linear
+from .ops.soft_mask import soft_mask_l1
+from .ops.soft_masked_conv2d import soft_masked_conv2d
+from .ops.soft_masked_linear import soft_masked_linear
 
 
 def _sigmoid(v: float) -> float:
@@ -91,7 +95,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
+        return masked_linear(x, self.weight, self.weight_mask, self.bias)
 
 
 def _conv2d_input(conv: nn.Conv2d, x: torch.Tensor):
@@ -110,8 +114,8 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = _conv2d_input(self, x)
-        return ops.masked_conv2d(x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation,
-                                 self.groups)
+        return masked_conv2d(x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation,
+                             self.groups)
 
 
 class _SoftMaskedMixin:
@@ -145,7 +149,7 @@ class _SoftMaskedMixin:
 
     def penalty(self) -> torch.Tensor:
         """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused."""
-        return ops.soft_mask_l1(self.weight_score, self.beta, self.scale)
+        return soft_mask_l1(self.weight_score, self.beta, self.scale)
 
     @property
     def sparsity(self) -> float:
@@ -166,29 +170,9 @@ class _SoftMaskedMixin:
                 self.set_ticket(True)
             y = self._masked_by(x, self._hard_mask) * self.scale
             return y if self.bias is None else y + self._bias_view()
-        if ops.fused_soft("soft_masked_conv2d" if self.weight.dim() == 4 else "soft_masked_linear",
-                          self.weight.device):
-            return self._fused(x)  # the mask applied inside the GEMM (Triton)
-        w = ops.soft_mask(self.weight, self.weight_score, self.beta, self.scale)
-        keep = self._nonzero_mask()
-        if keep is not None:  # most of the mask underflowed to exactly 0: skip those entries, exactly
-            return self._masked_by(x, keep, w, self.bias)
-        return self._dense(x, w)
-
-    @torch.no_grad()
-    def _nonzero_mask(self):
-        """Where sigmoid(beta * s) is not exactly 0, when that is sparse enough for the sparse kernels
-        to win (late in CS's schedule); else None. Entries whose mask is exactly 0 contribute 0 to the
-        output and get exactly 0 gradient (dw = g*m, ds = g*w*beta*m*(1-m)), so skipping them is exact."""
-        if ops.get_backend() not in ("auto", "cpu") or self.weight.device.type != "cpu" or self.weight.numel() == 0:
-            return None
-        s = self.weight_score.detach()
-        if not self.beta * float(-s.min()) > 80.0:  # fp32 sigmoid(z) is 0 only below z = -88.7
-            return None
-        keep = torch.sigmoid(self.beta * s) != 0
-        stats = mask_stats(keep)  # cached: the op called with `keep` reads the same count
-        op = "masked_conv2d" if self.weight.dim() == 4 else "masked_linear"
-        return keep if stats.density <= ops.max_density(op, "cpu", stats.shape) else None
+        # The op chooses: the mask fused into the GEMM (Triton), soft_mask then the dense op, or, once
+        # most of the mask is exactly 0, the masked op over the rest (exact).
+        return self._soft(x)
 
     def extra_repr(self) -> str:
         state = "ticket" if self.ticket else f"beta={self.beta:.4g}"
@@ -203,14 +187,11 @@ class SoftMaskedLinear(_SoftMaskedMixin, nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_score(s0)
 
-    def _dense(self, x, w):
-        return F.linear(x, w, self.bias)
+    def _masked_by(self, x, mask):
+        return masked_linear(x, self.weight, mask)
 
-    def _masked_by(self, x, mask, weight=None, bias=None):
-        return ops.masked_linear(x, self.weight if weight is None else weight, mask, bias)
-
-    def _fused(self, x):
-        return ops.soft_masked_linear(x, self.weight, self.weight_score, self.beta, self.scale, self.bias)
+    def _soft(self, x):
+        return soft_masked_linear(x, self.weight, self.weight_score, self.beta, self.scale, self.bias)
 
     def _bias_view(self):
         return self.bias
@@ -223,18 +204,14 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._attach_score(s0)
 
-    def _dense(self, x, w):
-        return self._conv_forward(x, w, self.bias)
-
-    def _masked_by(self, x, mask, weight=None, bias=None):
+    def _masked_by(self, x, mask):
         x, padding = _conv2d_input(self, x)
-        return ops.masked_conv2d(x, self.weight if weight is None else weight, mask, bias, self.stride, padding,
-                                 self.dilation, self.groups)
+        return masked_conv2d(x, self.weight, mask, None, self.stride, padding, self.dilation, self.groups)
 
-    def _fused(self, x):
+    def _soft(self, x):
         x, padding = _conv2d_input(self, x)
-        return ops.soft_masked_conv2d(x, self.weight, self.weight_score, self.beta, self.scale, self.bias,
-                                      self.stride, padding, self.dilation, self.groups)
+        return soft_masked_conv2d(x, self.weight, self.weight_score, self.beta, self.scale, self.bias,
+                                  self.stride, padding, self.dilation, self.groups)
 
     def _bias_view(self):
         return self.bias.view(1, -1, 1, 1)
@@ -244,15 +221,9 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
 # built on first use so that importing sparseops does not import transformers.
 
 
-def _conv1d_masked(self, x, bias, mask, weight=None):
+def _conv1d_masked(self, x, bias, mask):
     layout = csr_layout(mask).t()  # the layout of W^T, [out, in], from the cached one of W
-    return ops.masked_linear(x, (self.weight if weight is None else weight).t(), layout, bias)
-
-
-def _conv1d_dense(self, x, w):
-    out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), w) if self.bias is not None else x.reshape(
-        -1, x.size(-1)) @ w
-    return out.view(*x.shape[:-1], w.shape[1])
+    return masked_linear(x, self.weight.t(), layout, bias)
 
 
 def _make_conv1d_twins():
@@ -269,10 +240,9 @@ def _make_conv1d_twins():
     soft = type("SoftMaskedConv1D", (_SoftMaskedMixin, Conv1D), {
         "__doc__": "transformers' Conv1D under Continuous Sparsification's soft mask.",
         "__module__": __name__,
-        "_dense": _conv1d_dense,
-        "_masked_by": lambda self, x, mask, weight=None, bias=None: _conv1d_masked(self, x, bias, mask, weight),
-        "_fused": lambda self, x: ops.soft_masked_linear(x, self.weight.t(), self.weight_score.t(), self.beta,
-                                                         self.scale, self.bias),
+        "_masked_by": lambda self, x, mask: _conv1d_masked(self, x, None, mask),
+        "_soft": lambda self, x: soft_masked_linear(x, self.weight.t(), self.weight_score.t(), self.beta,
+                                                    self.scale, self.bias),
         "_bias_view": lambda self: self.bias,
     })
     return masked, soft

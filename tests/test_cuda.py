@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 import sparseops
-from sparseops import ops, reference
+from sparseops import _library, backend, reference
 from sparseops.layout import csr_layout
 
 from conftest import random_mask
@@ -18,9 +18,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None,
                     reason="CPU-only torch or no nvcc: the CUDA extension is not built here")
 def test_cuda_extension_is_built_and_registered():
-    assert ops.CUDA_EXTENSION_ERROR is None, ops.CUDA_EXTENSION_ERROR
+    assert _library.CUDA_EXTENSION_ERROR is None, _library.CUDA_EXTENSION_ERROR
     for op in ("soft_mask", "soft_mask_l1", "masked_linear_dense", "masked_linear", "masked_conv2d"):
-        assert ops.has_kernel(op, "cuda"), op
+        assert _library.has_kernel(op, "cuda"), op
     for op in ("soft_mask_backward", "soft_mask_l1_backward", "masked_linear_backward", "masked_conv2d_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", "CUDA"), op
     archs = torch.ops.sparseops._cuda_arch_list()
@@ -69,8 +69,8 @@ def test_soft_mask_cuda_opcheck_and_bad_input():
 @pytest.mark.cuda
 @needs_gpu
 def test_masked_linear_on_cuda_uses_the_dense_fallback():
-    if "cuda" not in ops.THRESHOLDS:  # nothing measured on a GPU yet: auto must not pick a sparse kernel
-        assert ops.max_density("masked_linear", "cuda", (7, 12)) == 0.0
+    if "cuda" not in backend.thresholds():  # nothing measured on a GPU yet: auto must not pick a sparse kernel
+        assert backend.max_density("masked_linear", "cuda", (7, 12)) == 0.0
     x = torch.randn(5, 12, device="cuda", requires_grad=True)
     w = torch.randn(7, 12, device="cuda", requires_grad=True)
     mask = torch.rand(7, 12, device="cuda") > 0.5

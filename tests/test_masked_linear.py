@@ -6,7 +6,7 @@ import torch
 from torch.library import opcheck
 
 import sparseops
-from sparseops import ops, reference
+from sparseops import backend, reference
 from sparseops.layout import csr_layout
 
 from conftest import random_mask
@@ -257,7 +257,7 @@ def test_corrupt_layout_is_an_error_not_a_crash():
 
 def test_backend_errors(monkeypatch):
     x, w, b, mask = inputs((4,), 6, 5, 0.5)
-    if ops.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
+    if backend.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
         monkeypatch.setattr(importlib.import_module("sparseops.triton"), "INTERPRET", False)
     with pytest.raises(ValueError, match="one of"):
         with sparseops.backend("gpu"):
@@ -289,17 +289,15 @@ def test_random_shapes_and_masks_match_reference(rows, k, n, density, bias, seed
 
 
 def test_threshold_follows_layer_width(monkeypatch):
-    from sparseops import ops
-
-    monkeypatch.setitem(ops.THRESHOLDS, "cpu", {"masked_linear": 0.5,
-                                                "masked_linear_by_width": [[50, 0.0], [150, 0.2], [500, 0.6]]})
-    assert ops.max_density("masked_linear", "cpu") == 0.5
-    assert ops.max_density("masked_linear", "cpu", (10, 10)) == 0.0  # h = 5: below the table
-    assert ops.max_density("masked_linear", "cpu", (200, 200)) == pytest.approx(0.1)  # h = 100
-    assert ops.max_density("masked_linear", "cpu", (300, 300)) == pytest.approx(0.2)  # h = 150
-    assert ops.max_density("masked_linear", "cpu", (4000, 4000)) == 0.5  # capped
+    monkeypatch.setitem(backend.thresholds(), "cpu", {"masked_linear": 0.5,
+                                                      "masked_linear_by_width": [[50, 0.0], [150, 0.2], [500, 0.6]]})
+    assert backend.max_density("masked_linear", "cpu") == 0.5
+    assert backend.max_density("masked_linear", "cpu", (10, 10)) == 0.0  # h = 5: below the table
+    assert backend.max_density("masked_linear", "cpu", (200, 200)) == pytest.approx(0.1)  # h = 100
+    assert backend.max_density("masked_linear", "cpu", (300, 300)) == pytest.approx(0.2)  # h = 150
+    assert backend.max_density("masked_linear", "cpu", (4000, 4000)) == 0.5  # capped
     with sparseops.backend(max_density=0.9):
-        assert ops.max_density("masked_linear", "cpu", (10, 10)) == 0.9
+        assert backend.max_density("masked_linear", "cpu", (10, 10)) == 0.9
 
     calls = []
 
@@ -308,7 +306,7 @@ def test_threshold_follows_layer_width(monkeypatch):
             calls.append(name)
             return getattr(torch.ops.sparseops, name)
 
-    monkeypatch.setattr(ops, "ops", Recorder())
+    monkeypatch.setattr(importlib.import_module("sparseops.ops.masked_linear"), "lib", Recorder())
     for shape, density, expected in [((200, 200), 0.05, "masked_linear"),  # sparser than 0.1: sparse
                                      ((200, 200), 0.3, None),  # a small layer's fallback: plain autograd
                                      ((1024, 1024), 0.7, "masked_linear_dense")]:  # a big one's: the op

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from .. import ops
+from .. import backend
 from .cs import continuous_sparsification
 from .imp import imp
 from .masks import Ticket, sparsity_report
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewind-epoch", type=int, default=2, help="CS: epoch of round 0 the ticket rewinds to")
     p.add_argument("--hidden", type=int, default=2048, help="wide-mlp: hidden width")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=ops.BACKENDS, default=None,
+    p.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="force a backend (reference = plain mask multiplication)")
     p.add_argument("--checkpoint-dir", default=None, help="IMP/random: save each level here and resume from it")
     p.add_argument("--save-ticket", default=None, help="write the final ticket (bit-packed masks) to this file")
@@ -53,7 +53,7 @@ def search(args: argparse.Namespace, out=print):
     train, test = load_data(args.data, args.seed)
     model = build_model(args.model, hidden=args.hidden)
     progress = not args.no_progress
-    with ops.backend(args.backend):
+    with backend.backend(args.backend):
         if args.method == "cs":
             result = continuous_sparsification(
                 model, train, test, rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, out=print) -> int:
     result, model = search(args, out)
     label = {"imp": "IMP with rewinding", "random": "random pruning", "cs": "Continuous Sparsification"}[args.method]
     out(f"{label} on {args.data} with {args.model} ({torch.get_num_threads()} threads, backend "
-        f"{args.backend or ops.get_backend()})")
+        f"{args.backend or backend.get_backend()})")
     out(result.table())
     if args.method == "cs":
         out("(levels 0..{0}: CS rounds with the soft mask, sparsity of s > 0; level {1}: the ticket, "

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import ops as _ops
+from .._library import define_variant
 
 # Read once: Triton itself reads the variable when a kernel is first launched.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -87,7 +87,7 @@ def define(op: str, fn):
     schema = schema[schema.index("("):]  # drop "sparseops::<op>"
     name = f"triton_{op}"
     triton_op(f"sparseops::{name}", fn, mutates_args=(), schema=schema)
-    _ops.register_twin(op, name)
+    define_variant(op, name)
     return fn
 
 

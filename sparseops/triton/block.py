@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import (acc_dtype, acc_type, autotune, bias_grad, checks, conv, define, dot_precision, entry_rows,
+from .. import checks
+from . import (acc_dtype, acc_type, autotune, bias_grad, conv, define, dot_precision, entry_rows,
                split_count)
 
 _CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)

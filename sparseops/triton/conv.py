@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_dtype, acc_type, autotune, bias_grad, checks, define, split_count
+from .. import checks
+from . import acc_dtype, acc_type, autotune, bias_grad, define, split_count
 from .spmm import _nnz_bucket, row_order, scatter_partials
 
 _CONFIGS = [triton.Config({"BLOCK_Q": bq, "BLOCK_J": bj}, num_warps=w)

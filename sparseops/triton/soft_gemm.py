@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_dtype, acc_type, autotune, bias_grad, checks, conv, define, dot_precision, split_count
+from .. import checks
+from . import acc_dtype, acc_type, autotune, bias_grad, conv, define, dot_precision, split_count
 from .soft_mask import _sigmoid_pair
 
 _CONV_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "BQ": bq}, num_warps=w, num_stages=st)

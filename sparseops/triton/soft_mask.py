@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import acc_dtype, acc_type, autotune, checks, define
+from .. import checks
+from . import acc_dtype, acc_type, autotune, define
 
 # NOTE: memory-bound; large blocks with several warps keep enough loads in flight to approach
 # HBM bandwidth, and the autotuner picks the block per size class.

@@ -18,7 +18,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import acc_dtype, acc_type, autotune, bias_grad, checks, define, entry_rows, split_count
+from .. import checks
+from . import acc_dtype, acc_type, autotune, bias_grad, define, entry_rows, split_count
 
 _SPMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
                  for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (512, 8, 8), (128, 32, 4))]

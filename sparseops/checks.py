@@ -1,6 +1,9 @@
-"""Input checks of the Triton ops: the C++ ops' rules and messages (csrc/checks.h), in Python,
-since no C++ code runs before a Triton kernel. Every message starts with the op and names the
-argument."""
+"""Argument checks on the Python side, in one place: the public functions' arguments (bottom), and
+the Triton ops' inputs (top), which follow the C++ ops' rules and messages (csrc/checks.h, the one
+place for the C++ kernels), since no C++ code runs before a Triton kernel. Every message starts
+with the op and names the argument."""
+from numbers import Real
+
 import torch
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -59,3 +62,46 @@ def dot_dtype(op: str, w: torch.Tensor) -> None:
     if w.dtype == torch.float64 and w.device.type == "cuda":
         raise TypeError(f"sparseops.{op}: float64 is not supported by the Triton tensor-core kernels on GPUs; "
                         "use float32, float16 or bfloat16 (or the CSR layout, whose kernels take float64)")
+
+
+# ---- the public functions' arguments (sparseops.<op>, before any implementation is chosen) ----
+
+
+def tensors(op: str, bias=None, **named) -> None:
+    """The named arguments are tensors; bias a tensor or None."""
+    if not all(isinstance(t, torch.Tensor) for t in named.values()):
+        what = "must be tensors" if len(named) > 1 else "must be a tensor"
+        raise TypeError(f"sparseops.{op}: {' and '.join(named)} {what}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"sparseops.{op}: bias must be a tensor or None, got {type(bias).__name__}")
+
+
+def same_device(op: str, **named) -> None:
+    """Dense tensors on one device (the dispatcher would otherwise pick a device silently)."""
+    for name, t in named.items():
+        if t is not None and t.layout != torch.strided:
+            raise ValueError(f"sparseops.{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"sparseops.{op}: all tensors must be on one device, got {listing}")
+
+
+def number(op: str, v, name: str) -> float:
+    """A Python number (not a tensor, not a bool), as float."""
+    if isinstance(v, torch.Tensor) or not isinstance(v, Real) or isinstance(v, bool):
+        raise TypeError(f"sparseops.{op}: {name} must be a Python number, got {type(v).__name__}")
+    return float(v)
+
+
+def density(v, name: str) -> float:
+    if not isinstance(v, Real) or not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"sparseops: {name} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+def pair(op: str, v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+        raise TypeError(f"sparseops.{op}: {name} must be an int or a pair of ints, got {v!r}")
+    return t

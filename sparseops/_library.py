@@ -1,0 +1,108 @@
+"""The compiled libraries and the op registry: a leaf module (it imports nothing of sparseops' own
+but the compiled extensions), so every other module can use it without an import cycle.
+
+- Loading `sparseops._C` registers every schema (csrc/ops.cpp) and the CPU kernels; `sparseops._cuda`
+  the CUDA kernels, where it was built and can be loaded.
+- `lib` is `torch.ops.sparseops`; `has_kernel(op, device_type)` says which compiled kernels exist.
+- `define(op, fake, grads=...)` gives an op its fake (meta) implementation and, with `grads`, its
+  autograd formula, built generically from the schema; `define_variant(op, name)` gives another
+  op with the same schema (a Triton implementation, `triton_<op>`) the same fake and formula, whose
+  backward then runs `<name>_backward`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+try:  # the CUDA kernels live in a second library, built only where nvcc and a CUDA torch are
+    from . import _cuda  # noqa: F401
+
+    CUDA_EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # a CPU-only build, or CUDA libraries that cannot be loaded here
+    CUDA_EXTENSION_ERROR = str(exc)
+
+lib = torch.ops.sparseops
+
+_COMPILED = ("soft_mask", "soft_mask_l1", "masked_linear", "masked_linear_dense", "masked_conv2d")
+# Read once: a plain dict is cheap and torch.compile-friendly.
+_KERNELS = {(op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
+            for op in _COMPILED for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether a compiled (C++ or CUDA C++) kernel of `op` is registered for `device_type`."""
+    return _KERNELS.get((op, device_type), False)
+
+
+def schema(op: str) -> torch.FunctionSchema:
+    return getattr(lib, op).default._schema
+
+
+class _Spec:
+    """What `define` registered for an op, so that `define_variant` can give a variant the same."""
+
+    def __init__(self, op: str, fake: Callable, grads: Sequence[str], backward: Callable | None):
+        self.op, self.fake, self.grads, self.backward = op, fake, tuple(grads), backward
+        args = schema(op).arguments
+        self.names = [a.name for a in args]
+        self.tensors = [str(a.type).startswith("Tensor") for a in args]
+        # The backward op takes grad, then the forward's arguments less bias, then output_mask if
+        # its schema has one (one flag per differentiable argument, in order).
+        self.positions = [self.names.index(g) for g in self.grads]
+
+
+_SPECS: dict[str, _Spec] = {}
+_PENDING: dict[str, list[str]] = {}
+
+
+def define(op: str, fake: Callable, *, grads: Sequence[str] = (), backward: Callable | None = None) -> None:
+    """Registers `fake` for `sparseops::<op>` and, where `grads` names its differentiable arguments,
+    an autograd formula whose backward calls `sparseops::<op>_backward` (or `backward`, a Python
+    function with the same signature) with `output_mask` built from what autograd needs."""
+    _SPECS[op] = _Spec(op, fake, grads, backward)
+    for name in [op, *_PENDING.pop(op, [])]:
+        _register(_SPECS[op], name)
+
+
+def define_variant(op: str, name: str) -> None:
+    """Gives `sparseops::<name>` (same schema as `<op>`) the fake and autograd formula of `<op>`."""
+    if op in _SPECS:
+        _register(_SPECS[op], name)
+    else:  # `<op>` is defined later (import order): registered then
+        _PENDING.setdefault(op, []).append(name)
+
+
+def _register(spec: _Spec, name: str) -> None:
+    torch.library.register_fake(f"sparseops::{name}", spec.fake)
+    if not spec.grads:
+        return
+    python_backward = spec.backward if name == spec.op else None
+    bwd_name = f"{name}_backward"
+    # The variant's backward has the schema of `<op>_backward` (and may be registered after this).
+    has_mask = python_backward is not None or "output_mask" in [a.name for a in schema(f"{spec.op}_backward").arguments]
+    # What the backward receives: every argument but bias (only its presence matters).
+    passed = [n != "bias" for n in spec.names]
+    saved_slots = [t and p for t, p in zip(spec.tensors, passed)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(v for v, s in zip(inputs, saved_slots) if s))
+        ctx.present = [v is not None for v in inputs]
+        ctx.attrs = [None if s else v for v, s, p in zip(inputs, saved_slots, passed) if p]
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        rest = [next(saved) if s else attr
+                for s, attr in zip((s for s, p in zip(saved_slots, passed) if p), ctx.attrs)]
+        need = [ctx.needs_input_grad[i] and ctx.present[i] for i in spec.positions]
+        fn = python_backward or getattr(lib, bwd_name)  # looked up when called: registered after this op
+        out = fn(grad, *rest, need) if has_mask else fn(grad, *rest)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        grads: list = [None] * len(spec.names)
+        for i, g, wanted in zip(spec.positions, out, need, strict=True):
+            grads[i] = g if wanted else None
+        return tuple(grads)
+
+    torch.library.register_autograd(f"sparseops::{name}", backward, setup_context=setup_context)

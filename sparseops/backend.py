@@ -1,0 +1,335 @@
+"""Which implementation of an op runs for a call: the one place that decides.
+
+Every public op function (sparseops/ops/) asks `choose(op, device, **facts)` once and runs the
+implementation it names; layers, the CLI, benchmarks and tests read policy only through this
+module's public functions. Implementations, by name:
+
+  cpu, cuda        the compiled C++ / CUDA C++ sparse kernels (sparseops._C, sparseops._cuda)
+  triton           the Triton kernels (sparseops/triton), CSR, block or fused soft-mask
+  element          a block layout run on the element (CSR) path instead of its tiles
+  dense            the same math through dense GEMMs in one op (masked_linear_dense)
+  mask_multiply    plain autograd over `w * mask` (what torch.nn.utils.prune does)
+  unmasked         nothing is pruned: exactly the dense layer (F.linear, F.conv2d)
+  unfused          soft-masked ops: sparseops.soft_mask, then the dense op
+  skip_zeros       soft-masked ops late in CS: the masked op over the entries whose mask is not 0
+  reference        sparseops.reference, the plain-torch ground truth
+
+`SPARSEOPS_BACKEND` or the `backend(...)` context manager forces one of BACKENDS; a forced
+backend that cannot run raises (`require`) with the reason. In `auto` the sparse kernels run only
+where the mask is sparser than the measured break-even (thresholds.json), so a patched model is
+never slower than the unpatched one.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import json
+import math
+import os
+import threading
+from importlib import resources
+
+import torch
+
+from . import checks
+from ._library import CUDA_EXTENSION_ERROR, has_kernel
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
+SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply
+
+
+def _load_thresholds() -> dict:
+    with resources.files(__package__).joinpath("thresholds.json").open() as f:
+        return json.load(f)
+
+
+_THRESHOLDS = _load_thresholds()
+
+
+def thresholds() -> dict:
+    """The measured break-even table (thresholds.json), as loaded (tests patch entries of it)."""
+    return _THRESHOLDS
+
+
+# ---- state ----------------------------------------------------------------------------------
+
+
+def _env_backend() -> str:
+    name = os.environ.get("SPARSEOPS_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"sparseops: SPARSEOPS_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def _env_max_density() -> float | None:
+    v = os.environ.get("SPARSEOPS_MAX_DENSITY")
+    return None if v in (None, "") else checks.density(float(v), "SPARSEOPS_MAX_DENSITY")
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.backend = _env_backend()
+        self.max_density = _env_max_density()
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def backend(name: str | None = None, *, max_density: float | None = None):
+    """Forces a backend (and/or the density above which masked ops run dense) inside a block.
+
+    >>> with sparseops.backend("reference"):
+    ...     y = sparseops.masked_linear(x, w, mask)
+    """
+    if name is not None:
+        name = str(name).lower()
+        if name not in BACKENDS:
+            raise ValueError(f"sparseops.backend: name must be one of {BACKENDS}, got {name!r}")
+    if max_density is not None:
+        max_density = checks.density(max_density, "sparseops.backend: max_density")
+    saved = (_state.backend, _state.max_density)
+    _state.backend = name or saved[0]
+    _state.max_density = saved[1] if max_density is None else max_density
+    try:
+        yield
+    finally:
+        _state.backend, _state.max_density = saved
+
+
+def get_backend() -> str:
+    return _state.backend
+
+
+# ---- what is available here -----------------------------------------------------------------
+
+_TRITON: dict = {}
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """None if sparseops' Triton kernels can run on `device`, else why not. Imports (and so
+    registers) them on first use: importing triton costs about a second."""
+    if "error" not in _TRITON:
+        try:
+            from . import triton as kernels
+
+            _TRITON["error"], _TRITON["module"] = None, kernels
+        except ImportError as exc:
+            _TRITON["error"] = f"Triton is not installed (pip install 'sparseops[triton]'): {exc}"
+    if _TRITON["error"] is not None:
+        return _TRITON["error"]
+    return _TRITON["module"].usable_on(device)
+
+
+def require(op: str, impl: str, device: torch.device) -> str:
+    """`impl` (cpu, cuda or triton) if it can run `op` on `device`, else raises with the reason."""
+    if impl == "triton":
+        why = triton_unavailable(device)
+        if why is not None:
+            raise NotImplementedError(f"sparseops.{op}: the triton backend cannot run here: {why}")
+        return impl
+    if not has_kernel(op, impl):
+        why = f" ({CUDA_EXTENSION_ERROR})" if impl == "cuda" and CUDA_EXTENSION_ERROR else ""
+        raise NotImplementedError(f"sparseops.{op}: no compiled {impl} kernel for this op{why}")
+    if device.type != impl:
+        raise ValueError(f"sparseops.{op}: backend {impl!r} needs {impl} tensors, got tensors on {device}")
+    return impl
+
+
+def _kernel_here(op: str, device: torch.device) -> str | None:
+    """The sparse kernel `auto` may use on `device`: the compiled one, else Triton on a GPU."""
+    if device.type in ("cpu", "cuda") and has_kernel(op, device.type):
+        return device.type
+    if device.type == "cuda" and triton_unavailable(device) is None:
+        return "triton"
+    return None
+
+
+# ---- the measured tables --------------------------------------------------------------------
+
+
+def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None, *,
+                plane: int | None = None) -> float:
+    """The density above which `op` runs its dense fallback on `device_type`.
+
+    For a weight of `shape` [N, K] it also follows the measured break-even by layer width
+    h = N*K/(N+K) (thresholds.json, "<op>_by_width": [[h, density], ...], interpolated): the sparse
+    kernels' fixed cost grows like M*(N+K) while the dense GEMM's grows like M*N*K, so narrow layers
+    need sparser masks before the sparse path pays, and the narrowest never do. For a convolution,
+    `plane` (output positions) selects "<op>_by_plane" the same way: its fixed cost (transposing the
+    input, writing the output) weighs more against small planes.
+    """
+    if _state.max_density is not None:
+        return _state.max_density
+    table = _THRESHOLDS.get(device_type, {})
+    cap = float(table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
+    if plane is not None:
+        points = table.get(f"{op}_by_plane")
+        return min(cap, _interpolate(points, plane)) if points else cap
+    points = table.get(f"{op}_by_width")
+    if shape is None or not points:
+        return cap
+    n, k = shape
+    h = n * k / (n + k) if n + k else 0.0
+    return min(cap, _interpolate(points, h))
+
+
+def _interpolate(points, h: float) -> float:
+    if h <= points[0][0]:
+        return float(points[0][1])
+    for (h0, d0), (h1, d1) in zip(points, points[1:]):
+        if h <= h1:
+            return float(d0 + (d1 - d0) * (h - h0) / (h1 - h0))
+    return float(points[-1][1])
+
+
+def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str | None:
+    """"cuda" (C++) or "triton" for `op` on a GPU: the winner of the nearest measured point in
+    thresholds.json ("cuda": {"kernels": {op: [[h, density, winner], ...]}}, h = N*K/(N+K), written
+    by benchmarks/bench_gpu.py), among the kernels that exist here; Triton where nothing is
+    measured; None if neither exists."""
+    have = [k for k in ("triton", "cuda") if (k == "cuda" and has_kernel(op, "cuda"))
+            or (k == "triton" and triton_unavailable(device) is None)]
+    points = [p for p in _THRESHOLDS.get("cuda", {}).get("kernels", {}).get(op, []) if p[2] in have]
+    if not points:
+        return have[0] if have else None
+    n, k = shape
+    h = max(n * k / (n + k), 1.0) if n + k else 1.0
+    nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1.0) / h)) + 4 * abs(p[1] - density))
+    return nearest[2]
+
+
+def measured_faster(op: str, device_type: str) -> bool:
+    """Whether a fused GPU op was measured faster than its unfused torch equivalent ("fused" in
+    thresholds.json, written by benchmarks/bench_gpu.py); `auto` uses it only then."""
+    return bool(_THRESHOLDS.get(device_type, {}).get("fused", {}).get(op, False))
+
+
+# ---- the choice -----------------------------------------------------------------------------
+
+
+def choose(op: str, device: torch.device, **facts) -> str:
+    """The implementation (a name from this module's docstring) that runs `op` for a call on
+    `device`, from the active backend and the facts of the call:
+
+      soft_mask, soft_mask_l1    -
+      masked_linear              density, shape (of w), full (nothing pruned), numel
+      masked_linear_block        tile_density
+      masked_conv2d              density, shape (w as 2-D), full, supported (geometry the kernels
+                                 cover), unit_stride, reduction (C_in*kh*kw), plane; block and
+                                 tile_density for a BlockLayout
+      soft_masked_linear/conv2d  supported (conv), nonzero: a function giving the MaskStats of
+                                 `sigmoid(beta*s) != 0` when it is worth a look, else None
+    """
+    return _CHOOSERS[op](op, _state.backend, device, **facts)
+
+
+def _soft_mask(op, name, device):
+    if name == "reference":
+        return "reference"
+    if name in ("cpu", "cuda", "triton"):
+        return require(op, name, device)
+    return _kernel_here(op, device) or "reference"
+
+
+def _dense_fallback(name: str, full: bool, numel: int) -> str:
+    if full:  # nothing pruned (IMP's level 0): exactly nn.Linear
+        return "unmasked"
+    if name == "auto" and numel <= SMALL_WEIGHT:
+        # Small layers: the op's Python autograd costs more than the masked copy of w that plain
+        # autograd keeps (what torch.nn.utils.prune does); large ones keep the memory.
+        return "mask_multiply"
+    return "dense"
+
+
+def _masked_linear(op, name, device, *, density, shape, full, numel):
+    if name == "reference":
+        return "reference"
+    if name in ("cpu", "cuda", "triton"):
+        return require(op, name, device)
+    kernel = _kernel_here(op, device) if name == "auto" else None
+    if kernel is None or density > max_density(op, device.type, shape):
+        return _dense_fallback(name, full, numel)
+    return kernel if kernel == "cpu" else gpu_kernel(op, device, shape, density)
+
+
+def _block(op, name, device, *, tile_density):
+    if name == "reference":
+        return "reference"
+    if name == "triton" or (name == "auto" and device.type == "cuda" and triton_unavailable(device) is None
+                            and tile_density <= max_density(op, "cuda")):
+        return require(op, "triton", device)
+    return "element"
+
+
+def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_stride, reduction, plane,
+                   block=False, tile_density=1.0):
+    if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density) == "triton":
+        return "triton_block"
+    if name in ("cpu", "cuda", "triton"):
+        require(op, name, device)
+        if not supported:
+            raise NotImplementedError(f"sparseops.{op}: the {name} kernel covers groups=1 and symmetric "
+                                      "padding; use the auto or reference backend for this convolution")
+        return name
+    if name == "auto" and supported and density <= max_density(op, device.type, plane=plane):
+        # Measured (bench_conv.py): on the CPU strided convolutions lose at 90-95% sparsity (dx
+        # works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
+        # input layer); both stay on the fallback.
+        if device.type == "cpu" and has_kernel(op, "cpu") and unit_stride and reduction >= 64:
+            return "cpu"
+        if device.type == "cuda" and (chosen := gpu_kernel(op, device, shape, density)) is not None:
+            return chosen  # once measured on a GPU
+    if name == "reference":
+        return "reference"
+    return "unmasked" if full else "mask_multiply"
+
+
+def _fused(op, name, device, supported):
+    """Whether the soft mask runs fused into the GEMM (Triton): forced, or in `auto` on a GPU where
+    it was measured faster than soft_mask + the dense op."""
+    if name == "triton":
+        require(op, "triton", device)
+        if not supported:
+            raise NotImplementedError(f"sparseops.{op}: the triton kernel covers groups=1 and "
+                                      "symmetric padding; use the auto or reference backend for this convolution")
+        return True
+    return (supported and name == "auto" and device.type == "cuda" and measured_faster(op, "cuda")
+            and triton_unavailable(device) is None)
+
+
+def _soft_masked(op, name, device, *, nonzero, supported=True):
+    if name == "reference":
+        return "reference"
+    if _fused(op, name, device, supported):
+        return "triton"
+    if name in ("auto", "cpu") and device.type == "cpu":
+        # Late in CS most of the mask underflows to exactly 0: those entries contribute 0 and get
+        # exactly 0 gradient, so running the masked op over the others is exact.
+        stats = nonzero()
+        masked = "masked_conv2d" if op == "soft_masked_conv2d" else "masked_linear"
+        if stats is not None and stats.density <= max_density(masked, "cpu", stats.shape):
+            return "skip_zeros"
+    return "unfused"
+
+
+class _Module(types.ModuleType):
+    """`sparseops.backend` is this module and, called, the `backend(...)` context manager, so that
+    both `with sparseops.backend("cpu"):` and `sparseops.backend.choose(...)` read naturally."""
+
+    def __call__(self, name: str | None = None, *, max_density: float | None = None):
+        return backend(name, max_density=max_density)
+
+
+sys.modules[__name__].__class__ = _Module
+
+_CHOOSERS = {
+    "soft_mask": lambda op, name, device: _soft_mask(op, name, device),
+    "soft_mask_l1": lambda op, name, device: _soft_mask(op, name, device),
+    "masked_linear": _masked_linear,
+    "masked_linear_block": _block,
+    "masked_conv2d": _masked_conv2d,
+    "soft_masked_linear": _soft_masked,
+    "soft_masked_conv2d": _soft_masked,
+}

@@ -1,0 +1,91 @@
+"""masked_conv2d: `conv2d(x, w * mask, ...)` where only kept weights cost time, over a CSR layout of
+W viewed as [C_out, C_in*kh*kw] (C++, CUDA C++ and Triton kernels) or a tap-major block layout
+(Triton's tile kernels)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend, checks, reference
+from .._library import define, lib
+from ..layout import BlockLayout, CsrLayout, as_csr
+from ._common import as_layout, conv_fake, conv_geometry, format_of, grads_fake, plane
+
+define("masked_conv2d",
+       lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
+       conv_fake("masked_conv2d", x, w, stride, padding, dilation),
+       grads=("x", "w", "bias"))
+define("masked_conv2d_backward",
+       lambda grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, stride, padding, dilation, output_mask:
+       grads_fake(x, w, output_mask))
+
+
+# The block layout's op: Triton runs it (sparseops/triton/masked_conv2d_block.py); on other devices
+# the tiles buy nothing, so CPU and CUDA tensors get the dense masked convolution (same math, same fake).
+@torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
+def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
+    return F.conv2d(x, w * mask, bias, stride, padding, dilation).contiguous(memory_format=format_of(x))
+
+
+@torch.library.register_kernel("sparseops::masked_conv2d_block_backward", ("cpu", "cuda"))
+def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
+    need_x, need_w, need_b = output_mask
+    grad_fn = torch.nn.grad
+    dx = (grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation).contiguous(
+        memory_format=format_of(x)) if need_x else w.new_empty(0))
+    dw = grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation) * mask if need_w else w.new_empty(0)
+    return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
+
+
+define("masked_conv2d_block",
+       lambda x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation:
+       conv_fake("masked_conv2d", x, w, stride, padding, dilation),
+       grads=("x", "w", "bias"))
+define("masked_conv2d_block_backward",
+       lambda grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation,
+       output_mask: grads_fake(x, w, output_mask))
+
+
+def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLayout | torch.Tensor,
+                  bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """`conv2d(x, w * mask, bias, stride, padding, dilation, groups)` where only kept weights cost time.
+
+    `layout` is the mask (bool or 0/1, shape of w), its CsrLayout (over [C_out, C_in*kh*kw]) or
+    its BlockLayout (sparseops.block_layout(mask, 32): tap-major tiles on tensor cores, Triton on
+    GPUs; elsewhere the element path). The CPU kernel covers groups=1 with any stride, padding and
+    dilation, NCHW and channels_last inputs (the output follows the input's memory format). Grouped
+    convolutions, asymmetric "same" padding and devices without a kernel run the reference (one mask
+    multiply); so does a mask denser than the break-even (thresholds.json), and an unpruned mask runs
+    exactly F.conv2d.
+    """
+    op = "masked_conv2d"
+    checks.tensors(op, bias=bias, x=x, w=w)
+    if w.dim() != 4:
+        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    if isinstance(layout, torch.Tensor) and tuple(layout.shape) != tuple(w.shape):
+        raise ValueError(f"sparseops.{op}: the mask has shape {tuple(layout.shape)} but w has {tuple(w.shape)}")
+    info = as_layout(op, layout)
+    if info.shape != (w.shape[0], w[0].numel()):
+        raise ValueError(f"sparseops.{op}: the layout has shape {info.shape} but w flattens to "
+                         f"{(w.shape[0], w[0].numel())}")
+    checks.same_device(op, x=x, w=w, mask=info.mask, bias=bias)
+    stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")
+    block = isinstance(info, BlockLayout)
+    impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=info.nnz == info.mask.numel(),
+                          supported=supported, unit_stride=stride_ == (1, 1), reduction=w[0].numel(),
+                          plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
+                          tile_density=info.tile_density if block else 1.0)
+    if impl == "triton_block":
+        if info.taps != w.shape[2] * w.shape[3]:
+            raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
+                             "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
+        return lib.triton_masked_conv2d_block(x, w, info.mask.view(w.shape), *info.tensors(), info.block, bias,
+                                              stride_, pad, dilation_)
+    if impl in ("cpu", "cuda", "triton"):  # the ops return x's memory format (NCHW or channels_last)
+        kernel = lib.triton_masked_conv2d if impl == "triton" else lib.masked_conv2d
+        return kernel(x, w, *as_csr(info).tensors(), bias, stride_, pad, dilation_)
+    if impl == "unmasked":
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    return reference.masked_conv2d(x, w, info.mask.view(w.shape), bias, stride, padding, dilation, groups)

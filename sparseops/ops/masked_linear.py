@@ -1,0 +1,92 @@
+"""masked_linear: `x @ (w * mask)^T + bias` where only kept weights cost time, over a CSR layout
+(the C++, CUDA C++ and Triton kernels) or a block layout (Triton's tile kernels); and its dense
+fallback masked_linear_dense."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend, checks, reference
+from .._library import define, lib
+from ..layout import BlockLayout, CsrLayout, as_csr
+from ._common import as_layout, grads_fake, linear_fake
+
+
+def dense_masked_grads(grad, x, w, mask, output_mask):
+    """dx, dw (masked), db of y = x @ (w*mask)^T + b through dense GEMMs; empties where not asked for."""
+    need_x, need_w, need_b = output_mask
+    n, k = w.shape
+    g2 = grad.reshape(-1, n)
+    dx = grad @ (w * mask) if need_x else w.new_empty(0)
+    dw = (g2.t() @ x.reshape(-1, k)).mul_(mask) if need_w else w.new_empty(0)
+    db = g2.sum(0) if need_b else w.new_empty(0)
+    return dx, dw, db
+
+
+define("masked_linear", lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias: linear_fake("masked_linear", x, w),
+       grads=("x", "w", "bias"))
+define("masked_linear_backward",
+       lambda grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask: grads_fake(x, w, output_mask))
+# The dense fallback saves only its inputs (all alive anyway: no masked copy of w is kept).
+define("masked_linear_dense", lambda x, w, mask, bias: linear_fake("masked_linear_dense", x, w),
+       grads=("x", "w", "bias"), backward=dense_masked_grads)
+
+
+# The block layout's op: Triton runs it (sparseops/triton/masked_linear_block.py); on other devices
+# the tiles buy nothing, so CPU and CUDA tensors get the dense masked product (same math, same fake).
+@torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
+def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
+    return F.linear(x, w * mask, bias)
+
+
+@torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
+def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, output_mask):
+    return dense_masked_grads(grad, x, w, mask, output_mask)
+
+
+define("masked_linear_block",
+       lambda x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias: linear_fake("masked_linear", x, w),
+       grads=("x", "w", "bias"))
+define("masked_linear_block_backward",
+       lambda grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, output_mask:
+       grads_fake(x, w, output_mask))
+
+
+def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLayout | torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (w * mask)^T + bias` where only the kept weights cost time.
+
+    `layout` is the mask itself (bool or 0/1, shape of w), whose layout is then built once and
+    cached until the mask changes, a CsrLayout (sparseops.layout.csr_layout(mask)) or a BlockLayout
+    (sparseops.layout.block_layout(mask, 32): skips empty tiles, runs kept tiles on tensor cores;
+    Triton on GPUs). `x` may have any leading dimensions. Gradients: dx through the transposed
+    layout, dw at kept entries only (zero elsewhere), dbias as usual.
+    """
+    checks.tensors("masked_linear", bias=bias, x=x, w=w)
+    if isinstance(layout, torch.Tensor) and layout.dim() != 2:
+        raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
+                         f"got shape {tuple(layout.shape)}")
+    info = as_layout("masked_linear", layout)
+    if tuple(w.shape) != info.shape:
+        raise ValueError(f"sparseops.masked_linear: the mask has shape {info.shape} but w has {tuple(w.shape)}")
+    checks.same_device("masked_linear", x=x, w=w, mask=info.mask, bias=bias)
+    if isinstance(info, BlockLayout):
+        impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density)
+        if impl == "reference":
+            return reference.masked_linear(x, w, info.mask, bias)
+        if impl == "triton":
+            return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
+        return masked_linear(x, w, info.mask, bias)  # the element path
+    full = info.nnz == info.mask.numel()
+    impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
+                          numel=w.numel())
+    if impl == "reference":
+        return reference.masked_linear(x, w, info.mask, bias)
+    if impl == "unmasked":
+        return F.linear(x, w, bias)
+    if impl == "mask_multiply":
+        return reference.masked_linear(x, w, info.mask, bias)
+    if impl == "dense":
+        return lib.masked_linear_dense(x, w, info.mask, bias)
+    kernel = lib.triton_masked_linear if impl == "triton" else lib.masked_linear
+    return kernel(x, w, *as_csr(info).tensors(), bias)
