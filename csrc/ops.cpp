@@ -1,5 +1,5 @@
-// Every sparseops op schema, in one place. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu;
-// fake (meta) implementations and autograd formulas are registered from sparseops/ops.py.
+// Every sparseops op schema, in one place. Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu
+// (and sparseops/triton/<op>.py); fakes and autograd formulas in sparseops/ops/<op>.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -147,7 +147,7 @@ def test_masked_linear_bad_input():
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels._common, "INTERPRET", False)
     mask = torch.ones(2, 3, dtype=torch.bool)
     with sparseops.backend("triton"), pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
         sparseops.masked_linear(torch.randn(1, 3), torch.randn(2, 3), mask)
@@ -491,7 +491,7 @@ def test_soft_masked_conv2d(case):
 def test_soft_masked_conv2d_layer_split_and_rules(monkeypatch):
     layer = sparseops.SoftMaskedConv2d(3, 4, 1, padding=1, padding_mode="reflect", s0=-0.1).to(DOT64).to(DEV)
     x = torch.randn(2, 3, 24, 24, dtype=DOT64, device=DEV)  # one tile, 1352 positions: dw's reduction splits
-    assert kernels.split_count(1, 1352, x.device, kernels.soft_gemm.SPLIT_BLOCK) > 1
+    assert kernels.split_count(1, 1352, x.device, kernels._common.SPLIT_BLOCK) > 1
     with monkeypatch.context() as m, sparseops.backend("triton"):
         m.setattr(importlib.import_module("sparseops.ops.soft_masked_conv2d"), "soft_mask", None)  # unfused calls it
         fused = layer(x)

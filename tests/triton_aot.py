@@ -20,18 +20,22 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import sparseops  # noqa: F401  (registers the C++ ops the Triton twins are defined against)
-from sparseops.triton import block, conv, soft_gemm, soft_mask, spmm
+import sparseops  # noqa: F401  (registers the C++ ops the Triton variants are defined against)
+from sparseops.triton import (masked_conv2d, masked_conv2d_block, masked_linear, masked_linear_block, soft_mask,
+                              soft_masked_conv2d, soft_masked_linear)
 
 INDEX = {"order_ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "tile_rows"}
 FLOAT_ARGS = {"beta", "scale"}
 # call-site constexprs (the launchers pass these); a 3x3 stride-1 convolution for the conv kernels
 EXTRA = dict(HAS_BIAS=True, SPLIT=2, B=32, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
 KERNELS = [(soft_mask, "_fwd"), (soft_mask, "_bwd"), (soft_mask, "_l1_bwd"), (soft_mask, "_l1_partial"),
-           (spmm, "_spmm"), (spmm, "_sddmm"), (conv, "_fwd"), (conv, "_dx"), (conv, "_dw"),
-           (block, "_fwd"), (block, "_dx"), (block, "_dw"), (block, "_conv_fwd"), (block, "_conv_dx"),
-           (block, "_conv_dw"), (soft_gemm, "_fwd"), (soft_gemm, "_dx"), (soft_gemm, "_dws"),
-           (soft_gemm, "_conv_fwd"), (soft_gemm, "_conv_dx"), (soft_gemm, "_conv_dws")]
+           (masked_linear, "_spmm"), (masked_linear, "_sddmm"),
+           (masked_conv2d, "_fwd"), (masked_conv2d, "_dx"), (masked_conv2d, "_dw"),
+           (masked_linear_block, "_fwd"), (masked_linear_block, "_dx"), (masked_linear_block, "_dw"),
+           (masked_conv2d_block, "_fwd"), (masked_conv2d_block, "_dx"), (masked_conv2d_block, "_dw"),
+           (soft_masked_linear, "_fwd"), (soft_masked_linear, "_dx"), (soft_masked_linear, "_dws"),
+           (soft_masked_conv2d, "_fwd"), (soft_masked_conv2d, "_dx"), (soft_masked_conv2d, "_dws")]
+DOT_MODULES = (masked_linear_block, masked_conv2d_block, soft_masked_linear, soft_masked_conv2d)  # tl.dot kernels
 DTYPES = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": tl.float64}  # storage -> accumulator
 
 
@@ -46,7 +50,7 @@ def jobs(all_dtypes: bool):
             variants = [("bf16", 90)]
             if i == 0 or all_dtypes:
                 variants += [("fp32", 90), ("fp64", 90), ("fp16", 80), ("fp32", 80)]
-            if module in (block, soft_gemm):  # tl.dot kernels: float64 is refused on GPUs (checks.dot_dtype)
+            if module in DOT_MODULES:  # tl.dot kernels: float64 is refused on GPUs (checks.dot_dtype)
                 variants = [v for v in variants if v[0] != "fp64"]
             for dtype, arch in variants:
                 yield (f"{module.__name__.split('.')[-1]}.{name} {cfg.kwargs} {dtype} sm_{arch}", module.__name__,

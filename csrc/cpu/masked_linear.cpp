@@ -1,5 +1,5 @@
-// CPU implementations of masked_linear and its backward (schemas in csrc/ops.cpp), and the dense
-// fallback used where the mask is too dense for the sparse kernels to win.
+// CPU implementations of masked_linear and its backward (schemas in csrc/ops.cpp). The dense
+// fallback, for any device, is csrc/masked_linear_dense.cpp.
 //
 // Data flow: x [M, K] is transposed once into xt [K, ldt] (zero-padded to the SpMM's M block) so
 // that each kept weight w[n, k] multiplies a contiguous row xt[k, :]; the forward is a CSR SpMM of
@@ -108,36 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   return {or_empty(dx), or_empty(dw), or_empty(db)};
 }
 
-// The dense fallback (any device): the masked weight is a temporary, freed when the GEMM returns.
-at::Tensor masked_linear_dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask,
-                               const std::optional<at::Tensor>& bias) {
-  const char* op = "masked_linear_dense";
-  check_defined(op, x, "x");
-  check_defined(op, w, "w");
-  check_defined(op, mask, "mask");
-  TORCH_CHECK_VALUE(w.dim() == 2, "sparseops.", op, ": w must be 2-D, got shape ", w.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == w.sizes(), "sparseops.", op, ": mask must have the shape of w ", w.sizes(),
-                    ", got ", mask.sizes());
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "sparseops.", op, ": mask must be bool, got ",
-                   mask.scalar_type());
-  check_same_device(op, w, "w", x, "x");
-  check_same_device(op, w, "w", mask, "mask");
-  check_same_dtype(op, w, "w", x, "x");
-  if (bias.has_value() && bias->defined()) check_same_dtype(op, w, "w", *bias, "bias");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.size(1), "sparseops.", op, ": x has shape ", x.sizes(),
-                    " but w expects ", w.size(1), " input features");
-  return at::linear(x, w * mask, bias);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
   m.impl("masked_linear", &masked_linear_cpu);
   m.impl("masked_linear_backward", &masked_linear_backward_cpu);
-  m.impl("masked_linear_dense", &masked_linear_dense);
 }
-
-// The dense fallback is plain ATen, so the same function serves CUDA tensors.
-TORCH_LIBRARY_IMPL(sparseops, CUDA, m) { m.impl("masked_linear_dense", &masked_linear_dense); }
 
 }  // namespace sparseops

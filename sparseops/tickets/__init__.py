@@ -7,9 +7,11 @@ from .masks import (SparsityReport, Ticket, difference, get_masks, intersection,
                     sparsity_report, union)
 from .pruning import magnitude_masks, random_masks, score_masks
 from .train import Trainer, evaluate
+from . import zoo  # noqa: E402  (small models and the digits data; scikit-learn is imported on use)
 
 __all__ = [
     "Level", "LevelResult", "SearchResult", "SparsityReport", "Ticket", "Trainer", "continuous_sparsification",
     "difference", "evaluate", "get_masks", "imp", "intersection", "magnitude_masks", "overlap", "random_masks",
     "random_ticket", "reinitialize", "score_masks", "set_masks", "sparsity_report", "total_levels_for", "union",
+    "zoo",
 ]

@@ -11,19 +11,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import checks
-from . import acc_dtype, acc_type, autotune, define
+from ._common import acc_dtype, acc_type, autotune, define, sigmoid_pair
 
-# NOTE: memory-bound; large blocks with several warps keep enough loads in flight to approach
-# HBM bandwidth, and the autotuner picks the block per size class.
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
-
-
-@triton.jit
-def _sigmoid_pair(z):
-    e = tl.exp(-z)
-    m = 1.0 / (1.0 + e)
-    dm = tl.where(e == float("inf"), 0.0, m * (e * m))
-    return m, dm
 
 
 @autotune(_CONFIGS, key=["n"])
@@ -33,7 +23,7 @@ def _fwd(w_ptr, s_ptr, out_ptr, n, beta, scale, ACC: tl.constexpr, BLOCK: tl.con
     keep = offs < n
     w = tl.load(w_ptr + offs, mask=keep, other=0).to(ACC)
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
-    m, _ = _sigmoid_pair(beta * s)
+    m, _ = sigmoid_pair(beta * s)
     tl.store(out_ptr + offs, (w * scale * m).to(out_ptr.dtype.element_ty), mask=keep)
 
 
@@ -45,7 +35,7 @@ def _bwd(g_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, n, beta, scale, ACC: tl.constexpr,
     g = tl.load(g_ptr + offs, mask=keep, other=0).to(ACC)
     w = tl.load(w_ptr + offs, mask=keep, other=0).to(ACC)
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
-    m, dm = _sigmoid_pair(beta * s)
+    m, dm = sigmoid_pair(beta * s)
     tl.store(dw_ptr + offs, (g * scale * m).to(dw_ptr.dtype.element_ty), mask=keep)
     tl.store(ds_ptr + offs, (g * w * scale * beta * dm).to(ds_ptr.dtype.element_ty), mask=keep)
 
@@ -55,7 +45,7 @@ def _l1_partial(s_ptr, part_ptr, n, beta, ACC: tl.constexpr, BLOCK: tl.constexpr
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
-    m, _ = _sigmoid_pair(beta * s)
+    m, _ = sigmoid_pair(beta * s)
     tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(keep, m, 0.0), axis=0))
 
 
@@ -65,7 +55,7 @@ def _l1_bwd(g_ptr, s_ptr, ds_ptr, n, beta, scale, ACC: tl.constexpr, BLOCK: tl.c
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
-    _, dm = _sigmoid_pair(beta * s)
+    _, dm = sigmoid_pair(beta * s)
     coef = tl.load(g_ptr).to(ACC) * scale * beta
     tl.store(ds_ptr + offs, (coef * dm).to(ds_ptr.dtype.element_ty), mask=keep)
 

@@ -16,10 +16,19 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import checks
-from . import acc_dtype, acc_type, autotune, bias_grad, define, entry_rows, split_count
+from ._common import (
+    acc_dtype,
+    acc_type,
+    autotune,
+    bias_grad,
+    define,
+    nnz_bucket,
+    row_order,
+    scatter_partials,
+    split_count,
+)
 
 _SPMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=w)
                  for bm, bj, w in ((64, 16, 2), (128, 16, 4), (256, 8, 4), (512, 8, 8), (128, 32, 4))]
@@ -84,23 +93,6 @@ def _sddmm(order_ptr, row_ptr, col_idx, a_ptr, b_ptr, out_ptr, part_ptr, R, C, M
 
 # Row permutations (longest row first) and entry rows, per layout index tensor: layouts are cached
 # per mask (sparseops.layout), so these are computed once per mask, not per call.
-_ORDER = WeakIdKeyDictionary()
-
-
-def row_order(row_ptr: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.argsort(row_ptr.diff(), descending=True, stable=True)
-    order = _ORDER.get(row_ptr)
-    if order is None:
-        order = _ORDER[row_ptr] = torch.argsort(row_ptr.diff(), descending=True, stable=True)
-    return order
-
-
-def _nnz_bucket(nnz: int) -> int:
-    """Autotune key: the kept-entry count to the next power of two (re-tune per density class)."""
-    return 1 << max(nnz - 1, 0).bit_length()
-
-
 def spmm_t(row_ptr, col_idx, vals, val_strides, b, rows: int, bias=None) -> torch.Tensor:
     """out [rows, M] = S @ b for S in CSR (values read from `vals` at row*sr + col*sc), b [C, M]."""
     m = b.shape[1]
@@ -109,7 +101,7 @@ def spmm_t(row_ptr, col_idx, vals, val_strides, b, rows: int, bias=None) -> torc
         return out
     wrap_triton(_spmm)[lambda meta: (rows * triton.cdiv(m, meta["BLOCK_M"]),)](
         row_order(row_ptr), row_ptr, col_idx, vals, val_strides[0], val_strides[1], b, out,
-        bias if bias is not None else out, rows, m, _nnz_bucket(col_idx.numel()),
+        bias if bias is not None else out, rows, m, nnz_bucket(col_idx.numel()),
         HAS_BIAS=bias is not None, ACC=acc_type(b.dtype))
     return out
 
@@ -125,16 +117,10 @@ def sddmm(row_ptr, col_idx, a, b, shape, out_dtype) -> torch.Tensor:
     per = triton.cdiv(m, split) if m else 0
     part = torch.empty((split, nnz), dtype=acc_dtype(a.dtype), device=a.device) if split > 1 else out
     wrap_triton(_sddmm)[(rows, split)](row_order(row_ptr), row_ptr, col_idx, a, b, out, part, rows, cols, m, nnz,
-                                       _nnz_bucket(nnz), per, SPLIT=split, ACC=acc_type(a.dtype))
+                                       nnz_bucket(nnz), per, SPLIT=split, ACC=acc_type(a.dtype))
     if split > 1:
         scatter_partials(out, row_ptr, col_idx, part)
     return out
-
-
-def scatter_partials(out2d: torch.Tensor, row_ptr, col_idx, part) -> None:
-    """out2d[row, col] = the fixed-order sum over splits of part[split, j], for each kept entry j of
-    the CSR: deterministic, no atomics."""
-    out2d[entry_rows(row_ptr, col_idx.numel()), col_idx.long()] = part.sum(0).to(out2d.dtype)
 
 
 def _check(op, x, w, bias, layout, grad=None):
