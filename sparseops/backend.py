@@ -32,7 +32,7 @@ from importlib import resources
 
 import torch
 
-from . import checks
+from . import checks, tuning
 from ._library import CUDA_EXTENSION_ERROR, has_kernel
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
@@ -213,24 +213,31 @@ def choose(op: str, device: torch.device, **facts) -> str:
     """The implementation (a name from this module's docstring) that runs `op` for a call on
     `device`, from the active backend and the facts of the call:
 
-      soft_mask, soft_mask_l1    -
-      masked_linear              density, shape (of w), full (nothing pruned), numel
+      soft_mask, soft_mask_l1    numel
+      masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x)
       masked_linear_block        tile_density
       masked_conv2d              density, shape (w as 2-D), full, supported (geometry the kernels
-                                 cover), unit_stride, reduction (C_in*kh*kw), plane; block and
-                                 tile_density for a BlockLayout
+                                 cover), unit_stride, reduction (C_in*kh*kw), plane, problem (the
+                                 call's sizes); block and tile_density for a BlockLayout
+
+    and, for `auto`'s measured choice (sparseops.tuning), `dtype` and `trial` (ops/_common.trial):
+    where more than one implementation could win, the first call for a key times them.
       soft_masked_linear/conv2d  supported (conv), nonzero: a function giving the MaskStats of
                                  `sigmoid(beta*s) != 0` when it is worth a look, else None
     """
     return _CHOOSERS[op](op, _state.backend, device, **facts)
 
 
-def _soft_mask(op, name, device):
+def _soft_mask(op, name, device, *, numel=0, dtype=None, trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device)
-    return _kernel_here(op, device) or "reference"
+    prior = _kernel_here(op, device) or "reference"
+    if name != "auto":
+        return prior
+    # Eager torch (the reference) is the dense candidate: the fused kernel runs only where it wins.
+    return _measured(op, device, dtype, (numel,), 0.0, ["reference", prior], prior, "reference", trial)
 
 
 def _dense_fallback(name: str, full: bool, numel: int) -> str:
@@ -243,15 +250,43 @@ def _dense_fallback(name: str, full: bool, numel: int) -> str:
     return "dense"
 
 
-def _masked_linear(op, name, device, *, density, shape, full, numel):
+MEASURE_MAX_DENSITY = 0.6  # denser masks: dense wins everywhere measured, so nothing is timed
+
+
+def _torch_sparse_here(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether torch.sparse's CSR matmul (MKL on the CPU, cuSPARSE on GPUs) takes this call."""
+    ok = dtype in (torch.float32, torch.float64) or (device.type == "cuda" and dtype in (torch.float16,
+                                                                                          torch.bfloat16))
+    return ok and device.type in ("cpu", "cuda")
+
+
+def _measured(op, device, dtype, problem, density, candidates, prior, dense, trial):
+    """`auto`'s measured choice among `candidates` (tuning.pick), or `prior` where there is nothing to
+    measure."""
+    candidates = list(dict.fromkeys(c for c in candidates if c))
+    if trial is None or dtype is None or len(candidates) < 2 or density > MEASURE_MAX_DENSITY:
+        return prior
+    if torch.compiler.is_compiling():
+        return prior  # nothing is measured or looked up while torch.compile traces: the prior
+    key = tuning.key(op + ("" if trial.train else ":infer"), device, dtype, problem, density)
+    return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
+
+
+def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device)
+    dense = _dense_fallback(name, full, numel)
     kernel = _kernel_here(op, device) if name == "auto" else None
-    if kernel is None or density > max_density(op, device.type, shape):
-        return _dense_fallback(name, full, numel)
-    return kernel if kernel == "cpu" else gpu_kernel(op, device, shape, density)
+    if kernel is not None and kernel != "cpu":
+        kernel = gpu_kernel(op, device, shape, density)
+    prior = dense if kernel is None or density > max_density(op, device.type, shape) else kernel
+    if name != "auto" or full:
+        return prior
+    other = "torch_sparse" if _torch_sparse_here(device, dtype) else None
+    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, kernel, other],
+                     prior, dense, trial)
 
 
 def _block(op, name, device, *, tile_density):
@@ -264,7 +299,7 @@ def _block(op, name, device, *, tile_density):
 
 
 def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_stride, reduction, plane,
-                   block=False, tile_density=1.0):
+                   block=False, tile_density=1.0, problem=None, dtype=None, trial=None):
     if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density) == "triton":
         return "triton_block"
     if name in ("cpu", "cuda", "triton"):
@@ -273,17 +308,25 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
             raise NotImplementedError(f"sparseops.{op}: the {name} kernel covers groups=1 and symmetric "
                                       "padding; use the auto or reference backend for this convolution")
         return name
-    if name == "auto" and supported and density <= max_density(op, device.type, plane=plane):
-        # Measured (bench_conv.py): on the CPU strided convolutions lose at 90-95% sparsity (dx
-        # works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
-        # input layer); both stay on the fallback.
-        if device.type == "cpu" and has_kernel(op, "cpu") and unit_stride and reduction >= 64:
-            return "cpu"
-        if device.type == "cuda" and (chosen := gpu_kernel(op, device, shape, density)) is not None:
-            return chosen  # once measured on a GPU
     if name == "reference":
         return "reference"
-    return "unmasked" if full else "mask_multiply"
+    dense = "unmasked" if full else "mask_multiply"
+    if name != "auto" or not supported:
+        return dense
+    kernel = None
+    if device.type == "cpu" and has_kernel(op, "cpu"):
+        kernel = "cpu"
+    elif device.type == "cuda":
+        kernel = gpu_kernel(op, device, shape, density)
+    prior = dense
+    if kernel is not None and density <= max_density(op, device.type, plane=plane):
+        # Measured (bench_masked_conv2d.py): on the CPU strided convolutions lose at 90-95% sparsity
+        # (dx works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
+        # input layer); the prior keeps both dense, measuring may still find them faster.
+        prior = kernel if device.type != "cpu" or (unit_stride and reduction >= 64) else dense
+    if full:
+        return prior
+    return _measured(op, device, dtype, problem or (), density, [dense, kernel], prior, dense, trial)
 
 
 def _fused(op, name, device, supported):
@@ -325,8 +368,8 @@ class _Module(types.ModuleType):
 sys.modules[__name__].__class__ = _Module
 
 _CHOOSERS = {
-    "soft_mask": lambda op, name, device: _soft_mask(op, name, device),
-    "soft_mask_l1": lambda op, name, device: _soft_mask(op, name, device),
+    "soft_mask": _soft_mask,
+    "soft_mask_l1": _soft_mask,
     "masked_linear": _masked_linear,
     "masked_linear_block": _block,
     "masked_conv2d": _masked_conv2d,

@@ -68,6 +68,13 @@ def info() -> str:
     narrow = f", lower for narrow layers: {', '.join(f'width {h}: {d:g}' for h, d in widths)}" if widths else ""
     lines.append(f"backend: {backend.get_backend()} (SPARSEOPS_BACKEND); masked_linear on CPU runs dense above "
                  f"density {density:g}{narrow} (thresholds.json; SPARSEOPS_MAX_DENSITY overrides)")
+    from . import tuning
+
+    cached = tuning.entries()
+    lines.append(f"auto measures on first use: {'on' if tuning.measuring_allowed(torch.device('cpu')) else 'off'} "
+                 f"(SPARSEOPS_TUNE); cache {tuning.cache_file()}: {len(cached)} measured keys"
+                 + "".join(f"\n  {k}: {v['winner']}" for k, v in sorted(cached.items())[:20])
+                 + (f"\n  ... ({len(cached) - 20} more: python -m sparseops tune --show)" if len(cached) > 20 else ""))
     planes = backend.thresholds().get("cpu", {}).get("masked_conv2d_by_plane", [])
     lines.append("masked_conv2d on CPU: sparse kernel for groups=1, stride 1, C_in*kh*kw >= 64, up to density "
                  + (", ".join(f"{d:g} at {p} output positions" for p, d in planes) or "-")
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ticket = sub.add_parser("ticket", help="lottery-ticket search (IMP, CS, random pruning) on a built-in model")
     add_arguments(ticket)
+    from .cli_tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", help="measure auto's choices on this machine ahead of time "
+                                                   "(the README's shapes), or --show the cache"))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         run(levels=args.levels, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed)
     elif args.command == "ticket":
         from .tickets.command import run
+
+        return run(args)
+    elif args.command == "tune":
+        from .cli_tune import run
 
         return run(args)
     return 0

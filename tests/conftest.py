@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,7 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sparseops  # noqa: F401  (registers the ops)
+# `auto` measures implementations on first use (sparseops.tuning); the tests check the prior's
+# choices, so measuring is off unless a test turns it on, and nothing touches the user's cache.
+os.environ.setdefault("SPARSEOPS_TUNE", "0")
+os.environ.setdefault("SPARSEOPS_CACHE_DIR", tempfile.mkdtemp(prefix="sparseops-test-cache-"))
+
+import sparseops  # noqa: F401,E402  (registers the ops)
 
 SUPPORTED_ISAS = list(torch.ops.sparseops._cpu_isa_supported())
 

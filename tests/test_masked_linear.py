@@ -258,7 +258,7 @@ def test_corrupt_layout_is_an_error_not_a_crash():
 def test_backend_errors(monkeypatch):
     x, w, b, mask = inputs((4,), 6, 5, 0.5)
     if backend.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
-        monkeypatch.setattr(importlib.import_module("sparseops.triton"), "INTERPRET", False)
+        monkeypatch.setattr(importlib.import_module("sparseops.triton._common"), "INTERPRET", False)
     with pytest.raises(ValueError, match="one of"):
         with sparseops.backend("gpu"):
             pass

@@ -75,3 +75,33 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
         raise ValueError(f"sparseops.{op}: layout is stale (its mask was changed in place after it was built); "
                          "call sparseops.layout.csr_layout(mask) again, or pass the mask")
     return layout
+
+
+def trial(run, x, *args):
+    """`trial(impl, exact=False)` for sparseops.tuning: runs `run(impl, x, *args)` on detached copies
+    of the tensors (in float64 with `exact`, the reference a result is checked against), forward
+    and, where the call would train, backward with a fixed random output gradient (a private
+    generator: the global RNG is untouched). Returns the output and the gradients."""
+    tensors = [x, *args]
+    train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    grad_out = []
+
+    def copy(t, exact):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            return t
+        return (t.detach().double() if exact else t.detach()).requires_grad_(t.requires_grad)
+
+    def run_one(impl, exact=False):
+        copies = [copy(t, exact) for t in tensors]
+        with torch.enable_grad() if train else torch.no_grad():
+            y = run(impl, *copies)
+            if not train:
+                return [y]
+            if not grad_out:
+                gen = torch.Generator(device=y.device).manual_seed(0)
+                grad_out.append(torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype))
+            wrt = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
+            return [y, *torch.autograd.grad(y, wrt, grad_out[0].to(y.dtype))]
+
+    run_one.train = train
+    return run_one

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backend, checks, reference
+from .. import backend, checks, reference, tuning
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, conv_fake, conv_geometry, format_of, grads_fake, plane
+from ._common import as_layout, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
@@ -73,14 +73,23 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")
     block = isinstance(info, BlockLayout)
+    geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
+    problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
+               *stride_, *(pad or (-1, -1)), *dilation_)
     impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=info.nnz == info.mask.numel(),
                           supported=supported, unit_stride=stride_ == (1, 1), reduction=w[0].numel(),
                           plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
-                          tile_density=info.tile_density if block else 1.0)
+                          tile_density=info.tile_density if block else 1.0, problem=problem, dtype=w.dtype,
+                          trial=trial(_run, x, w, info, bias, geometry))
+    if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
+        raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
+                         "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
+    return _run(impl, x, w, info, bias, geometry)
+
+
+def _run(impl: str, x, w, info, bias, geometry):
+    stride, padding, dilation, groups, stride_, pad, dilation_ = geometry
     if impl == "triton_block":
-        if info.taps != w.shape[2] * w.shape[3]:
-            raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
-                             "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
         return lib.triton_masked_conv2d_block(x, w, info.mask.view(w.shape), *info.tensors(), info.block, bias,
                                               stride_, pad, dilation_)
     if impl in ("cpu", "cuda", "triton"):  # the ops return x's memory format (NCHW or channels_last)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backend, checks, reference
+from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, grads_fake, linear_fake
+from ._common import as_layout, grads_fake, linear_fake, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -79,14 +79,17 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         return masked_linear(x, w, info.mask, bias)  # the element path
     full = info.nnz == info.mask.numel()
     impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
-                          numel=w.numel())
-    if impl == "reference":
+                          numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
+                          trial=trial(_run, x, w, info, bias))
+    return _run(impl, x, w, info, bias)
+
+
+def _run(impl: str, x, w, info, bias):
+    if impl in ("reference", "mask_multiply"):
         return reference.masked_linear(x, w, info.mask, bias)
     if impl == "unmasked":
         return F.linear(x, w, bias)
-    if impl == "mask_multiply":
-        return reference.masked_linear(x, w, info.mask, bias)
     if impl == "dense":
         return lib.masked_linear_dense(x, w, info.mask, bias)
-    kernel = lib.triton_masked_linear if impl == "triton" else lib.masked_linear
-    return kernel(x, w, *as_csr(info).tensors(), bias)
+    kernel = {"triton": "triton_masked_linear", "torch_sparse": "torch_sparse_masked_linear"}.get(impl, "masked_linear")
+    return getattr(lib, kernel)(x, w, *as_csr(info).tensors(), bias)

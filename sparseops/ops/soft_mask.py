@@ -5,6 +5,7 @@ import torch
 
 from .. import backend, checks, reference
 from .._library import define, lib
+from ._common import trial
 
 
 def _fake(w, s, beta, scale):
@@ -38,7 +39,12 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float 
     scale = checks.number("soft_mask", scale, "scale")
     checks.tensors("soft_mask", w=w, s=s)
     checks.same_device("soft_mask", w=w, s=s)
-    impl = backend.choose("soft_mask", w.device)
+    impl = backend.choose("soft_mask", w.device, numel=w.numel(), dtype=w.dtype,
+                          trial=trial(_run_soft_mask, w, s, beta, scale))
+    return _run_soft_mask(impl, w, s, beta, scale)
+
+
+def _run_soft_mask(impl, w, s, beta, scale):
     if impl == "reference":
         return reference.soft_mask(w, s, beta, scale)
     return (lib.triton_soft_mask if impl == "triton" else lib.soft_mask)(w, s, beta, scale)
@@ -50,7 +56,12 @@ def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torc
     scale = checks.number("soft_mask_l1", scale, "scale")
     checks.tensors("soft_mask_l1", s=s)
     checks.same_device("soft_mask_l1", s=s)
-    impl = backend.choose("soft_mask_l1", s.device)
+    impl = backend.choose("soft_mask_l1", s.device, numel=s.numel(), dtype=s.dtype,
+                          trial=trial(_run_soft_mask_l1, s, beta, scale))
+    return _run_soft_mask_l1(impl, s, beta, scale)
+
+
+def _run_soft_mask_l1(impl, s, beta, scale):
     if impl == "reference":
         return reference.soft_mask_l1(s, beta, scale)
     return (lib.triton_soft_mask_l1 if impl == "triton" else lib.soft_mask_l1)(s, beta, scale)

@@ -1,0 +1,385 @@
+"""Measured choice for `auto`: the fastest implementation of an op on the machine in use.
+
+`backend.choose` hands `pick` the implementations that compute the same thing for a call (dense
+torch, sparseops' kernel, torch.sparse) and a `trial(impl)` that runs one of them forward and
+backward on (detached copies of) the call's own inputs. The first call for a key (op, device and
+its name, dtype, problem shape, density bucket) times each candidate the way training runs it and
+keeps the winner in memory and in a per-machine file in the user's cache directory; later calls
+and later processes read it. The thresholds (thresholds.json) stay the prior: what runs where
+measuring is off, and the order candidates are tried in.
+
+Correctness guard: the first time an implementation other than the dense one runs for a key in a
+process, its result is compared with the dense path's on the same inputs (computed in float64, so
+that a kernel more exact than float32 torch is not taken for a wrong one); one that disagrees is
+excluded for that key, with one warning naming it. So a kernel never run before (a new GPU) is a
+safe candidate.
+
+Reproducible: trials run on detached copies with a private random generator (no RNG state, no
+parameter, no statistic changes), so measuring changes results only by the rounding of the
+implementation chosen. Under `torch.use_deterministic_algorithms(True)`, with
+`SPARSEOPS_TUNE=0` or `sparseops.tuning.measuring(False)`, choices come only from the cache and the
+prior, so two runs take the same paths. Nothing is measured while torch.compile traces or a CUDA
+graph captures.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ._library import lib
+
+FORMAT = 1
+_lock = threading.Lock()
+
+
+def _env_measuring() -> bool:
+    return os.environ.get("SPARSEOPS_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.measuring = _env_measuring()
+        self.forced = False  # inside sparseops.tune(): measure even where a key is cached
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def measuring(enabled: bool = True, *, force: bool = False):
+    """Turns measuring on or off inside a block (`force`: measure again even where cached)."""
+    saved = (_state.measuring, _state.forced)
+    _state.measuring, _state.forced = bool(enabled), bool(force)
+    try:
+        yield
+    finally:
+        _state.measuring, _state.forced = saved
+
+
+def measuring_allowed(device: torch.device) -> bool:
+    if not _state.measuring or torch.are_deterministic_algorithms_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+# ---- the machine and its cache file ---------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_machine() -> tuple:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("sparseops")
+    except PackageNotFoundError:
+        ours = "source"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return (("cpu", _cpu_model()), ("gpu", gpu), ("torch", torch.__version__), ("sparseops", ours))
+
+
+def _varying() -> tuple:
+    return lib._cpu_isa(), torch.get_num_threads()
+
+
+def machine() -> dict:
+    """What a measurement depends on besides the call: CPU model and ISA in use, threads, GPU,
+    torch and sparseops versions."""
+    isa, threads = _varying()
+    return {**dict(_fixed_machine()), "isa": isa, "threads": threads}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SPARSEOPS_CACHE_DIR"):
+        return Path(os.environ["SPARSEOPS_CACHE_DIR"])
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("sparseops"))
+    except ImportError:  # platformdirs is a dependency; a bare environment still gets XDG's rule
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseops"
+
+
+def cache_file(info: dict | None = None) -> Path:
+    info = info or machine()
+    digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"tuning-{digest}.json"
+
+
+class _Cache:
+    """Winners per key: in memory, loaded from and saved to the machine's file."""
+
+    def __init__(self):
+        self.entries: dict[str, dict] | None = None
+        self.path: Path | None = None
+        self.machine_key: str | None = None
+        self.varying: tuple | None = None
+        self.guarded: set[tuple[str, str]] = set()  # (key, impl) checked against dense in this process
+        self.excluded: dict[str, set[str]] = {}
+        self.warned: set[tuple[str, str]] = set()
+        self.measured_s = 0.0  # time spent measuring in this process
+        self.touched: list[str] = []  # keys measured, in order
+
+    def load(self) -> dict[str, dict]:
+        varying = _varying()  # cheap; the rest of the machine does not change in a process
+        if self.entries is not None and varying == self.varying:
+            return self.entries
+        info = machine()
+        self.varying, self.machine_key, self.path, self.entries = varying, json.dumps(info, sort_keys=True), \
+            cache_file(info), {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+                raise ValueError("unknown format")
+            self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict) and "winner" in v}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"sparseops: ignoring the tuning cache {self.path}: it cannot be read ({exc})",
+                          stacklevel=4)
+        return self.entries
+
+    def save(self) -> None:
+        if self.path is None or self.entries is None:
+            return
+        data = {"format": FORMAT, "machine": json.loads(self.machine_key), "entries": self.entries}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+        except OSError as exc:
+            warnings.warn(f"sparseops: cannot write the tuning cache {self.path}: {exc}", stacklevel=4)
+
+
+_cache = _Cache()
+
+
+def clear(memory_only: bool = False) -> None:
+    """Forgets what was measured (and, unless `memory_only`, deletes this machine's file)."""
+    with _lock:
+        if not memory_only:
+            with contextlib.suppress(OSError):
+                cache_file().unlink()
+        _cache.__init__()
+
+
+def entries() -> dict[str, dict]:
+    """What is cached for this machine: key -> {"winner", "times_ms", ...}."""
+    with _lock:
+        return dict(_cache.load())
+
+
+def measured_seconds() -> float:
+    """Time this process has spent measuring (trials and correctness checks)."""
+    return _cache.measured_s
+
+
+# ---- keys, trials, the choice ---------------------------------------------------------------
+
+_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+def density_bucket(density: float) -> float:
+    return next(b for b in _BUCKETS if density <= b)
+
+
+def rows_bucket(rows: int) -> int:
+    """Batch rows rounded up to a power of two: one measurement serves nearby batch sizes."""
+    return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+
+
+def key(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int], density: float) -> str:
+    name = _device_name(device) if device.type == "cuda" else lib._cpu_isa()
+    dims = "x".join(str(int(s)) for s in shape)
+    return f"{op}|{device.type}:{name}|{str(dtype).removeprefix('torch.')}|{dims}|d<={density_bucket(density):g}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Every output within a tolerance relative to the largest magnitude of the reference result,
+    the same values finite. A guard against wrong kernels, not a unit test of rounding."""
+    tol = _tolerance(dtype)
+    for a, b in zip(got, want, strict=True):
+        if a.shape != b.shape:
+            return False
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        scale = float(b64.abs().max()) + 1e-30
+        if not bool(torch.isfinite(a64).all() == torch.isfinite(b64).all()):
+            return False
+        # Relative to the largest magnitude, with a small absolute floor: where every value is tiny
+        # (saturated sigmoids) float rounding of the reference itself dominates.
+        if float((a64 - b64).nan_to_num(0.0).abs().max()) > tol * (scale + 1e-3):
+            return False
+    return True
+
+
+def _timed(trial: Callable, impl: str, device: torch.device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = trial(impl)
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str], prior: str,
+         dense: str, trial: Callable | None) -> str:
+    """The implementation to run for key `k`: the cached winner, else (measuring allowed and a
+    `trial` given) the fastest candidate that agrees with `dense`, else `prior`. Candidates that
+    failed the guard for this key are never returned."""
+    with _lock:
+        cached = _cache.load().get(k)
+        excluded = _cache.excluded.setdefault(k, set())
+    live = [c for c in candidates if c not in excluded]
+    if prior not in live:
+        prior = dense
+    measure = trial is not None and len(live) > 1 and measuring_allowed(device) and (
+        _state.forced or cached is None or cached.get("winner") not in live)
+    if not measure:
+        choice = cached["winner"] if cached and cached.get("winner") in live else prior
+        if choice != dense and trial is not None and not torch.compiler.is_compiling():
+            choice = _guard(op, k, device, dtype, choice, dense, trial)
+        return choice
+    start = time.perf_counter()
+    times: dict[str, float] = {}
+    try:
+        # Each candidate runs twice: the first run pays one-time costs (building the layout, first
+        # touches of its buffers) and is the one checked against dense; the second is timed.
+        want = trial(dense, exact=True)  # the reference: the dense path in float64
+        trial(dense)
+        times[dense] = _timed(trial, dense, device)[0]
+        for impl in live:
+            if impl == dense:
+                continue
+            got = trial(impl)
+            _cache.guarded.add((k, impl))
+            if not agrees(got, want, dtype):
+                _exclude(op, k, impl)
+                continue
+            times[impl] = _timed(trial, impl, device)[0]
+        best = min(times.values())
+        for impl in list(times):  # close calls get one more run: noise decides less often
+            if times[impl] <= 1.3 * best:
+                times[impl] = min(times[impl], _timed(trial, impl, device)[0])
+    finally:
+        _cache.measured_s += time.perf_counter() - start
+    winner = min(times, key=times.get)
+    with _lock:
+        _cache.touched.append(k)
+        _cache.load()[k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in times.items()},
+                            "prior": prior}
+        _cache.save()
+    return winner
+
+
+def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
+           trial: Callable) -> str:
+    if (k, impl) in _cache.guarded:
+        return impl
+    start = time.perf_counter()
+    try:
+        ok = agrees(trial(impl), trial(dense, exact=True), dtype)
+    finally:
+        _cache.measured_s += time.perf_counter() - start
+    _cache.guarded.add((k, impl))
+    if ok:
+        return impl
+    _exclude(op, k, impl)
+    return dense
+
+
+def _exclude(op: str, k: str, impl: str) -> None:
+    _cache.excluded.setdefault(k, set()).add(impl)
+    if (k, impl) not in _cache.warned:
+        _cache.warned.add((k, impl))
+        warnings.warn(f"sparseops.{op}: the {impl!r} implementation disagrees with the dense result for {k}; "
+                      "it is excluded for this shape (please report this)", RuntimeWarning, stacklevel=5)
+
+
+# ---- measuring ahead of time ----------------------------------------------------------------
+
+
+def tune(model: torch.nn.Module, example_inputs, *, loss_fn: Callable | None = None) -> dict[str, dict]:
+    """Measures every sparseops op of `model` for these inputs now (forward and, if the model has
+    trainable parameters, backward), so that training starts on the measured choices; returns the
+    entries measured. The model is left as it was: gradients, buffers (BatchNorm statistics) and the
+    RNG state are restored."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sparseops.tune: model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    grads = {p: p.grad for p in model.parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    first = len(_cache.touched)
+    try:
+        with measuring(True, force=True):
+            out = model(*inputs)
+            loss = loss_fn(out) if loss_fn is not None else _sum(out)
+            if loss.requires_grad:
+                loss.backward()
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+        torch.set_rng_state(rng)
+    now = entries()
+    return {k: now[k] for k in dict.fromkeys(_cache.touched[first:]) if k in now}
+
+
+def _sum(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        parts = [_sum(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, dict))]
+        return torch.stack(parts).sum() if parts else torch.zeros(())
+    if hasattr(out, "logits"):
+        return out.logits.float().sum()
+    raise TypeError(f"sparseops.tune: cannot reduce the model's output ({type(out).__name__}); pass loss_fn")

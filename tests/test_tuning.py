@@ -1,0 +1,152 @@
+"""auto's measured choice (sparseops.tuning): the cache and its file, the correctness guard,
+reproducibility, and tune() / `python -m sparseops tune`."""
+import importlib
+import json
+
+import pytest
+import torch
+
+import sparseops
+from sparseops import tuning
+
+ml = importlib.import_module("sparseops.ops.masked_linear")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty cache in a private directory, measuring on."""
+    monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
+    tuning.clear(memory_only=True)
+    with tuning.measuring(True):
+        yield tmp_path
+    tuning.clear(memory_only=True)
+
+
+def _call(n=96, k=80, rows=16, density=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g, requires_grad=True)
+    x = torch.randn(rows, k, generator=g, requires_grad=True)
+    mask = torch.rand(n, k, generator=g) < density
+    y = sparseops.masked_linear(x, w, mask)
+    y.sum().backward()
+    return x, w, mask, y
+
+
+def test_first_call_measures_caches_and_writes_the_file(fresh):
+    x, w, mask, y = _call()
+    torch.testing.assert_close(y, x @ (w * mask).t())
+    (key, entry), = tuning.entries().items()
+    assert key.startswith("masked_linear|cpu:") and "float32" in key and "16x96x80" in key
+    assert entry["winner"] in entry["times_ms"]
+    assert {"mask_multiply", "cpu", "torch_sparse"} == set(entry["times_ms"])  # a small layer's dense path
+    files = list(fresh.glob("tuning-*.json"))
+    assert files == [tuning.cache_file()]
+    data = json.loads(files[0].read_text())
+    assert data["entries"] == {key: entry} and data["machine"]["isa"] == torch.ops.sparseops._cpu_isa()
+    assert not list(fresh.glob(".tuning-*"))  # the temporary file was renamed into place
+
+
+def test_a_new_process_reads_the_file_instead_of_measuring(fresh, monkeypatch):
+    _call()
+    winner = next(iter(tuning.entries().values()))["winner"]
+    tuning.clear(memory_only=True)  # as a new process: nothing in memory, the file on disk
+    monkeypatch.setattr(tuning, "_timed", lambda *a: pytest.fail("measured again"))
+    chosen = []
+    real = ml._run
+    monkeypatch.setattr(ml, "_run", lambda impl, *a: chosen.append(impl) or real(impl, *a))
+    _call(seed=1)  # same key (shape, density bucket)
+    assert chosen[-1] == winner
+
+
+def test_a_corrupt_cache_file_is_ignored_with_a_warning(fresh):
+    tuning.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    tuning.cache_file().write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the tuning cache"):
+        _call()
+    assert len(tuning.entries()) == 1  # measured afresh, and the file rewritten
+    json.loads(tuning.cache_file().read_text())
+
+
+def test_a_wrong_implementation_is_excluded_with_one_warning(fresh, monkeypatch):
+    real = ml._run
+
+    def broken(impl, x, w, info, bias):
+        y = real(impl, x, w, info, bias)
+        return y + 1.0 if impl == "torch_sparse" else y
+
+    monkeypatch.setattr(ml, "_run", broken)
+    with pytest.warns(RuntimeWarning, match="'torch_sparse' implementation disagrees") as caught:
+        x, w, mask, y = _call()
+        _call(seed=1)
+    assert sum("disagrees" in str(c.message) for c in caught) == 1
+    torch.testing.assert_close(y, x @ (w * mask).t())
+    entry = next(iter(tuning.entries().values()))
+    assert "torch_sparse" not in entry["times_ms"] and entry["winner"] != "torch_sparse"
+
+
+def test_the_guard_checks_a_cached_winner_once_per_process(fresh, monkeypatch):
+    _call()
+    key = next(iter(tuning.entries()))
+    tuning._cache.load()[key]["winner"] = "torch_sparse"
+    tuning.clear(memory_only=True)
+    tuning._cache.load()[key] = {"winner": "torch_sparse", "times_ms": {}}
+    real = ml._run
+    monkeypatch.setattr(ml, "_run", lambda impl, *a: real(impl, *a) * (2.0 if impl == "torch_sparse" else 1.0))
+    with tuning.measuring(False), pytest.warns(RuntimeWarning, match="disagrees"):
+        x, w, mask, y = _call(seed=2)
+    torch.testing.assert_close(y, x @ (w * mask).t())  # the dense path ran instead
+
+
+def test_measuring_leaves_the_rng_and_results_alone(fresh):
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    x, w, mask, y = _call()
+    assert torch.equal(torch.get_rng_state(), state)
+    with tuning.measuring(False), sparseops.backend("reference"):
+        ref = sparseops.masked_linear(x, w, mask)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_mode_and_the_setting_only_read_cache_and_prior(fresh, monkeypatch):
+    monkeypatch.setattr(tuning, "_timed", lambda *a: pytest.fail("measured"))
+    torch.use_deterministic_algorithms(True)
+    try:
+        _call()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with tuning.measuring(False):
+        _call(seed=3)
+    assert tuning.entries() == {}
+
+
+def test_keys_follow_shape_density_bucket_dtype_and_isa():
+    dev = torch.device("cpu")
+    assert tuning.key("masked_linear", dev, torch.float32, (16, 96, 80), 0.049) == \
+        tuning.key("masked_linear", dev, torch.float32, (16, 96, 80), 0.03)
+    assert tuning.key("masked_linear", dev, torch.float32, (16, 96, 80), 0.049) != \
+        tuning.key("masked_linear", dev, torch.float32, (16, 96, 80), 0.06)
+    assert tuning.key("m", dev, torch.float32, (1,), 0.1) != tuning.key("m", dev, torch.float64, (1,), 0.1)
+    assert tuning.rows_bucket(100) == 128 and tuning.rows_bucket(1) == 1
+    assert {"cpu", "isa", "threads", "gpu", "torch", "sparseops"} == set(tuning.machine())
+
+
+def test_tune_measures_a_model_and_leaves_it_as_it_was(fresh):
+    model = torch.nn.Sequential(torch.nn.Linear(80, 96), torch.nn.BatchNorm1d(96), torch.nn.Linear(96, 10))
+    sparseops.patch(model)
+    with torch.no_grad():
+        model[0].weight_mask.copy_(torch.rand(96, 80) < 0.05)
+        model[2].weight_mask.copy_(torch.rand(10, 96) < 0.1)
+    stats = model[1].running_mean.clone()
+    measured = sparseops.tune(model, torch.randn(16, 80))
+    assert len(measured) == 2 and all(k.startswith("masked_linear|") for k in measured)
+    assert torch.equal(model[1].running_mean, stats) and model[0].weight.grad is None
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sparseops.tune("model", torch.randn(1))
+
+
+def test_soft_mask_measures_against_eager_torch(fresh):
+    w, s = torch.randn(300, 70, requires_grad=True), torch.randn(300, 70, requires_grad=True)
+    out = sparseops.soft_mask(w, s, 2.0, 1.5)
+    torch.testing.assert_close(out, w * 1.5 * torch.sigmoid(2.0 * s))
+    (key, entry), = tuning.entries().items()
+    assert key.startswith("soft_mask|") and set(entry["times_ms"]) == {"reference", "cpu"}
