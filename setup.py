@@ -114,7 +114,7 @@ def extensions():
 
 def install_requires():
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
-    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy", "tqdm>=4.60"]
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy", "tqdm>=4.60", "platformdirs>=3"]
 
 
 def version():
