@@ -61,19 +61,26 @@ def test_magnitude_masks_follow_open_lth():
 
 def test_layerwise_random_and_score_masks():
     model = sparseops.patch(mlp())
-    lw = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"])
+    lw = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"], budget="prunable")
     for k, m in lw.items():
         expected_kept = m.numel() if k == "4" else m.numel() - math.ceil(0.5 * m.numel()) - 1
         assert int(m.sum()) == expected_kept
         if k != "4":  # the kept weights are the largest of their layer
             w = dict(model.named_modules())[k].weight.detach().abs()
             assert w[m].min() > w[~m].max()
-    rnd = tickets.random_masks(model, 0.5, generator=torch.Generator().manual_seed(0))
+    # budget "all": layers 0 and 2 lose the share that removes half of all 564 weights, layer 4's included
+    share = 0.5 * 564 / (240 + 288)
+    lw_all = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"])
+    for k, n in (("0", 240), ("2", 288)):
+        assert int(lw_all[k].sum()) == n - math.ceil(share * n) - 1
+    rnd = tickets.random_masks(model, 0.5, generator=torch.Generator().manual_seed(0), budget="prunable")
     assert all(int(rnd[k].sum()) == int(lw[k].sum()) for k in ("0", "2"))  # same per-layer fractions
     assert not torch.equal(rnd["0"], lw["0"])
     scores = {"2": torch.arange(24 * 12, dtype=torch.float32).view(12, 24)}
-    sm = tickets.score_masks(model, scores, 0.25)
+    sm = tickets.score_masks(model, scores, 0.25, budget="prunable")  # 25% of layer 2's 288
     assert torch.equal(sm["2"].flatten(), torch.arange(288) > 72) and bool(sm["0"].all())
+    sm = tickets.score_masks(model, scores, 0.25)  # open_lth: 25% of all 564 kept weights, from layer 2
+    assert torch.equal(sm["2"].flatten(), torch.arange(288) > math.ceil(0.25 * 564)) and bool(sm["0"].all())
 
 
 def test_pruning_bad_input():
