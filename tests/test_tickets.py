@@ -109,7 +109,8 @@ def test_pruning_bad_input():
 
 
 def plain_imp(model, data, levels, rate, epochs, rewind_iters):
-    """IMP with rewinding written out with plain torch: mask multiplication, open_lth's pruning rule."""
+    """IMP with rewinding written out with plain torch: mask multiplication, open_lth's pruning rule,
+    every level trained from the rewind point to the end with a fresh optimiser."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     mods = dict(model.named_modules())
     masks = {n: torch.ones_like(mods[n].weight, dtype=torch.bool) for n in names}
@@ -126,6 +127,9 @@ def plain_imp(model, data, levels, rate, epochs, rewind_iters):
         it = 0
         for _ in range(epochs):
             for x, y in tickets.train.batches(data, 16, shuffle=True):
+                if level > 0 and it < rewind_iters:  # open_lth: later levels start at the rewind point
+                    it += 1
+                    continue
                 opt.zero_grad()
                 h = x
                 for n, m in model.named_children():
@@ -135,6 +139,7 @@ def plain_imp(model, data, levels, rate, epochs, rewind_iters):
                 it += 1
                 if level == 0 and it == rewind_iters and rewind_iters > 0:
                     rewind = copy.deepcopy(model.state_dict())
+                    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # open_lth's level 0 starts here
         out.append({n: m.clone() for n, m in masks.items()})
     return out, model
 
