@@ -1,6 +1,7 @@
 """Ticket search: pruning rules, IMP with rewinding (against a plain reimplementation), resume, mask
 tools, baselines, the CLI, and an end-to-end search on scikit-learn's digits."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -360,9 +361,32 @@ def test_cli_ticket_runs_and_saves_a_ticket(tmp_path):
                           "--json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert "random pruning on digits with lenet5" in out.stdout
-    assert "level | sparsity | accuracy | epoch time" in out.stdout and "36.00%" in out.stdout
+    # random pruning: each prunable layer loses the share that removes 20% of all kept weights, the output
+    # layer's (10x84, excluded by default) included; open_lth's rule drops one more weight per threshold
+    kept, out_layer = [16 * 9, 32 * 16 * 9, 32 * 16 * 120, 120 * 84], 84 * 10
+    for _ in range(2):
+        share = 0.2 * (sum(kept) + out_layer) / sum(kept)
+        kept = [k - math.ceil(share * k) - 1 for k in kept]
+    expected = 1 - (sum(kept) + out_layer) / (16 * 9 + 32 * 16 * 9 + 32 * 16 * 120 + 120 * 84 + out_layer)
+    assert "level | sparsity | accuracy | epoch time" in out.stdout and f"{expected:.2%}" in out.stdout
     ticket = Ticket.load(tmp_path / "t.pt")
-    assert ticket.metadata["method"] == "random" and ticket.sparsity == pytest.approx(0.36, abs=0.01)
+    assert ticket.metadata["method"] == "random" and ticket.sparsity == pytest.approx(expected)
+    assert ticket.masks["11"].all()  # lenet5's output layer: excluded by default, as open_lth's LeNets
     bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "snip"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "invalid choice: 'snip'" in bad.stderr
+
+
+def test_cli_ticket_runs_a_preset_scaled_down(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--preset", "mnist_lenet_300_100", "--epochs",
+                          "2", "--levels", "1", "--no-progress", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("preset mnist_lenet_300_100 (open_lth mnist_lenet_300_100 on MNIST)")
+    assert "SGD lr 0.1 momentum 0" in first and "scaled down to 2 of 40 epochs; model lenet300 on digits" in first
+    levels = json.load(open(tmp_path / "r.json"))["levels"]
+    assert [lv["steps"] for lv in levels] == [2 * 12, 2 * 12]  # 1437 digits in batches of 128, 2 epochs
+    assert levels[1]["sparsity"] == pytest.approx(0.2, abs=1e-4)  # 20% of all weights, the output layer kept
+    bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--preset", "cs_resnet_20", "--method", "imp"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "is a Continuous Sparsification run" in bad.stderr
