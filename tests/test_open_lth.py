@@ -131,7 +131,6 @@ def test_level_reports_its_start_point_to_a_training_function():
                 fired.append(level.step())
             fired.append(level.end_epoch())
         assert sum(fired) == (1 if level.index == 0 else 0)  # True once: where the rewind weights were saved
-        return None
 
     imp(mlp(), train_fn, levels=1, rewind="6it", progress=False)
     assert seen == [(0, 0, 0, 0, 0), (1, 6, 1, 2, 6)]

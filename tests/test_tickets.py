@@ -384,7 +384,7 @@ def test_cli_ticket_runs_a_preset_scaled_down(tmp_path):
     first = out.stdout.splitlines()[0]
     assert first.startswith("preset mnist_lenet_300_100 (open_lth mnist_lenet_300_100 on MNIST)")
     assert "SGD lr 0.1 momentum 0" in first and "scaled down to 2 of 40 epochs; model lenet300 on digits" in first
-    levels = json.load(open(tmp_path / "r.json"))["levels"]
+    levels = json.loads((tmp_path / "r.json").read_text())["levels"]
     assert [lv["steps"] for lv in levels] == [2 * 12, 2 * 12]  # 1437 digits in batches of 128, 2 epochs
     assert levels[1]["sparsity"] == pytest.approx(0.2, abs=1e-4)  # 20% of all weights, the output layer kept
     bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--preset", "cs_resnet_20", "--method", "imp"],

@@ -10,7 +10,8 @@ from .pruning import magnitude_masks, random_masks, score_masks
 from .train import Trainer, evaluate
 
 __all__ = [
-    "Level", "LevelResult", "official_layers", "presets", "SearchResult", "SparsityReport", "Ticket", "Trainer", "continuous_sparsification",
-    "difference", "evaluate", "get_masks", "imp", "intersection", "magnitude_masks", "overlap", "random_masks",
-    "random_ticket", "reinitialize", "score_masks", "set_masks", "sparsity_report", "total_levels_for", "union",
+    "Level", "LevelResult", "SearchResult", "SparsityReport", "Ticket", "Trainer", "continuous_sparsification",
+    "difference", "evaluate", "get_masks", "imp", "intersection", "magnitude_masks", "official_layers", "overlap",
+    "presets", "random_masks", "random_ticket", "reinitialize", "score_masks", "set_masks", "sparsity_report",
+    "total_levels_for", "union",
 ]

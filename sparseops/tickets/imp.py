@@ -23,7 +23,8 @@ from torch import nn
 
 from ..patch import check_model, patch
 from .masks import get_masks, set_masks, sparsity_report
-from .pruning import SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks, resolve_exclude
+from .pruning import (SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks,
+                      resolve_exclude)
 
 PRUNINGS = ("magnitude", "random")
 
