@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparseops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, compiled backends, CPU features, threads")
-    demo = sub.add_parser("demo", help="a short IMP search on scikit-learn's digits, timed with sparseops and "
-                                        "with plain mask multiplication")
+    demo = sub.add_parser("demo", help="a short IMP search (an open_lth preset scaled down) on scikit-learn's digits "
+                                        "or synthetic CIFAR, timed with sparseops and with plain mask multiplication")
+    demo.add_argument("--data", choices=("digits", "synthetic-cifar"), default="digits",
+                      help="digits: mnist_lenet_300_100's recipe on a wide MLP; synthetic-cifar: cifar_resnet_20")
     demo.add_argument("--levels", type=int, default=10)
     demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--hidden", type=int, default=2048)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import run
 
-        run(levels=args.levels, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed)
+        run(levels=args.levels, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed,
+            data=args.data)
     elif args.command == "ticket":
         from .tickets.command import run
 

@@ -1,6 +1,11 @@
-"""`make demo`: a short IMP search with rewinding on scikit-learn's digits, run twice with the same
-seed: on sparseops' kernels, and with plain mask multiplication (what torch.nn.utils.prune and
-open_lth do; here the "reference" backend). Same masks, same accuracy; the time per level differs."""
+"""`make demo`: a short IMP search, run twice with the same seed: on sparseops' kernels, and with
+plain mask multiplication (what torch.nn.utils.prune and open_lth do; here the "reference" backend).
+Same masks, same accuracy; the time per level differs.
+
+What runs is an upstream preset scaled down (fewer epochs, the schedule scaled with them):
+on scikit-learn's digits, open_lth's mnist_lenet_300_100 recipe on a wide MLP (64-hidden-hidden-10,
+open_lth's mnist_lenet_<hidden>_<hidden>); on synthetic CIFAR-shaped data, open_lth's
+cifar_resnet_20 (timing only: the labels are random)."""
 from __future__ import annotations
 
 import argparse
@@ -8,21 +13,28 @@ import argparse
 import torch
 
 from . import backend
+from .tickets import presets
 from .tickets.command import search
+
+DEMOS = {"digits": ("mnist_lenet_300_100", "wide-mlp"), "synthetic-cifar": ("cifar_resnet_20", "resnet20")}
 
 
 def run(levels: int = 10, epochs: int = 3, hidden: int = 2048, batch_size: int = 128, seed: int = 0,
-        progress: bool = True, out=print):
-    args = argparse.Namespace(method="imp", model="wide-mlp", data="digits", levels=levels, rate=0.2, rewind="0",
-                              scope="global", exclude=[], epochs=epochs, batch_size=batch_size, lr=0.05,
-                              momentum=0.9, weight_decay=1e-4, hidden=hidden, seed=seed, checkpoint_dir=None,
-                              no_progress=not progress)
-    out(f"IMP with rewinding on digits: MLP 64-{hidden}-{hidden}-10, {levels} levels at rate 0.2, {epochs} epochs "
-        f"per level, batch {batch_size}, {torch.get_num_threads()} threads")
+        progress: bool = True, out=print, data: str = "digits"):
+    name, model = DEMOS[data]
+    preset = presets.get(name)
+    args = argparse.Namespace(preset=name, method="imp", model=model, data=data, levels=levels, rate=None,
+                              rewind=None, scope="global", budget="all", exclude=None, epochs=epochs,
+                              batch_size=batch_size, lr=None, momentum=None, weight_decay=None, hidden=hidden,
+                              seed=seed, checkpoint_dir=None, no_progress=not progress)
+    net = f"MLP 64-{hidden}-{hidden}-10 (open_lth's mnist_lenet_{hidden}_{hidden})" if data == "digits" else \
+        "ResNet-20 (open_lth's cifar_resnet_20)"
+    out(f"IMP with rewinding on {data}: {net}, {levels} pruning levels; open_lth's {name} preset scaled down to {epochs} of "
+        f"{preset.epochs} epochs per level (schedule scaled), batch {batch_size}, {torch.get_num_threads()} threads")
     runs = {}
     for label, name in (("mask multiply", "reference"), ("sparseops", None)):
         args.backend = name
-        runs[label], _ = search(args)
+        runs[label], _ = search(argparse.Namespace(**vars(args)), out=lambda line: None)
     ref, ours = runs["mask multiply"].levels, runs["sparseops"].levels
     out(f"{'level':>5} | {'sparsity':>8} | {'acc (mask mult.)':>16} | {'acc (sparseops)':>15} | "
         f"{'epoch (mask mult.)':>18} | {'epoch (sparseops)':>17} | speed-up")

@@ -38,12 +38,14 @@ class OfficialSoftLinear(nn.Module):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
-def official_cs(model, data, *, rounds, epochs, lr, decay, lmbda, final_temp, rewind_epoch, s0, batch_size):
-    """main.py of the official code, on an nn.Sequential of Linear/ReLU layers."""
+def official_cs(model, data, *, rounds, epochs, lr, decay, lmbda, final_temp, rewind_epoch, s0, batch_size,
+                schedule=(56, 71), drops=(0.1, 0.1)):
+    """main.py of the official code (as it runs under Python 2), on an nn.Sequential of Linear/ReLU
+    layers; returns the masks per round and each epoch's mean loss as main.py computes it."""
     layers = nn.ModuleList(OfficialSoftLinear(m, s0) if isinstance(m, nn.Linear) else m for m in model)
     masked = [m for m in layers if isinstance(m, OfficialSoftLinear)]
     state = {"temp": 1.0, "ckpt": None}
-    schedule = default_milestones(epochs)
+    losses = []
 
     def forward(x, ticket):
         for m in layers:
@@ -56,10 +58,16 @@ def official_cs(model, data, *, rounds, epochs, lr, decay, lmbda, final_temp, re
                 state["temp"] *= temp_increase
             if outer_round == 0 and epoch == rewind_epoch and not ticket:
                 state["ckpt"] = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in masked]
-            lr_now = lr * 0.1 ** sum(epoch >= s for s in schedule)
+            lr_now = lr
+            for drop, step in zip(drops, schedule):
+                if epoch >= step:
+                    lr_now *= drop
+                else:
+                    break
             for opt in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = lr_now
+            total, count = 0.0, 0
             for x, y in batches(data, batch_size, shuffle=True):
                 for opt in optimizers:
                     opt.zero_grad()
@@ -68,6 +76,8 @@ def official_cs(model, data, *, rounds, epochs, lr, decay, lmbda, final_temp, re
                 loss.backward()
                 for opt in optimizers:
                     opt.step()
+                total, count = total + float(loss.detach()) * len(y), count + len(y)
+            losses.append(total / count)
         return [(m.mask_weight > 0).clone() for m in masked]
 
     temp_increase = final_temp ** (1.0 / (epochs - 1))
@@ -88,7 +98,7 @@ def official_cs(model, data, *, rounds, epochs, lr, decay, lmbda, final_temp, re
             m.bias.copy_(b)
     optimizers = [torch.optim.SGD(weight_params, lr=lr, momentum=0.9, nesterov=True, weight_decay=decay)]
     per_round.append(train(rounds - 1, optimizers, True))
-    return per_round, masked
+    return per_round, masked, losses
 
 
 def test_cs_matches_the_official_algorithm_step_for_step():
@@ -98,11 +108,12 @@ def test_cs_matches_the_official_algorithm_step_for_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).double()
     plain = copy.deepcopy(model)
-    kw = dict(rounds=2, epochs=4, lr=0.1, lmbda=1e-3, final_temp=50.0, rewind_epoch=1, s0=-0.02, batch_size=16)
+    kw = dict(rounds=2, epochs=4, lr=0.15, lmbda=1e-3, final_temp=50.0, rewind_epoch=1, s0=-0.02, batch_size=16)
+    torch.manual_seed(1)  # mask_lr left out: main.py's mask optimiser takes lr; per-drop factors as main.py
+    result = continuous_sparsification(model, (x, y), weight_decay=1e-3, lr_milestones=[3, 2], lr_drops=[0.2, 0.5],
+                                       progress=False, **kw)
     torch.manual_seed(1)
-    result = continuous_sparsification(model, (x, y), weight_decay=1e-3, mask_lr=0.1, progress=False, **kw)
-    torch.manual_seed(1)
-    expected, official = official_cs(plain, (x, y), decay=1e-3, **kw)
+    expected, official, losses = official_cs(plain, (x, y), decay=1e-3, schedule=(2, 3), drops=(0.5, 0.2), **kw)
     assert [r.level for r in result.levels] == [0, 1, 2]
     for r, masks in zip(result.levels, expected, strict=True):
         assert [torch.equal(r.masks[k], m) for k, m in zip(("0", "2"), masks, strict=True)] == [True, True]
@@ -116,6 +127,21 @@ def test_cs_matches_the_official_algorithm_step_for_step():
     assert 0 < kept < 16 * 10 + 3 * 16  # the toy problem really prunes, and keeps something
     history = result.levels[0].metrics["history"]
     assert history[-1]["beta"] == pytest.approx(50.0) and history[0]["beta"] == 1.0
+    assert [h["lr"] for h in history] == pytest.approx([0.15, 0.15, 0.075, 0.015])
+    # the logged loss is main.py's, the ticket phase's constant lmbda * sum(mask) included
+    logged = [h["loss"] for r in result.levels for h in r.metrics["history"]]
+    assert logged == pytest.approx(losses, rel=1e-9)
+    ticket_constant = 1e-3 * kept / torch.sigmoid(torch.tensor(-0.02, dtype=torch.float64)).item()
+    assert ticket_constant > 1e-6 * losses[-1]  # leaving it out would fail the comparison
+
+
+def test_cs_defaults_follow_main_py():
+    """Milestones stay at epochs 56 and 71 whatever the epoch count; the mask lr follows lr."""
+    data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    result = continuous_sparsification(nn.Sequential(nn.Linear(4, 3)), data, rounds=1, epochs=3, rewind_epoch=0,
+                                       lr=0.3, progress=False)
+    assert [h["lr"] for h in result.levels[0].metrics["history"]] == [0.3, 0.3, 0.3]
+    assert default_milestones(85) == [56, 71] and default_milestones(10) == [7, 8]
 
 
 def test_clamp_with_final_beta_follows_the_paper():

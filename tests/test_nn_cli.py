@@ -81,6 +81,7 @@ def test_demo_runs_imp_with_both_paths_agreeing():
     from sparseops.demo import run
 
     runs = run(levels=2, epochs=2, hidden=96, batch_size=64, progress=False, out=lines.append)
+    assert "mnist_lenet_300_100 preset scaled down to 2 of 40 epochs" in lines[0]  # what it runs, said so
     assert "speed-up" in lines[1] and lines[-1].startswith("whole search:")
     ref, ours = runs["mask multiply"].levels, runs["sparseops"].levels
     assert [r.sparsity for r in ours] == [r.sparsity for r in ref] and ours[-1].sparsity == pytest.approx(0.36, 1e-3)

@@ -1,6 +1,7 @@
 """Ticket search: pruning rules, IMP with rewinding (against a plain reimplementation), resume, mask
 tools, baselines, the CLI, and an end-to-end search on scikit-learn's digits."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -61,19 +62,26 @@ def test_magnitude_masks_follow_open_lth():
 
 def test_layerwise_random_and_score_masks():
     model = sparseops.patch(mlp())
-    lw = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"])
+    lw = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"], budget="prunable")
     for k, m in lw.items():
         expected_kept = m.numel() if k == "4" else m.numel() - math.ceil(0.5 * m.numel()) - 1
         assert int(m.sum()) == expected_kept
         if k != "4":  # the kept weights are the largest of their layer
             w = dict(model.named_modules())[k].weight.detach().abs()
             assert w[m].min() > w[~m].max()
-    rnd = tickets.random_masks(model, 0.5, generator=torch.Generator().manual_seed(0))
+    # budget "all": layers 0 and 2 lose the share that removes half of all 564 weights, layer 4's included
+    share = 0.5 * 564 / (240 + 288)
+    lw_all = tickets.magnitude_masks(model, 0.5, scope="layerwise", exclude=["4"])
+    for k, n in (("0", 240), ("2", 288)):
+        assert int(lw_all[k].sum()) == n - math.ceil(share * n) - 1
+    rnd = tickets.random_masks(model, 0.5, generator=torch.Generator().manual_seed(0), budget="prunable")
     assert all(int(rnd[k].sum()) == int(lw[k].sum()) for k in ("0", "2"))  # same per-layer fractions
     assert not torch.equal(rnd["0"], lw["0"])
     scores = {"2": torch.arange(24 * 12, dtype=torch.float32).view(12, 24)}
-    sm = tickets.score_masks(model, scores, 0.25)
+    sm = tickets.score_masks(model, scores, 0.25, budget="prunable")  # 25% of layer 2's 288
     assert torch.equal(sm["2"].flatten(), torch.arange(288) > 72) and bool(sm["0"].all())
+    sm = tickets.score_masks(model, scores, 0.25)  # open_lth: 25% of all 564 kept weights, from layer 2
+    assert torch.equal(sm["2"].flatten(), torch.arange(288) > math.ceil(0.25 * 564)) and bool(sm["0"].all())
 
 
 def test_pruning_bad_input():
@@ -102,7 +110,8 @@ def test_pruning_bad_input():
 
 
 def plain_imp(model, data, levels, rate, epochs, rewind_iters):
-    """IMP with rewinding written out with plain torch: mask multiplication, open_lth's pruning rule."""
+    """IMP with rewinding written out with plain torch: mask multiplication, open_lth's pruning rule,
+    every level trained from the rewind point to the end with a fresh optimiser."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     mods = dict(model.named_modules())
     masks = {n: torch.ones_like(mods[n].weight, dtype=torch.bool) for n in names}
@@ -119,6 +128,9 @@ def plain_imp(model, data, levels, rate, epochs, rewind_iters):
         it = 0
         for _ in range(epochs):
             for x, y in tickets.train.batches(data, 16, shuffle=True):
+                if level > 0 and it < rewind_iters:  # open_lth: later levels start at the rewind point
+                    it += 1
+                    continue
                 opt.zero_grad()
                 h = x
                 for n, m in model.named_children():
@@ -128,6 +140,7 @@ def plain_imp(model, data, levels, rate, epochs, rewind_iters):
                 it += 1
                 if level == 0 and it == rewind_iters and rewind_iters > 0:
                     rewind = copy.deepcopy(model.state_dict())
+                    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # open_lth's level 0 starts here
         out.append({n: m.clone() for n, m in masks.items()})
     return out, model
 
@@ -348,9 +361,32 @@ def test_cli_ticket_runs_and_saves_a_ticket(tmp_path):
                           "--json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert "random pruning on digits with lenet5" in out.stdout
-    assert "level | sparsity | accuracy | epoch time" in out.stdout and "36.00%" in out.stdout
+    # random pruning: each prunable layer loses the share that removes 20% of all kept weights, the output
+    # layer's (10x84, excluded by default) included; open_lth's rule drops one more weight per threshold
+    kept, out_layer = [16 * 9, 32 * 16 * 9, 32 * 16 * 120, 120 * 84], 84 * 10
+    for _ in range(2):
+        share = 0.2 * (sum(kept) + out_layer) / sum(kept)
+        kept = [k - math.ceil(share * k) - 1 for k in kept]
+    expected = 1 - (sum(kept) + out_layer) / (16 * 9 + 32 * 16 * 9 + 32 * 16 * 120 + 120 * 84 + out_layer)
+    assert "level | sparsity | accuracy | epoch time" in out.stdout and f"{expected:.2%}" in out.stdout
     ticket = Ticket.load(tmp_path / "t.pt")
-    assert ticket.metadata["method"] == "random" and ticket.sparsity == pytest.approx(0.36, abs=0.01)
+    assert ticket.metadata["method"] == "random" and ticket.sparsity == pytest.approx(expected)
+    assert ticket.masks["11"].all()  # lenet5's output layer: excluded by default, as open_lth's LeNets
     bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "snip"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "invalid choice: 'snip'" in bad.stderr
+
+
+def test_cli_ticket_runs_a_preset_scaled_down(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--preset", "mnist_lenet_300_100", "--epochs",
+                          "2", "--levels", "1", "--no-progress", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("preset mnist_lenet_300_100 (open_lth mnist_lenet_300_100 on MNIST)")
+    assert "SGD lr 0.1 momentum 0" in first and "scaled down to 2 of 40 epochs; model lenet300 on digits" in first
+    levels = json.loads((tmp_path / "r.json").read_text())["levels"]
+    assert [lv["steps"] for lv in levels] == [2 * 12, 2 * 12]  # 1437 digits in batches of 128, 2 epochs
+    assert levels[1]["sparsity"] == pytest.approx(0.2, abs=1e-4)  # 20% of all weights, the output layer kept
+    bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--preset", "cs_resnet_20", "--method", "imp"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "is a Continuous Sparsification run" in bad.stderr

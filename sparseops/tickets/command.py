@@ -8,35 +8,54 @@ import json
 import torch
 
 from .. import backend
-from .cs import continuous_sparsification
+from . import presets
+from .cs import continuous_sparsification, default_milestones
 from .imp import imp
 from .masks import Ticket, sparsity_report
 from .train import Trainer
-from .zoo import DATASETS, MODELS, build_model, load_data
+from .zoo import DATASETS, MODELS, build_model, load_data, open_lth_init
 
 METHODS = ("imp", "cs", "random")
 
 
+# The command's own defaults where no preset is given (a quick search on digits).
+DEFAULTS = {"method": "imp", "model": "lenet300", "data": "digits", "rate": 0.2, "rewind": "0", "epochs": 20,
+            "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "rounds": 3, "s0": 0.0,
+            "lmbda": 1e-8, "final_temp": 200.0, "rewind_epoch": 2}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=METHODS, default="imp", help="imp: IMP with rewinding; random: the same "
-                   "levels with random pruning; cs: Continuous Sparsification")
-    p.add_argument("--model", choices=MODELS, default="lenet300")
-    p.add_argument("--data", choices=DATASETS, default="digits")
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
+                   help="an upstream run (open_lth's mnist_lenet_300_100, cifar_resnet_20, cifar_vgg_16; the official "
+                        "CS cs_resnet_20): its model, hyperparameters and pruning setup; --epochs scales it down "
+                        "(schedule scaled), other flags override single values")
+    p.add_argument("--method", choices=METHODS, default=None, help="imp: IMP with rewinding; random: the same "
+                   "levels with random pruning; cs: Continuous Sparsification (default: imp, or the preset's)")
+    p.add_argument("--model", choices=MODELS, default=None, help="default: lenet300, or the preset's")
+    p.add_argument("--data", choices=DATASETS, default=None,
+                   help="default: digits; synthetic-cifar for the CIFAR presets")
     p.add_argument("--levels", type=int, default=10, help="IMP/random: pruning levels after the dense level 0")
-    p.add_argument("--rate", type=float, default=0.2, help="IMP/random: fraction of the kept weights pruned per level")
-    p.add_argument("--rewind", default="0", help="IMP/random: rewind point, 0 (init), '<N>it' or '<N>ep'")
+    p.add_argument("--rate", type=float, default=None, help="IMP/random: fraction of the kept weights pruned per "
+                   "level (0.2)")
+    p.add_argument("--rewind", default=None, help="IMP/random: rewind point, 0 (init), '<N>it' or '<N>ep'; later "
+                   "levels train from it to the end (open_lth)")
     p.add_argument("--scope", choices=("global", "layerwise"), default="global", help="IMP: magnitude threshold scope")
-    p.add_argument("--exclude", nargs="*", default=[], help="layer names never pruned (e.g. the output layer)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per level (IMP) or per round (CS)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--rounds", type=int, default=3, help="CS: rounds before the ticket is trained")
-    p.add_argument("--s0", type=float, default=0.0, help="CS: initial score (lower gives sparser tickets)")
-    p.add_argument("--lmbda", type=float, default=1e-8, help="CS: mask penalty weight")
-    p.add_argument("--final-temp", type=float, default=200.0, help="CS: beta at the end of each round")
-    p.add_argument("--rewind-epoch", type=int, default=2, help="CS: epoch of round 0 the ticket rewinds to")
+    p.add_argument("--budget", choices=("all", "prunable"), default="all", help="IMP: prune rate of all kept "
+                   "weights, excluded layers' included (open_lth), or of the prunable layers' only")
+    p.add_argument("--exclude", nargs="*", default=None, help="layer names never pruned ('output': the output "
+                   "layer); default: open_lth's for the model (the output layer, except for ResNets); "
+                   "--exclude alone prunes every layer")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per level (IMP) or per round (CS) (20, or the "
+                   "preset's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="CS: rounds before the ticket is trained")
+    p.add_argument("--s0", type=float, default=None, help="CS: initial score (lower gives sparser tickets)")
+    p.add_argument("--lmbda", type=float, default=None, help="CS: mask penalty weight")
+    p.add_argument("--final-temp", type=float, default=None, help="CS: beta at the end of each round")
+    p.add_argument("--rewind-epoch", type=int, default=None, help="CS: epoch of round 0 the ticket rewinds to")
     p.add_argument("--hidden", type=int, default=2048, help="wide-mlp: hidden width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,
@@ -47,24 +66,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _get(args, name, fallback=None):
+    value = getattr(args, name, None)
+    return (DEFAULTS.get(name) if fallback is None else fallback) if value is None else value
+
+
+def resolve(args: argparse.Namespace):
+    """(preset or None, a line saying what runs): fills args' unset values from the preset (scaled to
+    --epochs) or the command's defaults."""
+    preset = presets.get(args.preset) if getattr(args, "preset", None) else None
+    if preset is None:
+        for k, v in DEFAULTS.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+        return None, None
+    full = preset.epochs
+    if args.epochs is not None and args.epochs != full:
+        preset = preset.scaled(args.epochs)
+    cifar = preset.dataset.startswith("CIFAR")
+    if isinstance(preset, presets.CSPreset):
+        args.method = args.method or "cs"
+        if args.method != "cs":
+            raise SystemExit(f"--preset {preset.name} is a Continuous Sparsification run; --method {args.method} "
+                             "needs an IMP preset")
+    else:
+        args.method = args.method or "imp"
+        if args.method == "cs":
+            raise SystemExit(f"--preset {preset.name} is an IMP run; --method cs needs --preset cs_resnet_20")
+    args.model = args.model or preset.model_name
+    args.data = args.data or ("synthetic-cifar" if cifar else "digits")
+    args.epochs = preset.epochs
+    scaled = f"scaled down to {preset.epochs} of {full} epochs" if preset.epochs != full else "full length"
+    line = f"preset {preset.describe()} [{scaled}; model {args.model} on {args.data}]"
+    return preset, line
+
+
 def search(args: argparse.Namespace, out=print):
     """Runs the search `args` describes and returns (SearchResult, model)."""
+    preset, line = resolve(args)
+    if line:
+        out(line)
     torch.manual_seed(args.seed)
     train, test = load_data(args.data, args.seed)
     model = build_model(args.model, hidden=args.hidden)
+    if isinstance(preset, presets.IMPPreset):
+        open_lth_init(model)
     progress = not args.no_progress
     with backend.backend(args.backend):
         if args.method == "cs":
-            result = continuous_sparsification(
-                model, train, test, rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                mask_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, s0=args.s0,
-                lmbda=args.lmbda, final_temp=args.final_temp, rewind_epoch=args.rewind_epoch, progress=progress)
+            kw = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "momentum", "weight_decay", "s0",
+                                                 "lmbda", "final_temp", "rewind_epoch")}
+            if preset is None:  # the command's quick runs keep the official drops at 56/85 and 71/85 of --epochs
+                kw.update(lr_milestones=default_milestones(args.epochs), mask_lr=args.lr)
+            result = continuous_sparsification(model, train, test, epochs=args.epochs, preset=preset,
+                                               progress=progress, **kw)
         else:
-            trainer = Trainer(train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              momentum=args.momentum, weight_decay=args.weight_decay)
-            rewind = int(args.rewind) if str(args.rewind).isdigit() else args.rewind
+            overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                           ("momentum", args.momentum), ("weight_decay", args.weight_decay))
+                         if v is not None}
+            if preset is not None:
+                trainer = preset.trainer(train, test, **overrides)
+            else:
+                trainer = Trainer(train, test, epochs=args.epochs, **overrides)
+            rewind = None if args.rewind is None else (int(args.rewind) if str(args.rewind).isdigit() else args.rewind)
             result = imp(model, trainer, levels=args.levels, rate=args.rate, rewind=rewind, scope=args.scope,
-                         exclude=args.exclude, pruning="magnitude" if args.method == "imp" else "random",
+                         budget=args.budget, exclude=args.exclude,
+                         pruning="magnitude" if args.method == "imp" else "random", preset=preset,
                          checkpoint_dir=args.checkpoint_dir, generator=torch.Generator().manual_seed(args.seed),
                          progress=progress)
     return result, model
@@ -82,6 +149,7 @@ def run(args: argparse.Namespace, out=print) -> int:
     out(str(sparsity_report(result.final_masks)))
     if args.save_ticket:
         Ticket(result.final_masks, {"method": args.method, "model": args.model, "data": args.data,
+                                    "preset": args.preset or "",
                                     "seed": args.seed, "accuracy": result.levels[-1].metrics.get("accuracy")}
                ).save(args.save_ticket)
         out(f"ticket written to {args.save_ticket}")

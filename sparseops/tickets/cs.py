@@ -12,10 +12,15 @@ weight optimiser from the saved weights, with the mask (s > 0) / sigmoid(s0).
 
 One detail differs from the paper's Algorithm 1 and is kept as the code has it: the clamp happens
 after beta is reset to 1, so it is clamp(s, max=s0). `clamp_with_final_beta=True` uses the round's
-final beta instead, as the paper writes it.
+final beta instead, as the paper writes it. The official ResNet masks only its 3x3 convs: pass
+`filter_fn=official_layers` (or the `cs_resnet_20` preset) for that layer set. Under Python 3 the
+official main.py stops before the ticket phase (its weight-parameter iterator is used up by the
+first optimiser); this does what it does under Python 2, the ticket phase included.
+docs/tickets.md compares every default with main.py.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from torch import nn
 from .. import nn as snn
 from ..patch import check_model, patch, patched_layers
 from .imp import LevelResult, SearchResult
+from .presets import OFFICIAL_MILESTONES, CSPreset
 from .masks import get_masks
 from .train import batches, evaluate
 
@@ -47,24 +53,56 @@ def penalty(model: nn.Module) -> torch.Tensor:
 
 
 def default_milestones(epochs: int) -> list[int]:
-    """The official schedule's drops (epochs 56 and 71 of 85), scaled to `epochs`."""
+    """The official schedule's drops (epochs 56 and 71 of 85), scaled to `epochs` (what the scaled-down
+    presets and the CLI use; `continuous_sparsification` itself keeps 56 and 71 as main.py does)."""
     return [round(epochs * 56 / 85), round(epochs * 71 / 85)]
 
 
-def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, rounds: int = 3, epochs: int = 85,
-                              batch_size: int = 128, lr: float = 0.1, mask_lr: float = 0.1, momentum: float = 0.9,
-                              nesterov: bool = True, weight_decay: float = 1e-4, lr_milestones=None,
-                              lr_gamma: float = 0.1, s0: float = 0.0, lmbda: float = 1e-8, final_temp: float = 200.0,
-                              rewind_epoch: int = 2, clamp_with_final_beta: bool = False,
+def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, rounds: int | None = None,
+                              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                              mask_lr: float | None = None, momentum: float | None = None,
+                              nesterov: bool | None = None, weight_decay: float | None = None, lr_milestones=None,
+                              lr_gamma: float = 0.1, lr_drops=None, s0: float | None = None,
+                              lmbda: float | None = None, final_temp: float | None = None,
+                              rewind_epoch: int | None = None, clamp_with_final_beta: bool = False,
                               filter_fn: Callable | None = None, loss_fn=F.cross_entropy, device=None,
-                              progress: bool = True) -> SearchResult:
+                              progress: bool = True, preset=None) -> SearchResult:
     """Searches a ticket with CS and trains it; returns one result per round and one for the ticket.
 
-    The model is patched in soft mode (`filter_fn` picks layers) and ends in ticket mode: its soft
-    layers apply (s > 0) / sigmoid(s0) on the sparse kernels. `sparseops.tickets.get_masks(model)`
-    gives the ticket; `unpatch(model)` folds it into plain layers.
+    Defaults are main.py's (None takes them, or the preset's): rounds 3, epochs 85, batch 128, lr 0.1,
+    mask_lr = lr, momentum 0.9 with Nesterov, weight decay 1e-4 (weights only), lr_milestones
+    (56, 71) whatever `epochs` is, each drop a factor from `lr_drops` (default `lr_gamma` = 0.1 for
+    each), s0 0, lmbda 1e-8, final_temp 200, rewind_epoch 2. `preset` (a
+    `sparseops.tickets.presets.CSPreset`) fills every argument left None, `filter_fn` included.
+    The model is patched in soft mode (`filter_fn` picks layers: None masks every Conv2d and Linear;
+    `official_layers` the official ResNet's 3x3 convs) and ends in ticket mode: its soft layers apply
+    (s > 0) / sigmoid(s0) on the sparse kernels. `sparseops.tickets.get_masks(model)` gives the
+    ticket; `unpatch(model)` folds it into plain layers.
     """
     check_model(model, "tickets.cs")
+    if preset is not None:
+
+        if not isinstance(preset, CSPreset):
+            raise TypeError(f"sparseops.tickets.cs: preset must be a CSPreset (sparseops.tickets.presets), "
+                            f"got {type(preset).__name__}")
+        given = dict(rounds=rounds, epochs=epochs, batch_size=batch_size, lr=lr, mask_lr=mask_lr, momentum=momentum,
+                     nesterov=nesterov, weight_decay=weight_decay, lr_milestones=lr_milestones, lr_drops=lr_drops,
+                     s0=s0, lmbda=lmbda, final_temp=final_temp, rewind_epoch=rewind_epoch, filter_fn=filter_fn)
+        filled = {k: (getattr(preset, k) if v is None else v) for k, v in given.items()}
+        (rounds, epochs, batch_size, lr, mask_lr, momentum, nesterov, weight_decay, lr_milestones, lr_drops, s0, lmbda,
+         final_temp, rewind_epoch, filter_fn) = filled.values()
+    rounds = 3 if rounds is None else rounds
+    epochs = 85 if epochs is None else epochs
+    batch_size = 128 if batch_size is None else batch_size
+    lr = 0.1 if lr is None else lr
+    mask_lr = lr if mask_lr is None else mask_lr
+    momentum = 0.9 if momentum is None else momentum
+    nesterov = True if nesterov is None else nesterov
+    weight_decay = 1e-4 if weight_decay is None else weight_decay
+    s0 = 0.0 if s0 is None else s0
+    lmbda = 1e-8 if lmbda is None else lmbda
+    final_temp = 200.0 if final_temp is None else final_temp
+    rewind_epoch = 2 if rewind_epoch is None else rewind_epoch
     for name, v, low in (("rounds", rounds, 1), ("epochs", epochs, 2), ("batch_size", batch_size, 1),
                          ("rewind_epoch", rewind_epoch, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -76,7 +114,11 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
             raise ValueError(f"sparseops.tickets.cs: {name} must be positive, got {v!r}")
     if not lmbda >= 0:
         raise ValueError(f"sparseops.tickets.cs: lmbda must be >= 0, got {lmbda!r}")
-    milestones = default_milestones(epochs) if lr_milestones is None else sorted(lr_milestones)
+    milestones = list(OFFICIAL_MILESTONES if lr_milestones is None else lr_milestones)
+    drops = [lr_gamma] * len(milestones) if lr_drops is None else list(lr_drops)
+    if len(drops) != len(milestones):
+        raise ValueError(f"sparseops.tickets.cs: lr_drops ({drops}) needs one factor per milestone ({milestones})")
+    schedule = sorted(zip(milestones, drops, strict=True))
 
     patch(model, mode="soft", s0=s0, filter_fn=filter_fn)
     layers = soft_layers(model)
@@ -108,10 +150,14 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
             if round_index == 0 and epoch == rewind_epoch and not ticket:
                 state["rewind"] = {k: v.detach().clone() for k, v in model.state_dict().items()
                                    if not k.endswith("weight_score")}
-            drop = lr_gamma ** sum(epoch >= m for m in milestones)
+            drop = math.prod(d for m, d in schedule if epoch >= m)
             for opt, base in zip(optimizers, base_lrs, strict=True):
                 for group in opt.param_groups:
                     group["lr"] = base * drop
+            # main.py's loss adds lmbda * sum(mask) in the ticket phase too, where the mask is the constant
+            # (s > 0) / sigmoid(s0): no gradient, so it is only added to the logged loss.
+            constant = lmbda * sum(float(m.ticket_mask().sum()) * m.scale for m in layers) if ticket else 0.0
+            total, count = 0.0, 0
             t0 = time.perf_counter()
             for x, y in batches(train_data, batch_size, shuffle=True, device=device):
                 for opt in optimizers:
@@ -122,7 +168,9 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
                 loss.backward()
                 for opt in optimizers:
                     opt.step()
-            record = {"epoch": epoch, "beta": state["beta"], "time": time.perf_counter() - t0,
+                total, count = total + loss.detach() * len(y), count + len(y)
+            record = {"epoch": epoch, "beta": state["beta"], "lr": base_lrs[0] * drop, "time": time.perf_counter() - t0,
+                      "loss": float(total) / max(count, 1) + constant,
                       "mask_exact_zero": exact_zero_fraction(layers, state["beta"])}
             if test_data is not None:
                 record["accuracy"] = evaluate(model, test_data, loss_fn=loss_fn, device=device)["accuracy"]

@@ -1,9 +1,11 @@
 """Iterative magnitude pruning with rewinding (Frankle & Carbin; Frankle et al.), as open_lth runs it.
 
-Level 0 trains the dense network and saves its weights at the rewind point (iteration or epoch;
+Level 0 trains the dense network and saves its weights at the rewind point k (iteration or epoch;
 0 is the original LTH reset to the initial weights). Each later level prunes `rate` of the weights
-the previous level kept, by the magnitude of its trained weights, rewinds the kept weights to the
-rewind point, and trains again. The model's layers run on sparseops' masked kernels throughout.
+the network kept (excluded layers counted, as open_lth's sparse_global), by the magnitude of the
+trained weights, rewinds the kept weights to the rewind point, and trains from step k to the end
+(T - k steps, the learning-rate schedule at step k). The model's layers run on sparseops' masked
+kernels throughout. docs/tickets.md compares every default with open_lth.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from torch import nn
 
 from ..patch import check_model, patch
 from .masks import get_masks, set_masks, sparsity_report
-from .pruning import SCOPES, check_rate, magnitude_masks, prunable_layers, random_masks
+from .presets import IMPPreset
+from .pruning import (SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks,
+                      resolve_exclude)
 
 PRUNINGS = ("magnitude", "random")
 
@@ -48,29 +52,46 @@ class Level:
     """What a training function learns of the level it trains, and how it reports progress.
 
     Call `level.step()` after every optimiser step and `level.end_epoch()` after every epoch: at
-    level 0 the search saves the rewind weights when the rewind point is reached.
+    level 0 the search saves the rewind weights when the rewind point is reached, and the call
+    that saved them returns True.
+
+    Where a level starts (open_lth's semantics): level 0 starts at step 0; every later level starts
+    at the rewind point, `start_iteration` optimiser steps into training (`start_epoch` whole
+    epochs and `start_batch` batches of the next), and trains to the end of the schedule, so
+    T - k steps with the learning-rate schedule at step k. open_lth pretrains to the rewind point
+    with an optimiser of its own and starts level 0's optimiser there; a training function that
+    follows it builds a fresh optimiser when `step()` / `end_epoch()` returns True. `iteration`
+    and `epoch` count from the start point (the global position in the schedule).
     """
 
-    def __init__(self, index: int, sparsity: float, rewind: tuple[int, str], on_rewind: Callable | None):
+    def __init__(self, index: int, sparsity: float, rewind: tuple[int, str], on_rewind: Callable | None,
+                 start: tuple[int, int, int] = (0, 0, 0)):
         self.index, self.sparsity = index, sparsity
-        self.iteration = self.epoch = 0
+        self.start_iteration, self.start_epoch, self.start_batch = start
+        self.iteration, self.epoch = self.start_iteration, self.start_epoch
+        self._batch = self.start_batch  # batches into the current epoch
         self._rewind, self._on_rewind = rewind, on_rewind
 
-    def _tick(self, unit):
+    def _tick(self, unit) -> bool:
         if self._on_rewind is not None and self._rewind == ((self.iteration if unit == "it" else self.epoch), unit):
-            self._on_rewind()
+            self._on_rewind((self.iteration, self.epoch, self._batch))
             self._on_rewind = None
+            return True
+        return False
 
-    def step(self) -> None:
+    def step(self) -> bool:
         self.iteration += 1
-        self._tick("it")
+        self._batch += 1
+        return self._tick("it")
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> bool:
         self.epoch += 1
-        self._tick("ep")
+        self._batch = 0
+        return self._tick("ep")
 
     def __repr__(self):
-        return f"Level({self.index}, sparsity={self.sparsity:.4f})"
+        start = f", start_iteration={self.start_iteration}" if self.start_iteration else ""
+        return f"Level({self.index}, sparsity={self.sparsity:.4f}{start})"
 
 
 @dataclass
@@ -118,18 +139,29 @@ def _save(obj, path: str) -> None:
     os.replace(tmp, path)  # a level file is either whole or absent, even if the process dies here
 
 
-def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2, rewind=0,
-        scope: str = "global", exclude: Iterable[str] = (), pruning: str = "magnitude",
-        filter_fn: Callable | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        generator: torch.Generator | None = None, progress: bool = True) -> SearchResult:
+def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None = None, rewind=None,
+        scope: str | None = None, exclude: Iterable[str] | str | None = None, budget: str | None = None,
+        pruning: str = "magnitude", filter_fn: Callable | None = None,
+        checkpoint_dir: str | os.PathLike | None = None, generator: torch.Generator | None = None,
+        progress: bool = True, preset=None) -> SearchResult:
     """Runs `levels` pruning levels after a dense level 0 and returns every level's result.
 
     train_fn(model, level) trains the model in place for one level (building its own optimiser) and
     returns a dict of metrics (e.g. {"accuracy": ...}) or None; it must call `level.step()` per
     optimiser step and `level.end_epoch()` per epoch when `rewind` is not 0 (the built-in
     `sparseops.tickets.Trainer` does). The model is patched first if it is not (`filter_fn` picks
-    layers); `exclude` names layers that are never pruned. `pruning="random"` removes weights at
-    random instead (the random-pruning baseline, same per-layer fractions).
+    layers).
+
+    Defaults are open_lth's (`None` takes them, or the preset's): `rate` 0.2 of the kept weights per
+    level; `rewind` 0 (the initial weights), "<N>it" or "<N>ep"; every level after the rewind
+    point trains from it to the end (`Level.start_iteration`; the built-in Trainer does, with the
+    schedule at that step); `scope` "global"; `budget` "all": each level removes `rate` of all kept
+    weights, excluded layers' included, from the prunable layers ("prunable": of the prunable
+    layers' only); `exclude` names layers never pruned, "output" the output layer, None the model's
+    `default_exclude` (sparseops' zoo models: open_lth's per model) or nothing. `preset` (a
+    `sparseops.tickets.presets.IMPPreset`) supplies rate, rewind, scope, budget and exclude where
+    they are None. `pruning="random"` removes as many weights at random instead, the same fraction
+    of each prunable layer (the random-pruning baseline).
 
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
     metrics, torch and Python RNG states); calling imp again with the same directory and settings
@@ -140,24 +172,37 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
         raise TypeError("sparseops.tickets.imp: train_fn must be callable as train_fn(model, level)")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"sparseops.tickets.imp: levels must be an integer >= 1, got {levels!r}")
-    rate = check_rate(rate, "imp")
+    if preset is not None:
+
+        if not isinstance(preset, IMPPreset):
+            raise TypeError(f"sparseops.tickets.imp: preset must be an IMPPreset (sparseops.tickets.presets), "
+                            f"got {type(preset).__name__}")
+        rate = preset.rate if rate is None else rate
+        rewind = preset.rewind if rewind is None else rewind
+        scope = preset.scope if scope is None else scope
+        budget = preset.budget if budget is None else budget
+        exclude = preset.exclude if exclude is None else exclude
+    rate = check_rate(0.2 if rate is None else rate, "imp")
+    rewind = 0 if rewind is None else rewind
     rewind_point = parse_rewind(rewind)
+    scope = "global" if scope is None else scope
+    budget = check_budget("all" if budget is None else budget, "imp")
     if pruning not in PRUNINGS:
         raise ValueError(f"sparseops.tickets.imp: pruning must be one of {PRUNINGS}, got {pruning!r}")
     if scope not in SCOPES:  # checked now, not when level 1 prunes after level 0's training
         raise ValueError(f"sparseops.tickets.imp: scope must be one of {SCOPES}, got {scope!r}")
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     patch(model, filter_fn=filter_fn)
+    exclude = resolve_exclude(model, exclude)
     prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training
     config = {"levels": levels, "rate": rate, "rewind": list(rewind_point), "scope": scope,
-              "exclude": sorted(exclude), "pruning": pruning, "layers": sorted(get_masks(model))}
+              "exclude": sorted(exclude), "budget": budget, "pruning": pruning, "layers": sorted(get_masks(model))}
 
     results: list[LevelResult] = []
-    rewind_state = None
+    rewind_state, start_point = None, (0, 0, 0)
     start = 0
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        results, rewind_state = _resume(model, checkpoint_dir, config)
+        results, rewind_state, start_point = _resume(model, checkpoint_dir, config)
         start = len(results)
 
     bar = None
@@ -168,20 +213,21 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
     for index in range(start, levels + 1):
         if index > 0:
             if pruning == "magnitude":
-                masks = magnitude_masks(model, rate, scope=scope, exclude=exclude)
+                masks = magnitude_masks(model, rate, scope=scope, exclude=exclude, budget=budget)
             else:
-                masks = random_masks(model, rate, exclude=exclude, generator=generator)
+                masks = random_masks(model, rate, exclude=exclude, generator=generator, budget=budget)
             model.load_state_dict(rewind_state)  # masks are not in it: the current ones stay ...
             set_masks(model, masks)  # ... until this
         sparsity = sparsity_report(model).sparsity
         saved = {}
 
-        def save_rewind():
-            saved["state"] = _weights_state(model)
+        def save_rewind(point=(0, 0, 0)):
+            saved["state"], saved["point"] = _weights_state(model), tuple(point)
 
         if index == 0 and rewind_point[0] == 0:
             save_rewind()
-        level = Level(index, sparsity, rewind_point, save_rewind if index == 0 and not saved else None)
+        level = Level(index, sparsity, rewind_point, save_rewind if index == 0 and not saved else None,
+                      start=(0, 0, 0) if index == 0 else start_point)
         t0 = time.perf_counter()
         metrics = train_fn(model, level)
         wall = time.perf_counter() - t0
@@ -190,7 +236,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
                 raise RuntimeError(f"sparseops.tickets.imp: level 0 ended before the rewind point {rewind!r} "
                                    f"(train_fn reported {level.iteration} steps and {level.epoch} epochs through "
                                    "level.step() / level.end_epoch())")
-            rewind_state = saved["state"]
+            rewind_state, start_point = saved["state"], saved["point"]
         if metrics is not None and not isinstance(metrics, dict):
             raise TypeError(f"sparseops.tickets.imp: train_fn must return a dict of metrics or None, "
                             f"got {type(metrics).__name__}")
@@ -199,7 +245,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
         if checkpoint_dir is not None:
             _save({"config": config, "level": index, "sparsity": sparsity, "metrics": result.metrics,
                    "wall_time": wall, "masks": result.masks, "state": _weights_state(model),
-                   "rewind": rewind_state if index == 0 else None, "torch_rng": torch.get_rng_state(),
+                   "rewind": rewind_state if index == 0 else None,
+                   "rewind_point": list(start_point) if index == 0 else None, "torch_rng": torch.get_rng_state(),
                    "python_rng": random.getstate()},
                   os.path.join(checkpoint_dir, f"level_{index:03d}.pt"))
         if bar is not None:
@@ -213,7 +260,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float = 0.2,
 
 def _resume(model, checkpoint_dir, config):
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
-    results, rewind_state, last = [], None, None
+    results, rewind_state, point, last = [], None, (0, 0, 0), None
     for i, path in enumerate(files):
         ck = torch.load(path, weights_only=True)
         if ck["level"] != i:
@@ -223,7 +270,7 @@ def _resume(model, checkpoint_dir, config):
             raise ValueError(f"sparseops.tickets.imp: {checkpoint_dir} holds a search with other settings "
                              f"(saved, now): {diff}; use another checkpoint_dir")
         if i == 0:
-            rewind_state = ck["rewind"]
+            rewind_state, point = ck["rewind"], tuple(ck["rewind_point"])
         results.append(LevelResult(ck["level"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"]))
         last = ck
     if last is not None:
@@ -231,7 +278,7 @@ def _resume(model, checkpoint_dir, config):
         model.load_state_dict(last["state"])
         torch.set_rng_state(last["torch_rng"])
         random.setstate(_as_tuple(last["python_rng"]))
-    return results, rewind_state
+    return results, rewind_state, point
 
 
 def _as_tuple(state):

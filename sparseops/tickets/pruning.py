@@ -2,8 +2,17 @@
 (the same fraction of each layer), or by any score. Each removes `rate` of the weights still kept.
 
 The rule is open_lth's (sparse_global): with `n = ceil(rate * kept)`, the threshold is the
-(n+1)-th smallest score among kept weights and weights whose score is <= it are removed, so at
-least `n` go; ties at the threshold go together.
+(n+1)-th smallest score among the prunable kept weights and weights whose score is <= it are
+removed, so at least `n` go; ties at the threshold go together.
+
+The budget `kept` (global scope): with `budget="all"` (open_lth's rule, the default) it counts the
+kept weights of every masked layer, excluded layers' included, and the `n` weights all come out of
+the prunable layers, so each level removes `rate` of the whole network's kept weights; with
+`budget="prunable"` it counts the prunable layers only (each level removes `rate` of what the
+prunable layers keep, so the whole network loses less than `rate` when a layer is excluded).
+In layerwise scope (and random pruning) every prunable layer loses the same fraction of its own
+kept weights: `rate` with budget "prunable"; with budget "all", `rate * all kept / prunable kept`, so
+the network as a whole loses `rate` as in global scope.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ from ..patch import check_model, patched_layers
 from .masks import get_masks
 
 SCOPES = ("global", "layerwise")
+BUDGETS = ("all", "prunable")
 
 
 def check_rate(rate, fn: str) -> float:
@@ -26,12 +36,30 @@ def check_rate(rate, fn: str) -> float:
     return float(rate)
 
 
-def prunable_layers(model: nn.Module, exclude: Iterable[str] = (), fn: str = "prune") -> dict[str, nn.Module]:
-    """The hard-masked sparseops layers of `model` by name, less `exclude` (names must exist)."""
-    check_model(model, f"tickets.{fn}")
+OUTPUT = "output"
+
+
+def resolve_exclude(model: nn.Module, exclude: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The layer names `exclude` stands for. None: the model's `default_exclude` attribute if it has
+    one (sparseops' zoo models carry open_lth's: the output layer for LeNet and VGG, nothing for
+    ResNet), else nothing. The name "output" (unless the model has a layer of that name) stands
+    for the model's last masked layer in `named_modules()` order, its output layer."""
+    if exclude is None:
+        exclude = getattr(model, "default_exclude", ())
     if isinstance(exclude, str):
         exclude = (exclude,)
-    exclude = set(exclude)
+    exclude = tuple(exclude)
+    if OUTPUT in exclude and OUTPUT not in dict(model.named_modules()):
+        last = [n for n, _ in patched_layers(model)][-1:]
+        exclude = tuple(x for n in exclude for x in (last if n == OUTPUT else [n]))
+    return tuple(dict.fromkeys(exclude))
+
+
+def prunable_layers(model: nn.Module, exclude: Iterable[str] | None = None, fn: str = "prune") -> dict[str, nn.Module]:
+    """The hard-masked sparseops layers of `model` by name, less `exclude` (names must exist; None
+    and "output" as in `resolve_exclude`)."""
+    check_model(model, f"tickets.{fn}")
+    exclude = set(resolve_exclude(model, exclude))
     layers = {n: m for n, m in patched_layers(model) if isinstance(m, snn._MaskedMixin)}
     unknown = sorted(exclude - set(layers))
     if unknown:
@@ -42,10 +70,18 @@ def prunable_layers(model: nn.Module, exclude: Iterable[str] = (), fn: str = "pr
     return {n: m for n, m in layers.items() if n not in exclude}
 
 
-def _threshold_prune(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], rate: float) -> dict:
-    """open_lth's rule over the kept entries of all `scores` together."""
+def check_budget(budget, fn: str) -> str:
+    if budget not in BUDGETS:
+        raise ValueError(f"sparseops.tickets.{fn}: budget must be one of {BUDGETS}, got {budget!r}")
+    return budget
+
+
+def _threshold_prune(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], rate: float,
+                     budget: int | None = None) -> dict:
+    """open_lth's rule over the kept entries of all `scores` together; `budget` is the count of kept
+    weights `rate` applies to (default: the kept entries of `scores` themselves)."""
     kept = torch.cat([scores[k][masks[k]].reshape(-1).double().cpu() for k in scores])
-    n = math.ceil(rate * kept.numel())
+    n = math.ceil(rate * (kept.numel() if budget is None else budget))
     if n >= kept.numel():
         return {k: torch.zeros_like(masks[k]) for k in scores}
     threshold = kept.kthvalue(n + 1).values.item()
@@ -53,13 +89,16 @@ def _threshold_prune(scores: dict[str, torch.Tensor], masks: dict[str, torch.Ten
 
 
 def score_masks(model: nn.Module, scores: Mapping[str, torch.Tensor], rate: float, *, scope: str = "global",
-                exclude: Iterable[str] = (), fn: str = "score_masks") -> dict[str, torch.Tensor]:
+                exclude: Iterable[str] | None = None, budget: str = "all", fn: str = "score_masks") -> dict[str, torch.Tensor]:
     """New masks that remove `rate` of the kept weights with the lowest `scores` ({layer: tensor of the
     weight's shape}; layers without a score keep their masks). `scope`: one threshold for all layers
-    ("global") or one per layer ("layerwise")."""
+    ("global") or one per layer ("layerwise"). `budget`: "all" counts the kept weights of every masked
+    layer, unscored and excluded ones included (open_lth), "prunable" those of the scored layers only
+    (in layerwise scope: each scored layer loses the fraction that removes the budget)."""
     rate = check_rate(rate, fn)
     if scope not in SCOPES:
         raise ValueError(f"sparseops.tickets.{fn}: scope must be one of {SCOPES}, got {scope!r}")
+    check_budget(budget, fn)
     layers = prunable_layers(model, exclude, fn)
     current = get_masks(model)
     if not isinstance(scores, Mapping):
@@ -76,24 +115,32 @@ def score_masks(model: nn.Module, scores: Mapping[str, torch.Tensor], rate: floa
     scores = {k: s.detach().to(current[k].device) for k, s in scores.items()}
     new = dict(current)
     if scope == "global":
-        new.update(_threshold_prune(scores, current, rate))
+        total = sum(int(m.sum()) for m in current.values()) if budget == "all" else None
+        new.update(_threshold_prune(scores, current, rate, total))
     else:
+        layer_rate = rate
+        if budget == "all":  # the network loses `rate` of its kept weights, each prunable layer the same share
+            prunable_kept = sum(int(current[k].sum()) for k in scores)
+            if prunable_kept:
+                layer_rate = min(1.0, rate * sum(int(m.sum()) for m in current.values()) / prunable_kept)
         for k in scores:
-            new.update(_threshold_prune({k: scores[k]}, current, rate))
+            new.update(_threshold_prune({k: scores[k]}, current, layer_rate))
     return new
 
 
 def magnitude_masks(model: nn.Module, rate: float = 0.2, *, scope: str = "global",
-                    exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Magnitude pruning: removes `rate` of the kept weights with the smallest |w| (IMP's step)."""
+                    exclude: Iterable[str] | None = None, budget: str = "all") -> dict[str, torch.Tensor]:
+    """Magnitude pruning: removes `rate` of the kept weights with the smallest |w| (IMP's step);
+    `budget` as in `score_masks` (open_lth's "all" by default)."""
     layers = prunable_layers(model, exclude, "magnitude_masks")
     scores = {k: m.weight.detach().abs() for k, m in layers.items()}
-    return score_masks(model, scores, rate, scope=scope, exclude=exclude, fn="magnitude_masks")
+    return score_masks(model, scores, rate, scope=scope, exclude=exclude, budget=budget, fn="magnitude_masks")
 
 
-def random_masks(model: nn.Module, rate: float = 0.2, *, exclude: Iterable[str] = (),
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Random pruning: removes `rate` of each layer's kept weights, chosen uniformly at random."""
+def random_masks(model: nn.Module, rate: float = 0.2, *, exclude: Iterable[str] | None = None,
+                 generator: torch.Generator | None = None, budget: str = "all") -> dict[str, torch.Tensor]:
+    """Random pruning: removes the same fraction of each prunable layer's kept weights (`rate`, or with
+    budget "all" the fraction that removes `rate` of all kept weights), chosen uniformly at random."""
     layers = prunable_layers(model, exclude, "random_masks")
     scores = {k: torch.rand(m.weight.shape, generator=generator, dtype=torch.float64) for k, m in layers.items()}
-    return score_masks(model, scores, rate, scope="layerwise", exclude=exclude, fn="random_masks")
+    return score_masks(model, scores, rate, scope="layerwise", exclude=exclude, budget=budget, fn="random_masks")
