@@ -374,8 +374,8 @@ void gather_rows(const GatherArgs<T, I>& g, int64_t r0, int64_t r1) {
 }
 
 // xt[k, m] = x[m, k] for k in [k0, k1), m < M; xt[k, m] = 0 for M <= m < ldt (the SpMM padding).
-// Whole W x W blocks by register transposes (the columns in groups of W, W rows at a time, so each
-// row of x is read in whole cache lines), the ragged edges element by element.
+// Whole W x W blocks by register transposes (the columns in groups of W; a task's 64 bytes of
+// columns of x stay in L1 between its groups), the ragged edges element by element.
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
                    int64_t k1, const int64_t* rowmap) {
@@ -386,8 +386,8 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
   constexpr int64_t B = 16;
   const int64_t kfull = k0 + (k1 - k0) / W * W;  // columns [k0, kfull) in whole groups of W
   const int64_t mfull = kfull > k0 ? M / W * W : 0;  // rows done by the register transposes
-  for (int64_t m = 0; m < mfull; m += W) {
-    for (int64_t kb = k0; kb < kfull; kb += W) {
+  for (int64_t kb = k0; kb < kfull; kb += W) {
+    for (int64_t m = 0; m < mfull; m += W) {
       V blk[W];
 #pragma GCC unroll 16
       for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (m + i) * ldx + kb);
