@@ -64,12 +64,25 @@ static std::atomic<int>& isa_slot() {
 Isa active_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
 void set_active_isa(const std::string& name) { isa_slot().store(static_cast<int>(parse_isa(name))); }
 
-#define SPARSEOPS_ISA_CALL(fn, ...)                                     \
-  switch (active_isa()) {                                               \
+#define SPARSEOPS_ISA_CALL_ON(isa, fn, ...)                             \
+  switch (isa) {                                                        \
     case Isa::Avx512: return isa_avx512::fn(__VA_ARGS__);               \
     case Isa::Avx2: return isa_avx2::fn(__VA_ARGS__);                   \
     default: return isa_default::fn(__VA_ARGS__);                       \
   }
+#define SPARSEOPS_ISA_CALL(fn, ...) SPARSEOPS_ISA_CALL_ON(active_isa(), fn, __VA_ARGS__)
+
+// The variant for an SpMM/SDDMM whose operands the caller padded to ld: the active one, or, if the
+// ISA was switched to a wider one since the padding was chosen (spmm_m_block<T>()), the widest
+// narrower one whose register block divides ld (4 vectors of 16, 32, 64 bytes: each divides the next).
+template <typename T>
+static Isa isa_for_ld(int64_t ld) {
+  Isa isa = active_isa();
+  while (isa != Isa::Default && ld % spmm_m_block<T>(isa) != 0) isa = static_cast<Isa>(static_cast<int>(isa) - 1);
+  TORCH_CHECK(ld % spmm_m_block<T>(isa) == 0, "sparseops: internal error: the kernels' operands are padded to ", ld,
+              " columns, not a multiple of ", spmm_m_block<T>(isa));
+  return isa;
+}
 
 // ---- parallel execution ----------------------------------------------------------------------
 
@@ -93,7 +106,8 @@ static void parallel_range(int64_t n, const F& f) {
 
 template <typename T, typename I>
 void spmm(const SpmmArgs<T, I>& a) {
-  constexpr int64_t MB = spmm_m_block<T>();
+  const Isa isa = isa_for_ld<T>(a.ldb);
+  const int64_t MB = spmm_m_block<T>(isa);
   if (a.eoff) {
     // Convolution: tiles of up to kSpmmRowBlock positions of one CSR row (an output channel).
     // Consecutive tasks take the same positions for the next channels, so the input around those
@@ -105,7 +119,7 @@ void spmm(const SpmmArgs<T, I>& a) {
       const int64_t row = t % csr_rows, pb = (t / csr_rows) % pos_blocks, mb = t / (csr_rows * pos_blocks);
       const int64_t r0 = row * a.plane + pb * kSpmmRowBlock;
       const int64_t r1 = std::min(row * a.plane + a.plane, r0 + kSpmmRowBlock);
-      SPARSEOPS_ISA_CALL(spmm_tile, a, r0, r1, mb * MB);
+      SPARSEOPS_ISA_CALL_ON(isa, spmm_tile, a, r0, r1, mb * MB);
     });
     return;
   }
@@ -115,15 +129,16 @@ void spmm(const SpmmArgs<T, I>& a) {
   parallel_tasks(row_blocks * m_blocks, [&](int64_t t) {
     const int64_t rb = t % row_blocks, mb = t / row_blocks;
     const int64_t r0 = rb * kSpmmRowBlock, r1 = std::min(a.rows, r0 + kSpmmRowBlock);
-    SPARSEOPS_ISA_CALL(spmm_tile, a, r0, r1, mb * MB);
+    SPARSEOPS_ISA_CALL_ON(isa, spmm_tile, a, r0, r1, mb * MB);
   });
 }
 
 template <typename T, typename I>
 void sddmm(const SddmmArgs<T, I>& a) {
   constexpr int64_t R = 4;
+  const Isa isa = isa_for_ld<T>(a.ld);
   parallel_tasks((a.rows + R - 1) / R, [&](int64_t t) {
-    SPARSEOPS_ISA_CALL(sddmm_rows, a, t * R, std::min(a.rows, (t + 1) * R));
+    SPARSEOPS_ISA_CALL_ON(isa, sddmm_rows, a, t * R, std::min(a.rows, (t + 1) * R));
   });
 }
 
@@ -131,10 +146,11 @@ template <typename T, typename I>
 void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(a.plane, at::get_num_threads()));
   std::vector<T> acc(static_cast<size_t>(workers * nnz), T(0));
+  const Isa isa = isa_for_ld<T>(a.ld);
   // A fixed split of the positions (one range per worker), so the sums' order is reproducible.
   auto run = [&](int64_t w) {
     const int64_t p0 = a.plane * w / workers, p1 = a.plane * (w + 1) / workers;
-    SPARSEOPS_ISA_CALL(conv_dw_positions, a, p0, p1, acc.data() + w * nnz);
+    SPARSEOPS_ISA_CALL_ON(isa, conv_dw_positions, a, p0, p1, acc.data() + w * nnz);
   };
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) run(w);
@@ -174,7 +190,7 @@ template int64_t count_invalid_csr<int64_t>(const int64_t*, const int64_t*, int6
 
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, const int64_t* rowmap) {
-  constexpr int64_t KB = 64 / sizeof(T);  // one register-transpose block wide
+  constexpr int64_t KB = 64 / sizeof(T);  // 64 bytes: whole W x W register transposes for every ISA
   parallel_tasks((K + KB - 1) / KB, [&](int64_t t) {
     SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB), rowmap);
   });

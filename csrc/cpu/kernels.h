@@ -17,7 +17,7 @@ std::vector<Isa> supported_isas();
 std::string isa_name(Isa isa);
 
 // Y[m, r] = bias[r] + sum_{j in row r} vals[j] * bt[col[j] * ldb + m]    (Y is M x rows, row stride ldy)
-// bt holds B transposed, zero-padded to ldb columns (a multiple of spmm_m_block<T>()).
+// bt holds B transposed, zero-padded to ldb columns (a multiple of spmm_m_block<T>(isa) of the ISA that runs).
 //
 // Convolution as an implicit-im2col SpMM (eoff non-null): output row r is position p = r % plane
 // of CSR row r / plane (so Y is NCHW), and kept entry j reads bt at eoff[j] + poff[p] (element
@@ -38,7 +38,7 @@ struct SpmmArgs {
 };
 
 // out[r, c] (+)= dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
-// a and b are zero-padded to ld (a multiple of the vector width) so the dot needs no tail.
+// a and b are zero-padded to ld (a multiple of spmm_m_block<T>(isa), 4 vectors) so the dot needs no tail.
 // accumulate = false zeroes each row first; true adds to it (later slabs of the batch).
 // conv_dw_positions (the weight gradient of the implicit-im2col convolution) uses plane, eoff and
 // poff as the convolution's SpMM does, with a position-major a[p * rows + r, :] and per-entry sums.
@@ -108,9 +108,18 @@ SPARSEOPS_DECLARE_ISA(isa_default)
 SPARSEOPS_DECLARE_ISA(isa_avx2)
 SPARSEOPS_DECLARE_ISA(isa_avx512)
 
-// Rows of B^T a tile covers (the SpMM register block): 4 vectors of 64 bytes.
+// Bytes of one vector register in an instruction set's kernels: 16 (SSE2 xmm), 32 (AVX2 ymm),
+// 64 (AVX-512 zmm). Each variant's register tiles and transposes are sized by its own width.
+constexpr int64_t isa_vector_bytes(Isa isa) {
+  return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16;
+}
+// Rows of B^T an SpMM tile covers (its register block): 4 vectors of the ISA's width. Callers pad
+// ldb (and the SDDMM's ld) to a multiple of the active ISA's block; dispatch.cpp runs a narrower
+// variant if the ISA changed since (a wider block always divides into the narrower ones).
 template <typename T>
-constexpr int64_t spmm_m_block() { return 4 * 64 / sizeof(T); }
+constexpr int64_t spmm_m_block(Isa isa) { return 4 * isa_vector_bytes(isa) / static_cast<int64_t>(sizeof(T)); }
+template <typename T>
+inline int64_t spmm_m_block() { return spmm_m_block<T>(active_isa()); }
 // Rows of the sparse operand per SpMM tile.
 constexpr int64_t kSpmmRowBlock = 32;
 

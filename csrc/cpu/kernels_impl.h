@@ -1,19 +1,29 @@
 // Kernel bodies, compiled once per instruction set: each isa_*.cpp includes this file inside its
-// own namespace after a `#pragma GCC target(...)`. Written with GCC vector extensions: a 64-byte
-// vector is one zmm register under AVX-512, two ymm under AVX2 and four xmm under SSE2, so the
-// same source gives all three variants. No OpenMP here: dispatch.cpp owns the parallelism.
-// (Included only from isa_*.cpp, after <algorithm>, <cmath>, <cstring> and kernels.h.)
+// own namespace after a `#pragma GCC target(...)` and defines SPARSEOPS_VBYTES, the width of its
+// vector registers: 16 (SSE2 xmm), 32 (AVX2 ymm) or 64 (AVX-512 zmm). Written with GCC vector
+// extensions of exactly that width, so every vector is one register (a wider vector than the ISA
+// has is split into pieces, and comparisons, selects and shuffles on it are lowered lane by lane),
+// and register tiles are sized to the register file (16 registers below AVX-512, 32 with it).
+// Transposes use intrinsics below AVX-512, where GCC's generic two-source shuffles lower poorly.
+// No OpenMP here: dispatch.cpp owns the parallelism.
+// (Included only from isa_*.cpp, after <algorithm>, <cmath>, <cstring>, <immintrin.h>, kernels.h.)
+#ifndef SPARSEOPS_VBYTES
+#error "define SPARSEOPS_VBYTES (16, 32 or 64) before including kernels_impl.h"
+#endif
+
+constexpr Isa kIsa = SPARSEOPS_VBYTES == 64 ? Isa::Avx512 : SPARSEOPS_VBYTES == 32 ? Isa::Avx2 : Isa::Default;
+static_assert(isa_vector_bytes(kIsa) == SPARSEOPS_VBYTES, "kernels.h and isa_*.cpp disagree on the width");
 
 template <typename T> struct Vec;
 template <> struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t itype __attribute__((vector_size(64)));
-  static constexpr int W = 16;
+  typedef float type __attribute__((vector_size(SPARSEOPS_VBYTES)));
+  typedef int32_t itype __attribute__((vector_size(SPARSEOPS_VBYTES)));
+  static constexpr int W = SPARSEOPS_VBYTES / 4;
 };
 template <> struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t itype __attribute__((vector_size(64)));
-  static constexpr int W = 8;
+  typedef double type __attribute__((vector_size(SPARSEOPS_VBYTES)));
+  typedef int64_t itype __attribute__((vector_size(SPARSEOPS_VBYTES)));
+  static constexpr int W = SPARSEOPS_VBYTES / 8;
 };
 
 template <typename V, typename T>
@@ -54,10 +64,57 @@ static inline T hsum(typename Vec<T>::type v) {
   }
 }
 
-// In-register transpose of a W x W block held as W vectors (row i in a[i]): log2(W) butterfly
-// stages of two-source shuffles (one vpermt2ps each under AVX-512) instead of W*W scalar moves.
+// v + its lanes k ^ S, k ^ S/2, ..., k ^ 1: lane 0 of each group of 2S lanes holds the group's sum.
+template <typename T, int S>
+static inline __attribute__((always_inline)) typename Vec<T>::type fold_lanes(typename Vec<T>::type v) {
+  if constexpr (S >= 1) {
+    v += __builtin_shuffle(v, xor_mask<T, S>(Lanes<T>{}));
+    return fold_lanes<T, S / 2>(v);
+  } else {
+    return v;
+  }
+}
+
+// The horizontal sums of four vectors at once, by butterflies that fold two vectors into one:
+// a vector whose quarters (W / 4 lanes each) hold partial sums of a, c, b, d in that order,
+// then each quarter is folded onto its lane 0, which holds the total.
+// 4 shuffle+add steps for four sums instead of 4 * log2(W) (needs W >= 4).
+template <typename T>
+static inline __attribute__((always_inline)) typename Vec<T>::type hsum4_quarters(
+    typename Vec<T>::type a, typename Vec<T>::type b, typename Vec<T>::type c, typename Vec<T>::type d) {
+  constexpr int H = Vec<T>::W / 2, Q = Vec<T>::W / 4;
+  constexpr auto lo1 = lo_mask<T, H>(Lanes<T>{}), hi1 = hi_mask<T, H>(Lanes<T>{});
+  constexpr auto lo2 = lo_mask<T, Q>(Lanes<T>{}), hi2 = hi_mask<T, Q>(Lanes<T>{});
+  const auto ab = __builtin_shuffle(a, b, lo1) + __builtin_shuffle(a, b, hi1);  // halves: a, b
+  const auto cd = __builtin_shuffle(c, d, lo1) + __builtin_shuffle(c, d, hi1);  // halves: c, d
+  auto v = __builtin_shuffle(ab, cd, lo2) + __builtin_shuffle(ab, cd, hi2);     // quarters: a, c, b, d
+  return fold_lanes<T, Q / 2>(v);  // each quarter onto its lane 0
+}
+
+// The four dot sums of dot4 added to out0..out3 (hsum4_quarters where W >= 4, else hsum each).
+template <typename T>
+static inline __attribute__((always_inline)) void add_sums4(typename Vec<T>::type c0, typename Vec<T>::type c1,
+                                                            typename Vec<T>::type c2, typename Vec<T>::type c3,
+                                                            T& out0, T& out1, T& out2, T& out3) {
+  constexpr int W = Vec<T>::W;
+  if constexpr (W >= 4) {
+    const auto v = hsum4_quarters<T>(c0, c1, c2, c3);
+    out0 += v[0];
+    out2 += v[W / 4];
+    out1 += v[W / 2];
+    out3 += v[3 * W / 4];
+  } else {
+    out0 += hsum<T>(c0);
+    out1 += hsum<T>(c1);
+    out2 += hsum<T>(c2);
+    out3 += hsum<T>(c3);
+  }
+}
+
+// In-register transpose of a W x W block held as W vectors (row i in a[i]).
+// AVX-512: log2(W) butterfly stages of two-source shuffles (one vpermt2ps/pd each).
 template <typename T, int S = Vec<T>::W / 2>
-static inline void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
+static inline __attribute__((always_inline)) void transpose_butterfly(typename Vec<T>::type (&a)[Vec<T>::W]) {
   using V = typename Vec<T>::type;
   constexpr auto lo = lo_mask<T, S>(Lanes<T>{});
   constexpr auto hi = hi_mask<T, S>(Lanes<T>{});
@@ -68,14 +125,64 @@ static inline void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
     a[i] = __builtin_shuffle(ai, aj, lo);
     a[i + S] = __builtin_shuffle(ai, aj, hi);
   }
-  if constexpr (S > 1) transpose_block<T, S / 2>(a);
+  if constexpr (S > 1) transpose_butterfly<T, S / 2>(a);
+}
+
+// AVX2: the classic 8x8 (unpack, shufps, vperm2f128: 24 shuffles) and 4x4 double transposes;
+// SSE2: 4x4 float (unpck, movlhps/movhlps) and 2x2 double.
+template <typename T>
+static inline __attribute__((always_inline)) void transpose_block(typename Vec<T>::type (&a)[Vec<T>::W]) {
+#if SPARSEOPS_VBYTES == 32
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 t0 = _mm256_unpacklo_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_unpackhi_ps((__m256)a[0], (__m256)a[1]);
+    const __m256 t2 = _mm256_unpacklo_ps((__m256)a[2], (__m256)a[3]), t3 = _mm256_unpackhi_ps((__m256)a[2], (__m256)a[3]);
+    const __m256 t4 = _mm256_unpacklo_ps((__m256)a[4], (__m256)a[5]), t5 = _mm256_unpackhi_ps((__m256)a[4], (__m256)a[5]);
+    const __m256 t6 = _mm256_unpacklo_ps((__m256)a[6], (__m256)a[7]), t7 = _mm256_unpackhi_ps((__m256)a[6], (__m256)a[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    a[0] = (Vec<float>::type)_mm256_permute2f128_ps(u0, u4, 0x20);
+    a[1] = (Vec<float>::type)_mm256_permute2f128_ps(u1, u5, 0x20);
+    a[2] = (Vec<float>::type)_mm256_permute2f128_ps(u2, u6, 0x20);
+    a[3] = (Vec<float>::type)_mm256_permute2f128_ps(u3, u7, 0x20);
+    a[4] = (Vec<float>::type)_mm256_permute2f128_ps(u0, u4, 0x31);
+    a[5] = (Vec<float>::type)_mm256_permute2f128_ps(u1, u5, 0x31);
+    a[6] = (Vec<float>::type)_mm256_permute2f128_ps(u2, u6, 0x31);
+    a[7] = (Vec<float>::type)_mm256_permute2f128_ps(u3, u7, 0x31);
+  } else {
+    const __m256d t0 = _mm256_unpacklo_pd((__m256d)a[0], (__m256d)a[1]), t1 = _mm256_unpackhi_pd((__m256d)a[0], (__m256d)a[1]);
+    const __m256d t2 = _mm256_unpacklo_pd((__m256d)a[2], (__m256d)a[3]), t3 = _mm256_unpackhi_pd((__m256d)a[2], (__m256d)a[3]);
+    a[0] = (Vec<double>::type)_mm256_permute2f128_pd(t0, t2, 0x20);
+    a[1] = (Vec<double>::type)_mm256_permute2f128_pd(t1, t3, 0x20);
+    a[2] = (Vec<double>::type)_mm256_permute2f128_pd(t0, t2, 0x31);
+    a[3] = (Vec<double>::type)_mm256_permute2f128_pd(t1, t3, 0x31);
+  }
+#elif SPARSEOPS_VBYTES == 16
+  if constexpr (std::is_same_v<T, float>) {
+    const __m128 t0 = _mm_unpacklo_ps((__m128)a[0], (__m128)a[1]), t1 = _mm_unpacklo_ps((__m128)a[2], (__m128)a[3]);
+    const __m128 t2 = _mm_unpackhi_ps((__m128)a[0], (__m128)a[1]), t3 = _mm_unpackhi_ps((__m128)a[2], (__m128)a[3]);
+    a[0] = (Vec<float>::type)_mm_movelh_ps(t0, t1);
+    a[1] = (Vec<float>::type)_mm_movehl_ps(t1, t0);
+    a[2] = (Vec<float>::type)_mm_movelh_ps(t2, t3);
+    a[3] = (Vec<float>::type)_mm_movehl_ps(t3, t2);
+  } else {
+    const __m128d t0 = _mm_unpacklo_pd((__m128d)a[0], (__m128d)a[1]), t1 = _mm_unpackhi_pd((__m128d)a[0], (__m128d)a[1]);
+    a[0] = (Vec<double>::type)t0;
+    a[1] = (Vec<double>::type)t1;
+  }
+#else
+  transpose_butterfly<T>(a);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
 // CSR SpMM, one tile: rows [r0, r1) of the sparse operand times columns [m0, m0 + MB) of B.
 // NOTE: the vectorised dimension is M (the batch), contiguous in bt, so each kept entry costs
-// MB/W vector FMAs on one broadcast value; two kept entries per step give 8 independent
-// accumulator chains, enough to hide FMA latency. The tile is written out transposed so Y keeps
+// MB/W = 4 vector FMAs on one broadcast value; two kept entries per step give 8 independent
+// accumulator chains, enough to hide FMA latency, in 8 of the 16 (AVX2, SSE2) or 32 (AVX-512)
+// vector registers, the loads folded into the FMAs: no spills (a 64-byte tile under AVX2 took
+// 16 ymm for the accumulators alone). The tile is written out transposed so Y keeps
 // torch's row-major [M, rows] layout without a separate transpose pass.
 // Where kept entry j of a row reads B^T: col[j] * ld, or the convolution's eoff[j] (kernels.h).
 template <bool Conv, typename I>
@@ -92,7 +199,7 @@ template <bool Conv, typename T, typename I>
 static void spmm_tile_impl(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int64_t m0) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
-  constexpr int64_t MB = spmm_m_block<T>();
+  constexpr int64_t MB = spmm_m_block<T>(kIsa);
   static_assert(MB == 4 * W, "the tile holds 4 vectors per row");
   alignas(64) T tile[kSpmmRowBlock][MB];
   for (int64_t r = r0; r < r1; ++r) {
@@ -226,10 +333,7 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
       const T* b3 = s.b + static_cast<int64_t>(s.col[j + 3]) * ld;
       V c0 = {}, c1 = {}, c2 = {}, c3 = {};
       dot4<T>(ar, b0, b1, b2, b3, ld, c0, c1, c2, c3);
-      orow[s.col[j]] += hsum<T>(c0);
-      orow[s.col[j + 1]] += hsum<T>(c1);
-      orow[s.col[j + 2]] += hsum<T>(c2);
-      orow[s.col[j + 3]] += hsum<T>(c3);
+      add_sums4<T>(c0, c1, c2, c3, orow[s.col[j]], orow[s.col[j + 1]], orow[s.col[j + 2]], orow[s.col[j + 3]]);
     }
     for (; j < end; ++j) orow[s.col[j]] += hsum<T>(dot1<T>(ar, s.b + static_cast<int64_t>(s.col[j]) * ld, ld));
   }
@@ -253,10 +357,7 @@ void conv_dw_positions(const SddmmArgs<T, I>& s, int64_t p0, int64_t p1, T* acc)
       for (; j + 3 < end; j += 4) {
         V c0 = {}, c1 = {}, c2 = {}, c3 = {};
         dot4<T>(ar, bp + s.eoff[j], bp + s.eoff[j + 1], bp + s.eoff[j + 2], bp + s.eoff[j + 3], ld, c0, c1, c2, c3);
-        acc[j] += hsum<T>(c0);
-        acc[j + 1] += hsum<T>(c1);
-        acc[j + 2] += hsum<T>(c2);
-        acc[j + 3] += hsum<T>(c3);
+        add_sums4<T>(c0, c1, c2, c3, acc[j], acc[j + 1], acc[j + 2], acc[j + 3]);
       }
       for (; j < end; ++j) acc[j] += hsum<T>(dot1<T>(ar, bp + s.eoff[j], ld));
     }
@@ -273,6 +374,8 @@ void gather_rows(const GatherArgs<T, I>& g, int64_t r0, int64_t r1) {
 }
 
 // xt[k, m] = x[m, k] for k in [k0, k1), m < M; xt[k, m] = 0 for M <= m < ldt (the SpMM padding).
+// Whole W x W blocks by register transposes (the columns in groups of W; a task's 64 bytes of
+// columns of x stay in L1 between its groups), the ragged edges element by element.
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
                    int64_t k1, const int64_t* rowmap) {
@@ -281,24 +384,29 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   constexpr int64_t B = 16;
-  int64_t mfull = 0;  // rows done by W x W register transposes
-  if (k1 - k0 == W) {
-    for (; mfull + W <= M; mfull += W) {
+  const int64_t kfull = k0 + (k1 - k0) / W * W;  // columns [k0, kfull) in whole groups of W
+  const int64_t mfull = kfull > k0 ? M / W * W : 0;  // rows done by the register transposes
+  for (int64_t kb = k0; kb < kfull; kb += W) {
+    for (int64_t m = 0; m < mfull; m += W) {
       V blk[W];
 #pragma GCC unroll 16
-      for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (mfull + i) * ldx + k0);
+      for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (m + i) * ldx + kb);
       transpose_block<T>(blk);
 #pragma GCC unroll 16
-      for (int j = 0; j < W; ++j) storeu(row(k0 + j) + mfull, blk[j]);
+      for (int j = 0; j < W; ++j) storeu(row(kb + j) + m, blk[j]);
     }
   }
-  for (int64_t mb = mfull; mb < M; mb += B) {
-    const int64_t me = std::min(M, mb + B);
-    for (int64_t k = k0; k < k1; ++k) {
-      T* dst = row(k);
-      for (int64_t m = mb; m < me; ++m) dst[m] = x[m * ldx + k];
+  auto scalar = [&](int64_t m0, int64_t ka, int64_t kb) {
+    for (int64_t mb = m0; mb < M; mb += B) {
+      const int64_t me = std::min(M, mb + B);
+      for (int64_t k = ka; k < kb; ++k) {
+        T* dst = row(k);
+        for (int64_t m = mb; m < me; ++m) dst[m] = x[m * ldx + k];
+      }
     }
-  }
+  };
+  scalar(mfull, k0, kfull);  // the last M % W rows of the whole groups
+  scalar(0, kfull, k1);      // the last (k1 - k0) % W columns
   for (int64_t k = k0; k < k1; ++k) std::fill(row(k) + M, row(k) + ldt, T(0));
 }
 
