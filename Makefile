@@ -11,7 +11,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup
 BENCH_TIME := $(shell date +%Y%m%d-%H%M%S)
 BENCH_OUT ?= benchmarks/results/cpu-$(BENCH_TIME).json
 
-.PHONY: install build test demo bench bench-search info wheel clean
+.PHONY: install build test demo bench bench-search info wheel clean gpu-check gpu-check-dry
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -48,6 +48,19 @@ bench: build
 bench-search: build
 	$(PYTHON) benchmarks/bench_search.py --out benchmarks/results/search-cpu.json
 	$(PYTHON) benchmarks/plot.py benchmarks/results/search-cpu.json
+
+# GPU bring-up in one call (docs/gpu_check.md): on a bare GPU machine with its own python3 and torch
+# (no venv, nothing installed): build in place, info, GPU tests, benchmarks, tuner within BUDGET
+# seconds; results in OUT (the device machine sets OUT). gpu-check-dry: the same pipeline here without
+# a GPU (the venv's python; Triton under the interpreter, tiny shapes), as CI runs it.
+OUT ?= /tmp/sparseops-gpu-check
+BUDGET ?= 420
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash scripts/gpu_check.sh --budget-s $(BUDGET) $(OUT)
+
+gpu-check-dry: build
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh --dry-run $(OUT)
 
 # Release artefacts into dist/: sdist, CPU and CUDA wheels for TORCH_SPEC, each installed into a fresh
 # venv and tested (SMOKE=0 skips that). Its own build venvs (.wheel-venvs/), not .venv. See README "Wheels".
