@@ -229,7 +229,8 @@ elif [ "$DRY" = 1 ] && ! grep -qw cpu "$OUT/tune.help"; then
 else
     device=$([ "$DRY" = 1 ] && echo cpu || echo cuda)
     tlimit=$([ "$DRY" = 1 ] && [ "$limit" -gt 40 ] && echo 40 || echo "$limit")
-    run "$tlimit" "$PYTHON" -m sparseops tune --device "$device" --budget-s $(( tlimit - 10 )) --out "$OUT/tune.json"
+    tiny=$([ "$DRY" = 1 ] && echo --tiny || true)
+    run "$tlimit" "$PYTHON" -m sparseops tune --device "$device" $tiny --budget-s $(( tlimit - 10 )) --out "$OUT/tune.json"
     if [ "$RUN_RC" = 0 ]; then
         record tune ok "$RUN_S" "--device $device; tune.json"
     elif [ "$RUN_RC" = 124 ] || [ "$RUN_RC" = 137 ]; then

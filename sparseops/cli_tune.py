@@ -26,15 +26,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop measuring after this many seconds")
     p.add_argument("--out", default=None, help="also write the measured entries to this JSON file")
     p.add_argument("--show", action="store_true", help="only print what the cache holds")
+    p.add_argument("--tiny", action="store_true", help="small shapes, two densities: a smoke test of the tuner")
+
+
+TINY_LINEAR, TINY_CONV = [(512, 256, 128)], [(8, 32, 8, 32)]
 
 
 def _cases(args):
-    rows = args.rows or (8192 if args.device.startswith("cuda") else 512)
-    for m, n, k in LINEAR:
+    rows = args.rows or (64 if args.tiny else 8192 if args.device.startswith("cuda") else 512)
+    linear, conv = (TINY_LINEAR, TINY_CONV) if args.tiny else (LINEAR, CONV)
+    if args.tiny:
+        args.densities = args.densities[:2]
+    for m, n, k in linear:
         for d in args.densities:
             yield f"linear {k}->{n}, {rows if m == 512 else m} rows", "linear", (rows if m == 512 else m, n, k), d
     if not args.no_conv:
-        for b, c, hw, co in CONV:
+        for b, c, hw, co in conv:
             for d in args.densities:
                 yield f"conv {c}->{co} 3x3 @{hw}x{hw}, batch {b}", "conv", (b, c, hw, co), d
 

@@ -5,6 +5,8 @@ SDDMM on the CPU (torch's `sampled_addmm` there costs about a dense GEMM) and `s
 every step), through flat indices cached per layout."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -17,6 +19,8 @@ for _op in ("masked_linear", "masked_linear_backward"):
     _lib.define(_NAME + ("_backward" if _op.endswith("_backward") else "") + _args[_args.index("("):])
 
 _FLAT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# torch says so for every CSR tensor built; these are internal and used only through torch.sparse.mm.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 def _flat_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, row_stride: int, col_stride: int) -> torch.Tensor:
