@@ -9,7 +9,6 @@ TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH_SPEC))))
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 BENCH_TIME := $(shell date +%Y%m%d-%H%M%S)
-BENCH_OUT ?= benchmarks/results/cpu-$(BENCH_TIME).json
 
 .PHONY: install build test demo bench bench-search info wheel clean gpu-check gpu-check-dry
 
@@ -36,13 +35,21 @@ demo: build
 info: build
 	$(PYTHON) -m sparseops info
 
+# Kernel sweeps once per vector ISA this CPU runs (SPARSEOPS_CPU_ISA=avx2 on an AVX-512 machine stands
+# in for AVX2-only machines), results named by CPU model and ISA: benchmarks/results/cpu-<model>-<isa>-*.
+CPU_SLUG := $(shell (grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 || uname -m) | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$$//' | tr A-Z a-z)
+BENCH_ISAS ?= $(shell $(PYTHON) -c "import sparseops, torch; print(' '.join(i for i in torch.ops.sparseops._cpu_isa_supported() if i != 'default'))" 2>/dev/null)
 bench: build
-	$(PYTHON) -m pytest benchmarks/bench_linear.py benchmarks/bench_soft_mask.py -o python_files="bench_*.py" \
-		--benchmark-only --benchmark-json=$(BENCH_OUT) -q
-	$(PYTHON) benchmarks/report.py $(BENCH_OUT)
-	$(PYTHON) -m pytest benchmarks/bench_conv.py -o python_files="bench_*.py" --benchmark-only \
-		--benchmark-json=$(dir $(BENCH_OUT))conv-$(notdir $(BENCH_OUT)) -q
-	$(PYTHON) benchmarks/plot.py $(dir $(BENCH_OUT))conv-$(notdir $(BENCH_OUT))
+	for isa in $(BENCH_ISAS); do \
+		out=benchmarks/results/cpu-$(CPU_SLUG)-$$isa-$(BENCH_TIME).json; \
+		SPARSEOPS_CPU_ISA=$$isa $(PYTHON) -m pytest benchmarks/bench_masked_linear.py benchmarks/bench_soft_mask.py \
+			-o python_files="bench_*.py" --benchmark-only --benchmark-json=$$out -q && \
+		$(PYTHON) benchmarks/report.py $$out && \
+		SPARSEOPS_CPU_ISA=$$isa $(PYTHON) -m pytest benchmarks/bench_masked_conv2d.py -o python_files="bench_*.py" \
+			--benchmark-only --benchmark-json=$(dir $$out)conv-$$(basename $$out) -q && \
+		$(PYTHON) benchmarks/plot.py benchmarks/results/conv-$$(basename $$out) || exit 1; \
+	done
+	SPARSEOPS_CACHE_DIR=$$(mktemp -d) $(PYTHON) benchmarks/bench_isa.py --out benchmarks/results/isa-$(CPU_SLUG).md
 
 # Whole searches (minutes): IMP on CIFAR VGG-16 and CS along its beta schedule, then the plots.
 bench-search: build

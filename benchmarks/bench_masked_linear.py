@@ -27,7 +27,7 @@ def make_step(shape, mode, sparsity, provider, with_layer=False):
 
 @pytest.fixture(scope="module")
 def peak_bytes():
-    return dict(zip(map(str, CONFIGS), memory_in_child("bench_linear", CONFIGS), strict=True))
+    return dict(zip(map(str, CONFIGS), memory_in_child("bench_masked_linear", CONFIGS), strict=True))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "{}-{mode}-{sparsity}-{provider}".format(
