@@ -5,12 +5,18 @@ kernels' fixed O(M*(N+K)) cost decides.
 
     python benchmarks/tune_thresholds.py            # measure, print, rewrite thresholds.json
     python benchmarks/tune_thresholds.py --dry-run  # measure and print only
+
+The table written is "cpu-<isa>", for the CPU kernel variant in use (SPARSEOPS_CPU_ISA); `auto`
+reads it on machines running that variant, and "cpu" elsewhere. To measure the AVX2 table on an
+AVX-512 machine, cap torch too, so that the dense side is what an AVX2-only machine runs:
+    SPARSEOPS_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        python benchmarks/tune_thresholds.py
+auto's measuring (sparseops.tuning) is off here: these tables are its prior.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -18,6 +24,7 @@ from tqdm import tqdm
 
 import sparseops
 from common import median_time
+from sparseops import tuning
 
 SHAPES = [(512, 768, 3072), (256, 1024, 1024), (128, 2048, 2048)]  # (rows, in, out): these set the cap
 NARROW = [(256, 64, 300), (256, 300, 100), (256, 256, 256), (256, 512, 512)]  # LeNet/MLP-sized layers
@@ -100,9 +107,10 @@ def main():
     ap.add_argument("--op", choices=("all", "linear", "conv"), default="all")
     args = ap.parse_args()
     data = json.loads(PATH.read_text())
-    cpu = data.setdefault("cpu", {})
-    measured = data.setdefault("measured", {})
-    info = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    isa = torch.ops.sparseops._cpu_isa()
+    cpu = data.setdefault(f"cpu-{isa}", {})
+    measured = data.setdefault("measured", {}).setdefault(f"cpu-{isa}", {})
+    info = {"machine": tuning.machine()["cpu"], "isa": isa, "threads": torch.get_num_threads()}
     if args.op in ("all", "linear"):
         results = {}
         for shape in SHAPES + NARROW:
@@ -139,4 +147,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with tuning.measuring(False):
+        main()

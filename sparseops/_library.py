@@ -37,6 +37,17 @@ def has_kernel(op: str, device_type: str) -> bool:
     return _KERNELS.get((op, device_type), False)
 
 
+_ISA = [None]
+
+
+def cpu_isa() -> str:
+    """The CPU kernel variant in use (default, avx2, avx512). Under torch.compile (which cannot trace
+    an op returning a string) the value last read outside it."""
+    if not torch.compiler.is_compiling() or _ISA[0] is None:
+        _ISA[0] = lib._cpu_isa()
+    return _ISA[0]
+
+
 def schema(op: str) -> torch.FunctionSchema:
     return getattr(lib, op).default._schema
 

@@ -33,7 +33,7 @@ from importlib import resources
 import torch
 
 from . import checks, tuning
-from ._library import CUDA_EXTENSION_ERROR, has_kernel
+from ._library import CUDA_EXTENSION_ERROR, cpu_isa, has_kernel
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
 SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply
@@ -162,7 +162,7 @@ def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None,
     """
     if _state.max_density is not None:
         return _state.max_density
-    table = _THRESHOLDS.get(device_type, {})
+    table = _table(device_type)
     cap = float(table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
     if plane is not None:
         points = table.get(f"{op}_by_plane")
@@ -173,6 +173,14 @@ def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None,
     n, k = shape
     h = n * k / (n + k) if n + k else 0.0
     return min(cap, _interpolate(points, h))
+
+
+def _table(device_type: str) -> dict:
+    """The thresholds of a device; on the CPU those measured for the kernel variant in use
+    ("cpu-avx2", ...) where they differ, else "cpu"."""
+    if device_type == "cpu":
+        return _THRESHOLDS.get(f"cpu-{cpu_isa()}") or _THRESHOLDS.get("cpu", {})
+    return _THRESHOLDS.get(device_type, {})
 
 
 def _interpolate(points, h: float) -> float:
@@ -285,7 +293,10 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     if name != "auto" or full:
         return prior
     other = "torch_sparse" if _torch_sparse_here(device, dtype) else None
-    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, kernel, other],
+    # Both dense paths compute the same; which is faster (the op's recomputed masked weight against
+    # plain autograd's saved copy) depends on the layer and the machine.
+    alt = "mask_multiply" if dense == "dense" else "dense"
+    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, alt, kernel, other],
                      prior, dense, trial)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ._library import lib
+from ._library import cpu_isa
 
 FORMAT = 1
 _lock = threading.Lock()
@@ -106,7 +106,7 @@ def _fixed_machine() -> tuple:
 
 
 def _varying() -> tuple:
-    return lib._cpu_isa(), torch.get_num_threads()
+    return cpu_isa(), torch.get_num_threads()
 
 
 def machine() -> dict:
@@ -223,7 +223,7 @@ def rows_bucket(rows: int) -> int:
 
 
 def key(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int], density: float) -> str:
-    name = _device_name(device) if device.type == "cuda" else lib._cpu_isa()
+    name = _device_name(device) if device.type == "cuda" else cpu_isa()
     dims = "x".join(str(int(s)) for s in shape)
     return f"{op}|{device.type}:{name}|{str(dtype).removeprefix('torch.')}|{dims}|d<={density_bucket(density):g}"
 
