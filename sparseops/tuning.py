@@ -265,13 +265,44 @@ def _timed(trial: Callable, impl: str, device: torch.device):
     return time.perf_counter() - t0, out
 
 
+# The implementations that compute densely: a mask denser than one where they won makes them win again.
+DENSE_PATHS = frozenset({"dense", "mask_multiply", "unmasked", "reference", "unfused"})
+
+
+def _split(k: str) -> tuple[str, float]:
+    """(the key without its density bucket, the bucket)."""
+    prefix, bucket = k.rsplit("|", 1)
+    return prefix, float(bucket.removeprefix("d<="))
+
+
+def _inferred(k: str, live: Sequence[str], entries: dict) -> tuple[str | None, list[str]]:
+    """What the same call at other densities says, as a winner or fewer candidates. Time grows with
+    density for the sparse paths and not for the dense ones: where dense won at a sparser mask it
+    wins here; where a sparse path beat dense clearly at a denser mask, dense cannot win here."""
+    prefix, bucket = _split(k)
+    keep = list(live)
+    for other, e in entries.items():
+        p2, b2 = _split(other) if "|d<=" in other else (None, 0.0)
+        if p2 != prefix or e.get("winner") not in live:
+            continue
+        times = e.get("times_ms", {})
+        dense_best = min((t for i, t in times.items() if i in DENSE_PATHS), default=None)
+        if b2 < bucket and e["winner"] in DENSE_PATHS:
+            return e["winner"], keep
+        if b2 > bucket and e["winner"] not in DENSE_PATHS and dense_best is not None \
+                and times.get(e["winner"], dense_best) <= 0.8 * dense_best:
+            keep = [c for c in keep if c not in DENSE_PATHS]
+    return None, keep
+
+
 def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str], prior: str,
          dense: str, trial: Callable | None) -> str:
     """The implementation to run for key `k`: the cached winner, else (measuring allowed and a
     `trial` given) the fastest candidate that agrees with `dense`, else `prior`. Candidates that
     failed the guard for this key are never returned."""
     with _lock:
-        cached = _cache.load().get(k)
+        entries_now = _cache.load()
+        cached = entries_now.get(k)
         excluded = _cache.excluded.setdefault(k, set())
     live = [c for c in candidates if c not in excluded]
     if prior not in live:
@@ -280,51 +311,60 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         _state.forced or cached is None or cached.get("winner") not in live)
     if not measure:
         choice = cached["winner"] if cached and cached.get("winner") in live else prior
-        if choice != dense and trial is not None and not torch.compiler.is_compiling():
+        if choice not in DENSE_PATHS and trial is not None and not torch.compiler.is_compiling():
             choice = _guard(op, k, device, dtype, choice, dense, trial)
         return choice
     start = time.perf_counter()
     times: dict[str, float] = {}
+    winner, timed = (None, live) if _state.forced else _inferred(k, live, entries_now)
     try:
-        # Each candidate runs twice: the first run pays one-time costs (building the layout, first
-        # touches of its buffers) and is the one checked against dense; the second is timed.
-        want = trial(dense, exact=True)  # the reference: the dense path in float64
-        trial(dense)
-        times[dense] = _timed(trial, dense, device)[0]
-        for impl in live:
-            if impl == dense:
-                continue
-            got = trial(impl)
-            _cache.guarded.add((k, impl))
-            if not agrees(got, want, dtype):
-                _exclude(op, k, impl)
-                continue
-            times[impl] = _timed(trial, impl, device)[0]
-        best = min(times.values())
-        for impl in list(times):  # close calls get one more run: noise decides less often
-            if times[impl] <= 1.3 * best:
-                times[impl] = min(times[impl], _timed(trial, impl, device)[0])
+        if winner is None and len(timed) == 1:
+            winner = timed[0]
+        if winner is None:
+            want = []  # the reference: the dense path in float64, computed once if a check needs it
+            for impl in timed:
+                # Each candidate runs twice: the first run pays one-time costs (building the layout,
+                # first touches of buffers) and is the one checked; the second is timed.
+                got = trial(impl)
+                if impl not in DENSE_PATHS and (_shape(k), impl) not in _cache.guarded:
+                    want = want or trial(dense, exact=True)
+                    _cache.guarded.add((_shape(k), impl))
+                    if not agrees(got, want, dtype):
+                        _exclude(op, k, impl)
+                        continue
+                times[impl] = _timed(trial, impl, device)[0]
+            best = min(times.values())
+            for impl in list(times):  # close calls get one more run: noise decides less often
+                if times[impl] <= 1.3 * best:
+                    times[impl] = min(times[impl], _timed(trial, impl, device)[0])
+            winner = min(times, key=times.get)
+        elif winner not in DENSE_PATHS:
+            winner = _guard(op, k, device, dtype, winner, dense, trial)
     finally:
         _cache.measured_s += time.perf_counter() - start
-    winner = min(times, key=times.get)
     with _lock:
         _cache.touched.append(k)
         _cache.load()[k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in times.items()},
-                            "prior": prior}
+                            "prior": prior, **({} if times else {"inferred": True})}
         _cache.save()
     return winner
 
 
+def _shape(k: str) -> str:
+    """The guard's key: the call without its density (a kernel right at one density is right at all)."""
+    return _split(k)[0] if "|d<=" in k else k
+
+
 def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
            trial: Callable) -> str:
-    if (k, impl) in _cache.guarded:
+    if (_shape(k), impl) in _cache.guarded:
         return impl
     start = time.perf_counter()
     try:
         ok = agrees(trial(impl), trial(dense, exact=True), dtype)
     finally:
         _cache.measured_s += time.perf_counter() - start
-    _cache.guarded.add((k, impl))
+    _cache.guarded.add((_shape(k), impl))
     if ok:
         return impl
     _exclude(op, k, impl)

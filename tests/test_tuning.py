@@ -150,3 +150,28 @@ def test_soft_mask_measures_against_eager_torch(fresh):
     torch.testing.assert_close(out, w * 1.5 * torch.sigmoid(2.0 * s))
     (key, entry), = tuning.entries().items()
     assert key.startswith("soft_mask|") and set(entry["times_ms"]) == {"reference", "cpu"}
+
+
+def test_other_densities_of_the_same_call_spare_measurements(fresh, monkeypatch):
+    """IMP walks densities down: where a sparse path beat dense clearly at a denser mask, dense is not
+    timed again; where dense won at a sparser mask, nothing is timed."""
+    x, w, mask, _ = _call(density=0.05)
+    key = next(iter(tuning.entries()))
+    prefix = key.rsplit("|", 1)[0]
+    timed = []
+    real = tuning._timed
+    monkeypatch.setattr(tuning, "_timed", lambda trial, impl, dev: timed.append(impl) or real(trial, impl, dev))
+    entries = tuning._cache.load()
+    entries.clear()
+    entries[f"{prefix}|d<=0.2"] = {"winner": "cpu", "times_ms": {"mask_multiply": 10.0, "dense": 11.0, "cpu": 1.0}}
+    _call(density=0.05, seed=4)
+    assert timed and not set(timed) & tuning.DENSE_PATHS, timed
+    timed.clear()
+    entries.clear()
+    entries[f"{prefix}|d<=0.01"] = {"winner": "mask_multiply", "times_ms": {"mask_multiply": 1.0, "cpu": 3.0}}
+    chosen = []
+    real_run = ml._run
+    monkeypatch.setattr(ml, "_run", lambda impl, *a: chosen.append(impl) or real_run(impl, *a))
+    _call(density=0.05, seed=5)
+    assert timed == [] and chosen[-1] == "mask_multiply"
+    assert tuning.entries()[key]["inferred"]
