@@ -1,4 +1,5 @@
-"""MaskedConv2d, masked_conv2d and the soft-masked (Continuous Sparsification) layers against the reference."""
+"""The nn layers: MaskedConv2d and the soft-masked (Continuous Sparsification) layers against the reference
+(the op functions themselves are tested in tests/test_<op>.py)."""
 import math
 
 import pytest
@@ -7,17 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseops
-from sparseops import SoftMaskedConv2d, SoftMaskedLinear, reference
-from sparseops.layout import csr_layout
+from sparseops import SoftMaskedConv2d, SoftMaskedLinear
 
-CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, padding_mode)
-    (3, 8, 3, 1, 1, 1, 1, "zeros"),
-    (4, 6, (3, 1), 2, (1, 0), 1, 1, "zeros"),
-    (4, 8, 3, 1, 2, 2, 2, "zeros"),
-    (3, 5, 3, 1, 1, 1, 1, "reflect"),
-    (2, 4, 1, 1, 0, 1, 1, "circular"),
-    (3, 4, 3, 1, "same", 1, 1, "zeros"),
-]
+from cases import LAYER_CONV_CASES
+
+CONV_CASES = LAYER_CONV_CASES
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -39,51 +34,6 @@ def test_masked_conv2d_layer_matches_reference(case):
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dw, dw_ref)
     assert bool((dw[~mask] == 0).all())
-
-
-def test_masked_conv2d_function_gradcheck_and_channels_last():
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(w.shape) > 0.5
-    f = lambda x, w, b: sparseops.masked_conv2d(x, w, mask, b, 1, 1)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    xc = x.detach().to(memory_format=torch.channels_last)
-    torch.testing.assert_close(f(xc, w, b), reference.masked_conv2d(x, w, mask, b, 1, 1))
-    torch.testing.assert_close(sparseops.masked_conv2d(x, w, csr_layout(mask), b, 1, 1), f(x, w, b))
-
-
-def test_masked_conv2d_with_nothing_pruned_is_exactly_conv2d():
-    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
-    y = sparseops.masked_conv2d(x, w, torch.ones_like(w, dtype=torch.bool), None, 1, 1)
-    assert torch.equal(y, F.conv2d(x, w, None, 1, 1))
-
-
-def test_masked_conv2d_bad_input():
-    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
-    mask = torch.ones_like(w, dtype=torch.bool)
-    with pytest.raises(TypeError, match="x and w must be tensors"):
-        sparseops.masked_conv2d(x.numpy(), w, mask)
-    with pytest.raises(ValueError, match="w must be 4-D"):
-        sparseops.masked_conv2d(x, w[0], mask[0])
-    with pytest.raises(ValueError, match=r"the mask has shape \(3, 2, 3\)"):
-        sparseops.masked_conv2d(x, w, mask[..., 0])
-    with pytest.raises(TypeError, match="layout must be a mask tensor, a CsrLayout or a BlockLayout"):
-        sparseops.masked_conv2d(x, w, [1, 0])
-    with pytest.raises(TypeError, match="bias must be a tensor or None"):
-        sparseops.masked_conv2d(x, w, mask, 1.0)
-    layout = csr_layout(mask)
-    mask[0, 0, 0, 0] = False
-    with pytest.raises(ValueError, match="stale"):
-        sparseops.masked_conv2d(x, w, layout)
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        sparseops.masked_conv2d(x, w, torch.full(w.shape, 2.0))
-    with pytest.raises(ValueError, match="one device"):
-        sparseops.masked_conv2d(x.to("meta"), w, mask)
-    with pytest.raises((NotImplementedError, ValueError), match="cuda"), sparseops.backend("cuda"):
-        sparseops.masked_conv2d(x, w, mask)  # no CUDA kernel built, or CPU tensors
-    with pytest.raises(NotImplementedError, match="groups=1"), sparseops.backend("cpu"):
-        sparseops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3), torch.ones(2, 2, 3, 3), groups=2)
 
 
 def _eager_soft(w, s, beta, s0):

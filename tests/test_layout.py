@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from sparseops.layout import build_csr_layout, csr_layout, invalidate
+from sparseops.layout import BlockLayout, block_layout, build_csr_layout, csr_layout, invalidate
+
+from conftest import block_mask
 
 
 def dense_from_csr(row_ptr, col, shape):
@@ -89,3 +91,24 @@ def test_dense_fallback_does_not_build_the_csr(monkeypatch):
     for _ in range(3):
         torch.testing.assert_close(sparseops.masked_linear(x, w, mask), torch.zeros(3, 64))
     assert builds == [1]
+
+
+def test_block_layout():
+    mask = block_mask(40, 50, 16, 0.5, partial=True).cpu()
+    mask[:16, :16] = False
+    mask[0, 0] = True  # a tile with a single kept entry is kept
+    lay = block_layout(mask, 16)
+    tiles = torch.zeros(3, 4, dtype=torch.bool)
+    for r in range(3):
+        for c in range(4):
+            tiles[r, c] = mask[16 * r:16 * r + 16, 16 * c:16 * c + 16].any()
+    assert isinstance(lay, BlockLayout) and lay.tiles == int(tiles.sum()) and lay.nnz == int(mask.sum())
+    assert lay.col_idx.tolist() == tiles.nonzero()[:, 1].tolist()
+    assert lay.t_col_idx.tolist() == tiles.t().nonzero()[:, 1].tolist()
+    assert lay.tile_density == pytest.approx(tiles.float().mean().item())
+    assert block_layout(mask, 16) is lay and block_layout(mask, 32) is not lay  # cached per block size
+    mask[39, 49] = not mask[39, 49]
+    assert lay.stale and block_layout(mask, 16) is not lay
+    with pytest.raises(ValueError, match="block must be one of"):
+        block_layout(mask, 8)
+

@@ -1,5 +1,6 @@
-"""masked_linear (sparse CSR kernels and the dense fallback) against reference.py."""
-import importlib
+"""masked_linear (CSR and block layouts) and masked_linear_dense (the dense fallback) against
+reference.py: every implementation through the `impl` fixture, then the CPU kernel's own tests (per
+ISA, corrupt layouts), Triton's (split reductions, block tiles) and the CUDA kernels' (GPU only)."""
 
 import pytest
 import torch
@@ -7,24 +8,62 @@ from torch.library import opcheck
 
 import sparseops
 from sparseops import backend, reference
-from sparseops.layout import csr_layout
+from sparseops.layout import CsrLayout, block_layout, csr_layout
 
-from conftest import random_mask
+from cases import CUDA_LINEAR_SHAPES, LINEAR_BLOCK_CASES, LINEAR_CASES, LINEAR_SPARSITIES, SMALL_LINEAR_SHAPES
+from conftest import (INDEX_DTYPES, SPARSE_TOL, TRITON, block_mask, compare_cuda_grads, cuda_layout, cuda_leaves,
+                      impl_params, needs_gpu, needs_triton, random_mask)
 
-# (leading dims of x, in_features K, out_features N, sparsity)
-CASES = [
-    ((1,), 1, 1, 0.0),
-    ((1,), 1, 1, 1.0),
-    ((5,), 7, 3, 0.5),
-    ((1,), 64, 33, 0.5),  # one row
-    ((63,), 65, 17, 0.5),  # odd sizes around the 64-wide M block
-    ((64,), 31, 129, 0.99),
-    ((65,), 31, 129, 0.0),
-    ((2, 3), 17, 33, 0.5),  # leading batch dims
-    ((2, 1, 5), 40, 9, 0.9),
-    ((130,), 50, 70, 1.0),
-    ((33,), 100, 200, 0.99),
-]
+DEV = TRITON.device  # Triton's tests run on CUDA tensors where a GPU exists, else under the interpreter
+DOT64 = TRITON.dot64  # the tl.dot kernels (block, fused soft mask) take float64 only under the interpreter
+# numpy, under the interpreter, warns where the kernels compute exp(-z) = inf and then select 0
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+CASES = LINEAR_CASES
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Every implementation (cpu, reference, triton, cuda)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sparsity", LINEAR_SPARSITIES)
+@pytest.mark.parametrize("shape", SMALL_LINEAR_SHAPES)
+def test_every_impl_matches_reference(impl, shape, sparsity, dtype):
+    m, n, k = shape
+    x, w, b = impl.leaf(m, k, dtype=dtype), impl.leaf(n, k, dtype=dtype), impl.leaf(n, dtype=dtype)
+    mask = random_mask((n, k), sparsity).to(impl.device)
+    if n > 2:
+        mask[1] = False  # an empty row
+    with impl.force():
+        out = sparseops.masked_linear(x, w, mask, b)
+    impl.check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), dtype)
+
+
+def test_every_impl_gradcheck(impl):
+    x, w, b = impl.leaf(3, 6), impl.leaf(4, 6), impl.leaf(4)
+    mask = random_mask((4, 6), 0.5).to(impl.device)
+    with impl.force():
+        assert torch.autograd.gradcheck(lambda x, w, b: sparseops.masked_linear(x, w, mask, b), (x, w, b))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("impl,case", impl_params(LINEAR_BLOCK_CASES, only=("cpu", "reference", "triton")), indirect=["impl"])
+def test_block_layout_matches_reference(impl, case, keep, partial):
+    (m, n, k), block = case
+    dtype = impl.dot64
+    x, w, b = impl.leaf(m, k, dtype=dtype), impl.leaf(n, k, dtype=dtype), impl.leaf(n, dtype=dtype)
+    mask = block_mask(n, k, block, keep, partial, impl.device)
+    lay = block_layout(mask, block)
+    with impl.force():
+        out = sparseops.masked_linear(x, w, lay, b)
+    impl.check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, mask, b), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel (csrc/cpu/masked_linear.cpp), per ISA variant, and the dense fallback
 
 
 def inputs(lead, K, N, sparsity, dtype=torch.float64, bias=True):
@@ -255,23 +294,6 @@ def test_corrupt_layout_is_an_error_not_a_crash():
         torch.ops.sparseops.masked_linear_backward(g, x.detach(), w.detach(), rp, ci, trp, bad_tcol, [True, False, False])
 
 
-def test_backend_errors(monkeypatch):
-    x, w, b, mask = inputs((4,), 6, 5, 0.5)
-    if backend.triton_unavailable(x.device) is None:  # the interpreter: turn it off for this test
-        monkeypatch.setattr(importlib.import_module("sparseops.triton._common"), "INTERPRET", False)
-    with pytest.raises(ValueError, match="one of"):
-        with sparseops.backend("gpu"):
-            pass
-    with pytest.raises(ValueError, match="max_density"):
-        with sparseops.backend(max_density=1.5):
-            pass
-    with sparseops.backend("triton"):
-        with pytest.raises(NotImplementedError, match="Triton"):  # not installed, or CPU tensors
-            sparseops.masked_linear(x, w, mask, b)
-    with sparseops.backend("cuda"):
-        with pytest.raises((NotImplementedError, ValueError), match="masked_linear"):
-            sparseops.masked_linear(x, w, mask, b)
-
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
@@ -288,30 +310,284 @@ def test_random_shapes_and_masks_match_reference(rows, k, n, density, bias, seed
     check_against_reference(x, w, b, mask, rtol=1e-12, atol=1e-12)
 
 
-def test_threshold_follows_layer_width(monkeypatch):
-    monkeypatch.setitem(backend.thresholds(), "cpu", {"masked_linear": 0.5,
-                                                      "masked_linear_by_width": [[50, 0.0], [150, 0.2], [500, 0.6]]})
-    assert backend.max_density("masked_linear", "cpu") == 0.5
-    assert backend.max_density("masked_linear", "cpu", (10, 10)) == 0.0  # h = 5: below the table
-    assert backend.max_density("masked_linear", "cpu", (200, 200)) == pytest.approx(0.1)  # h = 100
-    assert backend.max_density("masked_linear", "cpu", (300, 300)) == pytest.approx(0.2)  # h = 150
-    assert backend.max_density("masked_linear", "cpu", (4000, 4000)) == 0.5  # capped
-    with sparseops.backend(max_density=0.9):
-        assert backend.max_density("masked_linear", "cpu", (10, 10)) == 0.9
 
-    calls = []
+# ---------------------------------------------------------------------------------------------
+# Triton (sparseops/triton/masked_linear.py, masked_linear_block.py); on CUDA tensors with a GPU
 
-    class Recorder:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(torch.ops.sparseops, name)
 
-    monkeypatch.setattr(importlib.import_module("sparseops.ops.masked_linear"), "lib", Recorder())
-    for shape, density, expected in [((200, 200), 0.05, "masked_linear"),  # sparser than 0.1: sparse
-                                     ((200, 200), 0.3, None),  # a small layer's fallback: plain autograd
-                                     ((1024, 1024), 0.7, "masked_linear_dense")]:  # a big one's: the op
-        w, x = torch.randn(shape, dtype=torch.float64), torch.randn(3, shape[1], dtype=torch.float64)
-        mask = torch.rand(shape) < density
-        calls.clear()
-        torch.testing.assert_close(sparseops.masked_linear(x, w, mask), x @ (w * mask).t())
-        assert calls[:1] == ([expected] if expected else []), (shape, density, calls)
+@needs_triton
+def test_triton_leading_dims_int64_indices_and_split():
+    kernels = pytest.importorskip("sparseops.triton")
+    x, w = TRITON.leaf(2, 150, 9), TRITON.leaf(4, 9)
+    mask = random_mask((4, 9), 0.5).to(DEV)
+    lay = csr_layout(mask)
+    wide = CsrLayout(lay.mask, *(t.long() for t in lay.tensors()), lay.nnz, lay.source, lay.built_version)
+    assert kernels.split_count(4, 300, x.device, 128) > 1  # dw's reduction over M=300 is split
+    with sparseops.backend("triton"):
+        out = sparseops.masked_linear(x, w, wide)
+    TRITON.check(out, (x, w), lambda x, w: reference.masked_linear(x, w, mask), torch.float64)
+
+
+@needs_triton
+def test_triton_bad_input():
+    w = torch.randn(4, 6, device=DEV)
+    rp, ci, trp, tci = csr_layout(random_mask((4, 6), 0.5).to(DEV)).tensors()
+    with pytest.raises(ValueError, match="x must end in in_features=6"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 5, device=DEV), w, rp, ci, trp, tci, None)
+    with pytest.raises(TypeError, match="x must have the dtype of w"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV, dtype=torch.float64), w, rp, ci, trp, tci, None)
+    with pytest.raises(ValueError, match="row_ptr must be 1-D with 5 entries"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp[:-1], ci, trp, tci, None)
+    with pytest.raises(TypeError, match="col_idx must be int32 or int64"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp, ci.float(), trp, tci, None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.sparseops.triton_masked_linear(torch.randn(3, 6, device=DEV), w, rp, ci, trp, tci, torch.randn(3, device=DEV))
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.sparseops.triton_masked_linear_backward(torch.randn(3, 5, device=DEV), torch.randn(3, 6, device=DEV), w,
+                                          rp, ci, trp, tci, [True, True, False])
+
+
+def test_block_layout_elsewhere_runs_the_element_path():
+    """On the CPU the block layout is served exactly (element CSR or dense), not refused."""
+    x, w = torch.randn(7, 50, dtype=torch.float64), torch.randn(40, 50, dtype=torch.float64)
+    mask = block_mask(40, 50, 16, 0.5, partial=True).cpu()
+    out = sparseops.masked_linear(x, w, block_layout(mask, 16))
+    torch.testing.assert_close(out, reference.masked_linear(x, w, mask))
+
+
+
+def test_block_composite_op_opcheck():
+    """The block op's CPU implementation (the Triton kernel's stand-in elsewhere)."""
+    x, w = torch.randn(5, 40, dtype=torch.float64), torch.randn(33, 40, dtype=torch.float64, requires_grad=True)
+    mask = block_mask(33, 40, 16, 0.5, partial=True).cpu()
+    lay = block_layout(mask, 16)
+    opcheck(torch.ops.sparseops.masked_linear_block.default, (x, w, mask, *lay.tensors(), 16, None))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_half_precision_and_large(dtype):
+    x, w, b = TRITON.leaf(512, 768, dtype=dtype), TRITON.leaf(3072, 768, dtype=dtype), TRITON.leaf(3072, dtype=dtype)
+    mask = random_mask((3072, 768), 0.95).cuda()
+    for lay in (mask, block_layout(block_mask(3072, 768, 32, 0.1, False), 32)):
+        with sparseops.backend("triton"):
+            out = sparseops.masked_linear(x, w, lay, b)
+        m = lay if isinstance(lay, torch.Tensor) else lay.mask
+        TRITON.check(out, (x, w, b), lambda x, w, b: reference.masked_linear(x, w, m, b), dtype)
+    s = TRITON.leaf(3072, 768, dtype=dtype, scale=3)
+    with sparseops.backend("triton"):
+        out = sparseops.soft_masked_linear(x, w, s, 4.0, 1.0, b)
+    TRITON.check(out, (x, w, s, b), lambda x, w, s, b: reference.soft_masked_linear(x, w, s, 4.0, 1.0, b), dtype)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_opcheck_and_compile():
+    x, w, b = torch.randn(9, 20, device="cuda"), torch.randn(12, 20, device="cuda", requires_grad=True), None
+    mask = random_mask((12, 20), 0.5).cuda()
+    s = torch.randn(12, 20, device="cuda", requires_grad=True)
+    lay, blk = csr_layout(mask), block_layout(mask, 16)
+    opcheck(torch.ops.sparseops.triton_soft_mask.default, (w, s, 2.0, 1.5))
+    opcheck(torch.ops.sparseops.triton_soft_mask_l1.default, (s, 2.0, 1.5))
+    opcheck(torch.ops.sparseops.triton_masked_linear.default, (x, w, *lay.tensors(), b))
+    opcheck(torch.ops.sparseops.triton_masked_linear_block.default, (x, w, mask, *blk.tensors(), 16, b))
+    opcheck(torch.ops.sparseops.triton_soft_masked_linear.default, (x, w, s, 2.0, 1.5, b))
+    xc, wc = torch.randn(2, 3, 8, 8, device="cuda"), torch.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
+    cl = csr_layout(random_mask(wc.shape, 0.5).cuda())
+    opcheck(torch.ops.sparseops.triton_masked_conv2d.default, (xc, wc, *cl.tensors(), None, [1, 1], [1, 1], [1, 1]))
+
+    def f(x, w):
+        return sparseops.masked_linear(x, w, lay).relu().sum()
+
+    with sparseops.backend("triton"):
+        eager = f(x, w)
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), eager)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda/masked_linear.cu), GPU only: the op called through torch.ops.sparseops.*
+# with the layout's index tensors on the GPU (conftest.py: cuda_layout, SPARSE_TOL)
+
+
+def check_linear_cuda(lead, K, N, sparsity, dtype, index_dtype=torch.int32, bias=True, mask=None):
+    mask = random_mask((N, K), sparsity) if mask is None else mask
+    shapes = [(*lead, K), (N, K)] + ([(N,)] if bias else [])
+    cpu, leaves = cuda_leaves(dtype, *shapes)
+    y = torch.ops.sparseops.masked_linear(leaves[0], leaves[1], *cuda_layout(mask, index_dtype),
+                                          leaves[2] if bias else None)
+    assert y.is_cuda and y.dtype == dtype and y.shape == (*lead, N) and y.is_contiguous()
+    ref_leaves = [t.double().requires_grad_() for t in cpu]
+    ref = reference.masked_linear(ref_leaves[0], ref_leaves[1], mask, ref_leaves[2] if bias else None)
+    rtol, atol = SPARSE_TOL[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=rtol, atol=atol)
+    compare_cuda_grads(y, leaves, ref, ref_leaves, mask, dtype)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_masked_linear_on_cuda_uses_the_dense_fallback():
+    if "cuda" not in backend.thresholds():  # nothing measured on a GPU yet: auto must not pick a sparse kernel
+        assert backend.max_density("masked_linear", "cuda", (7, 12)) == 0.0
+    x = torch.randn(5, 12, device="cuda", requires_grad=True)
+    w = torch.randn(7, 12, device="cuda", requires_grad=True)
+    mask = torch.rand(7, 12, device="cuda") > 0.5
+    y = sparseops.masked_linear(x, w, mask)
+    torch.testing.assert_close(y, reference.masked_linear(x, w, mask))
+    y.sum().backward()
+    assert torch.all(w.grad[~mask] == 0)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", list(SPARSE_TOL))
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("shape", CUDA_LINEAR_SHAPES)
+def test_masked_linear_cuda_matches_reference(shape, sparsity, dtype):
+    check_linear_cuda(*shape, sparsity, dtype)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_linear_cuda_index_dtypes_and_empty_rows(dtype, index_dtype):
+    check_linear_cuda((129,), 257, 63, 0.6, dtype, index_dtype)
+    mask = torch.rand(40, 50) < 0.3
+    mask[::3] = False  # empty rows of W: those outputs are just the bias
+    mask[:, 1::4] = False  # empty columns: those inputs get zero gradient (empty rows of W^T)
+    check_linear_cuda((37,), 50, 40, 0.0, dtype, index_dtype, mask=mask)
+    check_linear_cuda((5,), 50, 40, 0.0, dtype, index_dtype, bias=False, mask=mask)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_masked_linear_cuda_backward_output_mask_and_empty_shapes():
+    op = torch.ops.sparseops.masked_linear_backward
+    x, w = torch.randn(6, 9, device="cuda"), torch.randn(4, 9, device="cuda")
+    mask = random_mask((4, 9), 0.5)
+    lay = cuda_layout(mask)
+    g = torch.randn(6, 4, device="cuda")
+    full = op(g, x, w, *lay, [True, True, True])
+    for need in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
+        got = op(g, x, w, *lay, need)
+        for n, t, ref in zip(need, got, full, strict=True):
+            assert t.is_cuda and t.dtype == w.dtype
+            if n:
+                torch.testing.assert_close(t, ref)
+            else:
+                assert t.shape == (0,)
+    for lead, K, N in [((0,), 5, 4), ((2, 0), 5, 4), ((3,), 0, 4), ((3,), 5, 0)]:
+        x = torch.randn(*lead, K, device="cuda", requires_grad=True)
+        w = torch.randn(N, K, device="cuda", requires_grad=True)
+        b = torch.randn(N, device="cuda", requires_grad=True)
+        y = torch.ops.sparseops.masked_linear(x, w, *cuda_layout(torch.ones(N, K, dtype=torch.bool)), b)
+        assert y.shape == (*lead, N)
+        torch.testing.assert_close(y, reference.masked_linear(x, w, torch.ones(N, K, dtype=torch.bool,
+                                                                                device="cuda"), b))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+        assert not x.grad.any() and not w.grad.any()  # no kept weight meets a row of x
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_sparse_cuda_kernels_are_deterministic_and_do_not_sync():
+    x, w = torch.randn(300, 70, device="cuda"), torch.randn(50, 70, device="cuda")
+    lay = cuda_layout(random_mask((50, 70), 0.7))
+    g = torch.randn(300, 50, device="cuda")
+    xc, wc = torch.randn(2, 3, 9, 8, device="cuda"), torch.randn(4, 3, 3, 3, device="cuda")
+    lay_c = cuda_layout(random_mask(wc.shape, 0.5))
+    gc = torch.randn(2, 4, 5, 8, device="cuda")
+    conv_args = ([2, 1], [1, 1], [1, 1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the ops raises
+    try:
+        torch.ops.sparseops.masked_linear(x, w, *lay, None)
+        first = torch.ops.sparseops.masked_linear_backward(g, x, w, *lay, [True, True, True])
+        second = torch.ops.sparseops.masked_linear_backward(g, x, w, *lay, [True, True, True])
+        torch.ops.sparseops.masked_conv2d(xc, wc, *lay_c, None, *conv_args)
+        first_c = torch.ops.sparseops.masked_conv2d_backward(gc, xc, wc, *lay_c, *conv_args, [True, True, True])
+        second_c = torch.ops.sparseops.masked_conv2d_backward(gc, xc, wc, *lay_c, *conv_args, [True, True, True])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(first + first_c, second + second_c, strict=True):
+        assert torch.equal(a, b), "the backward kernels must be bitwise deterministic"
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_linear_cuda_opcheck(dtype):
+    x = torch.randn(2, 5, 13, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(11, 13, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(11, device="cuda", dtype=dtype, requires_grad=True)
+    lay = cuda_layout(random_mask((11, 13), 0.6))
+    opcheck(torch.ops.sparseops.masked_linear.default, (x, w, *lay, b))
+    opcheck(torch.ops.sparseops.masked_linear.default, (x, w, *lay, None))
+    g = torch.randn(2, 5, 11, device="cuda", dtype=dtype)
+    for need in ([True, True, True], [True, False, False], [False, True, False]):
+        opcheck(torch.ops.sparseops.masked_linear_backward.default, (g, x.detach(), w.detach(), *lay, need))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_masked_linear_cuda_bad_input():
+    op = torch.ops.sparseops.masked_linear
+    x, w = torch.randn(4, 6, device="cuda"), torch.randn(5, 6, device="cuda")
+    lay = cuda_layout(random_mask((5, 6), 0.5))
+    rp, ci, trp, tci = lay
+    cases = [
+        ((x.double(), w, *lay, None), TypeError, "x must have the dtype of w"),
+        ((x.int(), w.int(), *lay, None), TypeError, "float32, float64, float16 or bfloat16"),
+        ((x, w, *lay, torch.randn(5, device="cuda").half()), TypeError, "bias must have the dtype of w"),
+        ((x.cpu(), w, *lay, None), ValueError, "x is on cpu"),
+        ((x, w, rp.cpu(), ci, trp, tci, None), ValueError, "layout is on cpu"),
+        ((x, w, *lay, torch.randn(5)), ValueError, "bias is on cpu"),
+        ((torch.randn(4, 7, device="cuda"), w, *lay, None), ValueError, "features"),
+        ((x, w, rp[:-1], ci, trp, tci, None), ValueError, "row_ptr"),
+        ((x, w, rp, ci, trp, tci[:-1], None), ValueError, "t_col_idx"),
+        ((x, w, rp.float(), ci, trp, tci, None), TypeError, "int32 or int64"),
+        ((x, w, rp.long(), ci, trp, tci, None), TypeError, "one dtype"),
+        ((x, w, *lay, torch.randn(4, device="cuda")), ValueError, "bias must have shape"),
+        ((torch.randn((), device="cuda"), w, *lay, None), ValueError, "x must have at least one dimension"),
+    ]
+    for args, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            op(*args)
+    with pytest.raises(ValueError, match="grad has shape"):
+        torch.ops.sparseops.masked_linear_backward(torch.randn(3, 5, device="cuda"), x, w, *lay, [True, True, True])
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_corrupt_layout_is_bounded_on_cuda():
+    """The CUDA ops do not validate the CSR on the host (that would synchronise every call); instead
+    every kernel bounds every index it reads, so an out-of-range column is skipped, never read."""
+    mask = random_mask((5, 6), 0.5)
+    mask[0, :2] = True
+    x, w = torch.randn(4, 6, device="cuda", dtype=torch.float64), torch.randn(5, 6, device="cuda", dtype=torch.float64)
+    rp, ci, trp, tci = cuda_layout(mask)
+    bad = ci.clone()
+    bad[0] = 10**6  # entry 0 is (row 0, column 0)
+    y = torch.ops.sparseops.masked_linear(x, w, rp, bad, trp, tci, None)
+    dropped = mask.clone()
+    dropped[0, 0] = False
+    torch.testing.assert_close(y, reference.masked_linear(x, w, dropped.cuda()))
+    _, dw, _ = torch.ops.sparseops.masked_linear_backward(torch.ones(4, 5, device="cuda", dtype=torch.float64), x, w,
+                                                          rp, bad, trp, tci, [False, True, False])
+    assert dw[0, 0] == 0
+    wc = torch.randn(3, 2, 3, 3, device="cuda")
+    mc = random_mask(wc.shape, 0.5)
+    mc[0, 0, 0, 0] = True
+    rp, ci, trp, tci = cuda_layout(mc)
+    bad = ci.clone()
+    bad[0] = -7
+    xc = torch.randn(2, 2, 6, 6, device="cuda")
+    y = torch.ops.sparseops.masked_conv2d(xc, wc, rp, bad, trp, tci, None, [1, 1], [1, 1], [1, 1])
+    dropped = mc.clone()
+    dropped[0, 0, 0, 0] = False
+    torch.testing.assert_close(y, reference.masked_conv2d(xc, wc, dropped.cuda(), None, 1, 1, 1))
+    torch.cuda.synchronize()  # an out-of-bounds access would surface here
+

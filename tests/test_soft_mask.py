@@ -1,4 +1,6 @@
-"""soft_mask and soft_mask_l1 (Continuous Sparsification) against reference.py."""
+"""soft_mask and soft_mask_l1 (Continuous Sparsification) against reference.py: every
+implementation through the `impl` fixture, then the CPU kernel's own tests (per ISA), Triton's and
+the CUDA kernels' (GPU only)."""
 import math
 
 import pytest
@@ -8,13 +10,42 @@ from torch.library import opcheck
 import sparseops
 from sparseops import reference
 
-SHAPES = [(1,), (7,), (15,), (16,), (17,), (3, 5), (64, 33), (2, 3, 129), (70001,)]
+from cases import CUDA_SOFT_MASK_SIZES, SOFT_MASK_L1_SHAPES, SOFT_MASK_SHAPES, SOFT_MASK_SIZES
+from conftest import TRITON, needs_gpu, needs_triton
+
+SHAPES = SOFT_MASK_SHAPES
 
 
 def sample(shape, dtype=torch.float64, spread=4.0, requires_grad=False):
     w = torch.randn(shape, dtype=dtype, requires_grad=requires_grad)
     s = (torch.randn(shape, dtype=dtype) * spread).requires_grad_(requires_grad)
     return w, s
+
+
+# ---------------------------------------------------------------------------------------------
+# Every implementation
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: exp(-z) = inf, then 0
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", SOFT_MASK_SIZES)
+def test_matches_reference(impl, dtype, n):
+    w, s = impl.leaf(n, dtype=dtype), impl.leaf(n, dtype=dtype, scale=5)
+    with torch.no_grad():
+        s[: n // 4] = -1e4  # saturated: exactly 0 mask, exactly 0 gradients
+    with impl.force():
+        out = sparseops.soft_mask(w, s, 3.0, 1.5)
+        l1 = sparseops.soft_mask_l1(s, 3.0, 1.5)
+    _, s64 = impl.check(out, (w, s), lambda w, s: reference.soft_mask(w, s, 3.0, 1.5), dtype)
+    torch.testing.assert_close(l1.double(), reference.soft_mask_l1(s64, 3.0, 1.5), **impl.tol(dtype))
+    (ds,) = torch.autograd.grad(l1, s)
+    (ds_ref,) = torch.autograd.grad(reference.soft_mask_l1(s64, 3.0, 1.5), s64)
+    torch.testing.assert_close(ds.double(), ds_ref, **impl.tol(dtype))
+    assert (out[: n // 4] == 0).all() and (ds[: n // 4] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel (default backend on CPU tensors), per ISA variant
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -60,7 +91,7 @@ def test_saturation_is_exact(isa):
     assert torch.isfinite(w.grad).all()
 
 
-@pytest.mark.parametrize("shape", [(1,), (5, 7), (1000,), (3, 70001)])
+@pytest.mark.parametrize("shape", SOFT_MASK_L1_SHAPES)
 def test_l1_matches_reference_float64(isa, shape):
     s = (torch.randn(shape, dtype=torch.float64) * 3).requires_grad_()
     s2 = s.detach().clone().requires_grad_()
@@ -185,3 +216,77 @@ def test_random_sizes_and_temperatures_match_reference(n, beta, scale, seed):
     torch.testing.assert_close(s.grad, s2.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sparseops.soft_mask_l1(s, beta, scale), reference.soft_mask_l1(s2, beta, scale),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (sparseops/triton/soft_mask.py)
+
+
+@needs_triton
+def test_triton_bad_input():
+    dev = TRITON.device
+    w = torch.randn(3, 4, device=dev)
+    with sparseops.backend("triton"):
+        with pytest.raises(ValueError, match="shape of w"):
+            torch.ops.sparseops.triton_soft_mask(w, torch.randn(4, 3, device=dev), 1.0, 1.0)
+        with pytest.raises(TypeError, match="dtype of w"):
+            torch.ops.sparseops.triton_soft_mask(w, torch.randn(3, 4, device=dev, dtype=torch.float64), 1.0, 1.0)
+        with pytest.raises(ValueError, match="beta must be finite"):
+            torch.ops.sparseops.triton_soft_mask(w, w, float("nan"), 1.0)
+        with pytest.raises(TypeError, match="s must be float32"):
+            torch.ops.sparseops.triton_soft_mask_l1(torch.ones(3, dtype=torch.int64, device=dev), 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda/soft_mask.cu), GPU only
+
+CUDA_TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 1e-3),
+            torch.bfloat16: (2e-2, 1e-2)}
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", list(CUDA_TOL))
+@pytest.mark.parametrize("n", CUDA_SOFT_MASK_SIZES)
+def test_cuda_matches_reference(dtype, n):
+    rtol, atol = CUDA_TOL[dtype]
+    w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    s = (torch.randn(n, device="cuda") * 5).to(dtype).requires_grad_()
+    out = sparseops.soft_mask(w, s, 3.0, 1.5)
+    w64, s64 = w.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+    ref = reference.soft_mask(w64, s64, 3.0, 1.5)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=rtol * 10, atol=atol * 10)
+    # the sum is returned in s's dtype: past float16's 65504 it is inf there, as in torch; check it in float32
+    l1 = sparseops.soft_mask_l1(s if n * 1.5 < 60000 or dtype != torch.float16 else s.float(), 3.0, 1.5)
+    torch.testing.assert_close(l1.double(), reference.soft_mask_l1(s64, 3.0, 1.5), rtol=rtol * 10, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_opcheck_and_bad_input():
+    w = torch.randn(33, 17, device="cuda", requires_grad=True)
+    s = torch.randn(33, 17, device="cuda", requires_grad=True)
+    opcheck(torch.ops.sparseops.soft_mask.default, (w, s, 2.0, 1.5))
+    opcheck(torch.ops.sparseops.soft_mask_l1.default, (s, 2.0, 1.5))
+    with pytest.raises(ValueError, match="device"):
+        sparseops.soft_mask(w, s.cpu(), 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        sparseops.soft_mask(w, s, float("nan"))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_float64_keeps_beta_and_scale_exact():
+    """beta and scale reach the kernels in double for float64 tensors (not rounded to float)."""
+    beta, scale = 2.3, 1 / (1 / (1 + math.exp(-0.5)))
+    w = torch.randn(1000, device="cuda", dtype=torch.float64)
+    s = torch.randn(1000, device="cuda", dtype=torch.float64) * 10
+    torch.testing.assert_close(sparseops.soft_mask(w, s, beta, scale), reference.soft_mask(w, s, beta, scale),
+                               rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(sparseops.soft_mask_l1(s, beta, scale), reference.soft_mask_l1(s, beta, scale),
+                               rtol=1e-13, atol=1e-13)
