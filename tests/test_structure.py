@@ -112,6 +112,9 @@ def test_each_op_is_found_from_its_name(op):
     assert hasattr(__import__("sparseops").reference, op)
     assert (PKG / "ops" / f"{op}.py").exists()
     assert (PKG / "triton" / f"{op}.py").exists()
+    assert (ROOT / "tests" / f"test_{op}.py").exists()
+    bench = ROOT / "benchmarks" / f"bench_{op}.py"
+    assert bench.exists() or op in (ROOT / "benchmarks" / "bench_gpu.py").read_text()
     design = (ROOT / "docs" / "design.md").read_text()
     assert f"`{op}`" in design
     assert torch.ops.sparseops.__getattr__(op) is not None
