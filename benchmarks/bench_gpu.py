@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseops
-from sparseops._library import has_kernel
+from sparseops.backend import has_kernel
 
 RESULTS = Path(__file__).with_name("results")
 THRESHOLDS = Path(sparseops.__file__).with_name("thresholds.json")

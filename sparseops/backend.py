@@ -102,6 +102,12 @@ def get_backend() -> str:
     return _state.backend
 
 
+# What is built here, for tools that report it (re-exported from the leaf that loads the libraries):
+# has_kernel(op, device_type) and CUDA_EXTENSION_ERROR.
+__all__ = ["BACKENDS", "CUDA_EXTENSION_ERROR", "backend", "choose", "get_backend", "gpu_kernel", "has_kernel",
+           "max_density", "measured_faster", "require", "thresholds", "triton_unavailable"]
+
+
 # ---- what is available here -----------------------------------------------------------------
 
 _TRITON: dict = {}

@@ -26,7 +26,7 @@ def _no_gpu_reason() -> str:
 def info() -> str:
     import sparseops
     from sparseops import backend
-    from sparseops._library import CUDA_EXTENSION_ERROR
+    from sparseops.backend import CUDA_EXTENSION_ERROR
 
     lines = [f"sparseops {sparseops.__version__}",
              f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
