@@ -264,7 +264,7 @@ def _dense_fallback(name: str, full: bool, numel: int) -> str:
     return "dense"
 
 
-MEASURE_MAX_DENSITY = 0.6  # denser masks: dense wins everywhere measured, so nothing is timed
+MEASURE_MAX_DENSITY = 0.6  # denser masks: dense wins everywhere measured; only the dense paths are timed
 
 
 def _torch_sparse_here(device: torch.device, dtype: torch.dtype | None) -> bool:
@@ -278,7 +278,7 @@ def _measured(op, device, dtype, problem, density, candidates, prior, dense, tri
     """`auto`'s measured choice among `candidates` (tuning.pick), or `prior` where there is nothing to
     measure."""
     candidates = list(dict.fromkeys(c for c in candidates if c))
-    if trial is None or dtype is None or len(candidates) < 2 or density > MEASURE_MAX_DENSITY:
+    if trial is None or dtype is None or len(candidates) < 2:
         return prior
     if torch.compiler.is_compiling():
         return prior  # nothing is measured or looked up while torch.compile traces: the prior
@@ -302,7 +302,8 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     # Both dense paths compute the same; which is faster (the op's recomputed masked weight against
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"
-    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, alt, kernel, other],
+    sparse = [kernel, other] if density <= MEASURE_MAX_DENSITY else []  # denser: only the dense paths race
+    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, alt, *sparse],
                      prior, dense, trial)
 
 
@@ -341,7 +342,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         # (dx works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
         # input layer); the prior keeps both dense, measuring may still find them faster.
         prior = kernel if device.type != "cpu" or (unit_stride and reduction >= 64) else dense
-    if full:
+    if full or density > MEASURE_MAX_DENSITY:
         return prior
     return _measured(op, device, dtype, problem or (), density, [dense, kernel], prior, dense, trial)
 

@@ -168,6 +168,11 @@ def _inferred(k: str, live: Sequence[str], entries: dict) -> tuple[str | None, l
     wins here; where a sparse path beat dense clearly at a denser mask, dense cannot win here."""
     prefix, bucket = _split(k)
     keep = list(live)
+    if all(c in DENSE_PATHS for c in live):  # which dense path is faster does not depend on the mask
+        for other, e in entries.items():
+            times = e.get("times_ms", {})
+            if "|d<=" in other and _split(other)[0] == prefix and all(c in times for c in live):
+                return min(live, key=times.get), keep
     for other, e in entries.items():
         p2, b2 = _split(other) if "|d<=" in other else (None, 0.0)
         if p2 != prefix or e.get("winner") not in live:
