@@ -17,7 +17,8 @@ DENSITIES = (0.01, 0.05, 0.1, 0.2, 0.4)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda where a GPU is, else cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     p.add_argument("--rows", type=int, default=None, help="rows of x for the linear layers (default: 512 on "
