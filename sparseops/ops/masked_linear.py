@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, grads_fake, linear_fake, trial
+from ._common import as_layout, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -17,7 +17,7 @@ def dense_masked_grads(grad, x, w, mask, output_mask):
     need_x, need_w, need_b = output_mask
     n, k = w.shape
     g2 = grad.reshape(-1, n)
-    dx = grad @ (w * mask) if need_x else w.new_empty(0)
+    dx = linear_out(grad, (w * mask).t()) if need_x else w.new_empty(0)
     dw = (g2.t() @ x.reshape(-1, k)).mul_(mask) if need_w else w.new_empty(0)
     db = g2.sum(0) if need_b else w.new_empty(0)
     return dx, dw, db
@@ -36,7 +36,7 @@ define("masked_linear_dense", lambda x, w, mask, bias: linear_fake("masked_linea
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked product (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
-    return F.linear(x, w * mask, bias)
+    return linear_out(x, w * mask, bias)
 
 
 @torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference
 from .._library import define, lib
 from ..layout import mask_stats
-from ._common import grads_fake, linear_fake
+from ._common import grads_fake, linear_fake, linear_out
 from .masked_linear import masked_linear
 from .soft_mask import soft_mask
 
@@ -16,7 +16,7 @@ from .soft_mask import soft_mask
 # Outside Triton: the soft mask op, then a dense GEMM (the masked weight is materialised).
 @torch.library.register_kernel("sparseops::soft_masked_linear", ("cpu", "cuda"))
 def _(x, w, s, beta, scale, bias):
-    return F.linear(x, lib.soft_mask(w, s, beta, scale), bias)
+    return linear_out(x, lib.soft_mask(w, s, beta, scale), bias)
 
 
 @torch.library.register_kernel("sparseops::soft_masked_linear_backward", ("cpu", "cuda"))
@@ -24,7 +24,7 @@ def _(grad, x, w, s, beta, scale, output_mask):
     need_x, need_w, need_s, need_b = output_mask
     n, k = w.shape
     g2 = grad.reshape(-1, n)
-    dx = grad @ lib.soft_mask(w, s, beta, scale) if need_x else w.new_empty(0)
+    dx = linear_out(grad, lib.soft_mask(w, s, beta, scale).t()) if need_x else w.new_empty(0)
     dw = ds = None
     if need_w or need_s:
         dw, ds = lib.soft_mask_backward(g2.t() @ x.reshape(-1, k), w, s, beta, scale)

@@ -1,0 +1,150 @@
+"""Robustness (issue 14): what must hold on every implementation of an op, whichever path a call
+takes: fresh outputs (in-place ops after a layer), every dtype at every density, one answer for
+non-finite values at pruned entries, the same errors on every path.
+
+Implementations are called by name (the ops under torch.ops.sparseops, and through the public
+functions under a forced backend); the Triton ones run under TRITON_INTERPRET=1 on CPU tensors."""
+import pytest
+import torch
+from torch import nn
+
+import sparseops
+from sparseops.layout import block_layout, csr_layout
+
+from conftest import random_mask
+
+lib = torch.ops.sparseops
+# numpy, under the interpreter, warns where the kernels compute exp(-z) = inf and then select 0
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore:Sparse CSR tensor support")
+
+
+def _triton():
+    try:
+        import sparseops.triton  # noqa: F401
+    except ImportError:
+        return False
+    return sparseops.backend.triton_unavailable(torch.device("cpu")) is None
+
+
+HAVE_TRITON = _triton()
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton (interpreter) unavailable")
+
+
+# ---- item 1: every op output is a fresh tensor ------------------------------------------------
+
+
+def _linear_case(lead=(2, 3)):
+    x = torch.randn(*lead, 16, dtype=torch.float64)
+    w = torch.randn(6, 16, dtype=torch.float64)
+    mask = random_mask((6, 16), 0.7)
+    return x, w, mask, torch.randn(6, dtype=torch.float64)
+
+
+def _conv_case():
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    w = torch.randn(3, 16, 3, 3, dtype=torch.float64)
+    return x, w, random_mask(w.shape, 0.7), torch.randn(3, dtype=torch.float64)
+
+
+def _op_calls():
+    """(name, forward thunk, backward thunk) for every op implementation that runs here."""
+    calls = []
+    for lead in ((4,), (2, 3)):
+        x, w, mask, b = _linear_case(lead)
+        csr, blk = csr_layout(mask).tensors(), block_layout(mask, 16)
+        g = torch.randn(*lead, 6, dtype=torch.float64)
+        names = ["masked_linear", "torch_sparse_masked_linear"] + (["triton_masked_linear"] if HAVE_TRITON else [])
+        for name in names:
+            calls.append((f"{name}{lead}", lambda n=name, x=x, w=w, csr=csr, b=b: getattr(lib, n)(x, w, *csr, b),
+                          lambda n=name, x=x, w=w, csr=csr, g=g: getattr(lib, n + "_backward")(
+                              g, x, w, *csr, [True, True, True])))
+        calls.append((f"masked_linear_dense{lead}", lambda x=x, w=w, m=mask, b=b: lib.masked_linear_dense(x, w, m, b),
+                      None))
+        for name in ["masked_linear_block"] + (["triton_masked_linear_block"] if HAVE_TRITON else []):
+            calls.append((f"{name}{lead}",
+                          lambda n=name, x=x, w=w, m=mask, blk=blk, b=b: getattr(lib, n)(
+                              x, w, m, *blk.tensors(), 16, b),
+                          lambda n=name, x=x, w=w, m=mask, blk=blk, g=g: getattr(lib, n + "_backward")(
+                              g, x, w, m, *blk.tensors(), 16, [True, True, True])))
+        s = torch.randn(6, 16, dtype=torch.float64)
+        for name in ["soft_masked_linear"] + (["triton_soft_masked_linear"] if HAVE_TRITON else []):
+            calls.append((f"{name}{lead}", lambda n=name, x=x, w=w, s=s, b=b: getattr(lib, n)(x, w, s, 2.0, 1.5, b),
+                          lambda n=name, x=x, w=w, s=s, g=g: getattr(lib, n + "_backward")(
+                              g, x, w, s, 2.0, 1.5, [True, True, True, True])))
+    x, w, mask, b = _conv_case()
+    csr, blk = csr_layout(mask).tensors(), block_layout(mask, 16)
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    geo = ([1, 1], [1, 1], [1, 1])
+    for name in ["masked_conv2d"] + (["triton_masked_conv2d"] if HAVE_TRITON else []):
+        calls.append((name, lambda n=name: getattr(lib, n)(x, w, *csr, b, *geo),
+                      lambda n=name: getattr(lib, n + "_backward")(g, x, w, *csr, *geo, [True, True, True])))
+    for name in ["masked_conv2d_block"] + (["triton_masked_conv2d_block"] if HAVE_TRITON else []):
+        calls.append((name, lambda n=name: getattr(lib, n)(x, w, mask, *blk.tensors(), 16, b, *geo),
+                      lambda n=name: getattr(lib, n + "_backward")(g, x, w, mask, *blk.tensors(), 16, *geo,
+                                                                   [True, True, True])))
+    s = torch.randn_like(w)
+    for name in ["soft_masked_conv2d"] + (["triton_soft_masked_conv2d"] if HAVE_TRITON else []):
+        calls.append((name, lambda n=name: getattr(lib, n)(x, w, s, 2.0, 1.5, b, *geo),
+                      lambda n=name: getattr(lib, n + "_backward")(g, x, w, s, 2.0, 1.5, *geo,
+                                                                   [True, True, True, True])))
+    for name in ["soft_mask"] + (["triton_soft_mask"] if HAVE_TRITON else []):
+        calls.append((name, lambda n=name: getattr(lib, n)(w, s, 2.0, 1.5),
+                      lambda n=name: getattr(lib, n + "_backward")(torch.randn_like(w), w, s, 2.0, 1.5)))
+    return calls
+
+
+CALLS = _op_calls()
+
+
+@pytest.mark.parametrize("name,forward,backward", CALLS, ids=[c[0] for c in CALLS])
+def test_op_outputs_are_fresh_tensors(name, forward, backward):
+    """No op returns a view (of an internal buffer or of an input): autograd refuses in-place
+    edits of a custom op's view outputs, and a backward's view would pin its whole buffer."""
+    outs = [forward()] + (list(backward()) if backward is not None else [])
+    for i, t in enumerate(outs):
+        assert not t._is_view(), f"{name}: output {i} is a view"
+
+
+BACKENDS = ["cpu", "dense", "reference"] + (["triton"] if HAVE_TRITON else [])
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Hardswish])
+@pytest.mark.parametrize("lead", [(4,), (2, 3)])
+@pytest.mark.parametrize("name", BACKENDS + ["auto"])
+def test_inplace_activation_after_masked_linear(name, lead, act):
+    """MaskedLinear -> ReLU(inplace=True) (torchvision's VGG/AlexNet/MobileNetV3 classifiers) trains
+    on every backend, and at 5% kept in `auto` (past the dense fallback)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 600), act(inplace=True), nn.Linear(600, 5))
+    sparseops.patch(model)
+    for layer in (model[0], model[2]):
+        layer.set_mask(random_mask(layer.weight.shape, 0.95))
+    ref = nn.Sequential(nn.Linear(16, 600), act(), nn.Linear(600, 5))
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("mask")})
+    with torch.no_grad():
+        ref[0].weight.mul_(model[0].weight_mask)
+        ref[2].weight.mul_(model[2].weight_mask)
+    x = torch.randn(*lead, 16)
+    with sparseops.backend(name):
+        y = model(x)
+        y.square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad * model[0].weight_mask,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_inplace_activation_after_masked_conv2d(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3),
+                          nn.Hardswish(inplace=True))
+    sparseops.patch(model)
+    for layer in (model[0], model[2]):
+        layer.set_mask(random_mask(layer.weight.shape, 0.9))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    with sparseops.backend(name):
+        y = model(x)
+        y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
