@@ -148,3 +148,96 @@ def test_inplace_activation_after_masked_conv2d(name):
         y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
+
+# ---- item 3: every dtype works at every density; autocast as on unpatched layers ----------------
+
+HALF = [torch.bfloat16, torch.float16]
+DENSITIES = [1.0, 0.5, 0.05]
+
+
+def _pair(kind, dtype, density):
+    """A patched layer of `kind` in `dtype` at `density`, and its unpatched twin holding the
+    masked weight."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 256) if kind == "linear" else nn.Conv2d(64, 32, 3, padding=1)
+    layer = nn.Linear(256, 256) if kind == "linear" else nn.Conv2d(64, 32, 3, padding=1)
+    layer.load_state_dict(dense.state_dict())
+    layer = sparseops.patch(nn.Sequential(layer))[0].to(dtype)
+    layer.set_mask(random_mask(layer.weight.shape, 1.0 - density))
+    with torch.no_grad():
+        dense.weight.mul_(layer.weight_mask)
+    x = torch.randn((8, 256) if kind == "linear" else (2, 64, 8, 8))
+    return layer, dense.to(dtype), x
+
+
+def _train_step(layer, x):
+    layer.zero_grad()
+    y = layer(x)
+    y.float().square().mean().backward()
+    return y, layer.weight.grad
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("sparse_first", [False, True], ids=["auto", "max_density=1"])
+def test_half_precision_at_every_density(kind, dtype, density, sparse_first):
+    """bf16/fp16 layers train at every density (the kernel where it takes the dtype, else the
+    dispatcher's dense path), with the unpatched layer's dtype and values."""
+    layer, dense, x = _pair(kind, dtype, density)
+    x = x.to(dtype)
+    with sparseops.backend(max_density=1.0 if sparse_first else None):
+        y, dw = _train_step(layer, x)
+    y_ref, dw_ref = _train_step(dense, x)
+    assert y.dtype == y_ref.dtype == dtype and dw.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw.float(), (dw_ref * layer.weight_mask).float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("sparse_first", [False, True], ids=["auto", "max_density=1"])
+def test_cpu_autocast_at_every_density(kind, density, sparse_first):
+    """Under torch.autocast("cpu", bfloat16) a patched layer computes in bfloat16, as the unpatched
+    one does, at every density; its fp32 parameters get fp32 gradients."""
+    layer, dense, x = _pair(kind, torch.float32, density)
+    with torch.autocast("cpu", dtype=torch.bfloat16), sparseops.backend(max_density=1.0 if sparse_first else None):
+        y, dw = _train_step(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, dw_ref = _train_step(dense, x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert dw.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw, dw_ref * layer.weight_mask, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_soft_layers_in_half_precision(dtype):
+    torch.manual_seed(0)
+    layer = sparseops.patch(nn.Sequential(nn.Linear(64, 32)), mode="soft")[0].to(dtype)
+    with torch.no_grad():
+        layer.weight_score.normal_()
+    layer.beta = 200.0  # most of the mask underflows to 0: the CPU's skip_zeros path
+    x = torch.randn(4, 64, dtype=dtype)
+    y = layer(x)
+    y.float().sum().backward()
+    ref = torch.nn.functional.linear(x.float(), (layer.weight * layer.soft_mask()).float(), layer.bias.float())
+    assert y.dtype == dtype and layer.weight.grad.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+    assert sparseops.soft_mask(layer.weight, layer.weight_score, 2.0).dtype == dtype
+    assert sparseops.soft_mask_l1(layer.weight_score, 2.0).dtype == dtype
+
+
+@pytest.mark.parametrize("op", ["masked_linear", "masked_conv2d", "soft_mask"])
+def test_forced_backend_names_the_dtype_it_lacks(op):
+    """A forced backend whose kernel lacks the dtype says so before running anything."""
+    w = torch.randn(4, 8, dtype=torch.bfloat16) if op != "masked_conv2d" else torch.randn(4, 8, 3, 3,
+                                                                                          dtype=torch.bfloat16)
+    mask = random_mask(w.shape, 0.9)
+    with sparseops.backend("cpu"), pytest.raises(TypeError, match=r"sparseops\.%s: .*bfloat16" % op):
+        if op == "masked_linear":
+            sparseops.masked_linear(torch.randn(2, 8, dtype=torch.bfloat16), w, mask)
+        elif op == "masked_conv2d":
+            sparseops.masked_conv2d(torch.randn(1, 8, 5, 5, dtype=torch.bfloat16), w, mask)
+        else:
+            sparseops.soft_mask(w, torch.randn_like(w), 1.0)

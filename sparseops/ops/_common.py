@@ -26,6 +26,21 @@ def grads_fake(x, w, output_mask, extra=()):
     return tuple(out)
 
 
+def autocast_args(device: torch.device, *tensors):
+    """The tensors as torch.autocast would pass them to F.linear / F.conv2d on `device`: while
+    autocast is on there, floating tensors other than float64 in its dtype (the ops have no
+    autocast rule of their own, and their kernels would otherwise compute in float32)."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return tensors
+    if not on:
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def linear_out(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w, bias)` into a fresh tensor of shape [*x.shape[:-1], N]. F.linear of a batched
     x returns a view of its 2-D result, and an op must return fresh tensors: autograd refuses

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, tuning
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
+from ._common import as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
@@ -69,6 +69,7 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         raise ValueError(f"sparseops.{op}: the layout has shape {info.shape} but w flattens to "
                          f"{(w.shape[0], w[0].numel())}")
     checks.same_device(op, x=x, w=w, mask=info.mask, bias=bias)
+    x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, grads_fake, linear_fake, linear_out, trial
+from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -70,8 +70,9 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     if tuple(w.shape) != info.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {info.shape} but w has {tuple(w.shape)}")
     checks.same_device("masked_linear", x=x, w=w, mask=info.mask, bias=bias)
+    x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.linear
     if isinstance(info, BlockLayout):
-        impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density)
+        impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density, dtype=w.dtype)
         if impl == "reference":
             return reference.masked_linear(x, w, info.mask, bias)
         if impl == "triton":

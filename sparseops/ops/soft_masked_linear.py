@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference
 from .._library import define, lib
 from ..layout import mask_stats
-from ._common import grads_fake, linear_fake, linear_out
+from ._common import autocast_args, grads_fake, linear_fake, linear_out
 from .masked_linear import masked_linear
 from .soft_mask import soft_mask
 
@@ -70,12 +70,13 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     """
     beta, scale = check_soft("soft_masked_linear", x, w, s, beta, scale, bias)
     found = []
-    impl = backend.choose("soft_masked_linear", w.device,
+    impl = backend.choose("soft_masked_linear", w.device, dtype=w.dtype,
                           nonzero=lambda: found.append(nonzero_stats(s, beta)) or found[-1])
     if impl == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
-    if impl == "triton":
-        return lib.triton_soft_masked_linear(x, w, s, beta, scale, bias)
+    if impl == "triton":  # (the other paths end in F.linear or masked_linear, which follow autocast)
+        return lib.triton_soft_masked_linear(*autocast_args(w.device, x, w, s), beta, scale,
+                                             *autocast_args(w.device, bias))
     masked = soft_mask(w, s, beta, scale)
     if impl == "skip_zeros":
         return masked_linear(x, masked, found[-1].source, bias)
