@@ -34,7 +34,9 @@ at::Tensor masked_linear_dense(const at::Tensor& x, const at::Tensor& w, const a
   out_shape.back() = N;
   auto out = at::empty(out_shape, x.options());
   auto y = out.view({M, N});
-  auto wt = (w * mask).t();
+  // A pruned weight contributes exactly nothing (sparseops/reference.py): where(mask, w, 0), not
+  // w * mask, which would turn an inf or NaN weight at a pruned entry into NaN.
+  auto wt = at::where(mask, w, at::zeros({}, w.options())).t();
   auto x2 = x.reshape({M, K});
   if (bias.has_value() && bias->defined()) {
     at::addmm_out(y, *bias, x2, wt);

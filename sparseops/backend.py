@@ -8,7 +8,7 @@ module's public functions. Implementations, by name:
   triton           the Triton kernels (sparseops/triton), CSR, block or fused soft-mask
   element          a block layout run on the element (CSR) path instead of its tiles
   dense            the same math through dense GEMMs in one op (masked_linear_dense)
-  mask_multiply    plain autograd over `w * mask` (what torch.nn.utils.prune does)
+  mask_multiply    plain autograd over `where(mask, w, 0)` (torch.nn.utils.prune's `w * mask`, exact)
   unmasked         nothing is pruned: exactly the dense layer (F.linear, F.conv2d)
   unfused          soft-masked ops: sparseops.soft_mask, then the dense op
   skip_zeros       soft-masked ops late in CS: the masked op over the entries whose mask is not 0

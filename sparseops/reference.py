@@ -1,5 +1,10 @@
 """Plain-torch implementations of every sparseops op: the ground truth the kernels are tested
-against (in float64 on the CPU), and the path for devices without a compiled kernel."""
+against (in float64 on the CPU), and the path for devices without a compiled kernel.
+
+A pruned weight contributes exactly nothing, as in a sparse product: the masked weight is
+`where(mask, w, 0)`, not `w * mask` (an inf or NaN weight at a pruned entry would make NaN), and
+its gradient is exactly 0 at pruned entries whatever x and grad hold. Every implementation keeps
+this (tests/test_robustness.py)."""
 import torch
 import torch.nn.functional as F
 
@@ -14,9 +19,15 @@ def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tens
     return scale * torch.sigmoid(beta * s).sum()
 
 
+def masked_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w at kept entries, exactly 0 at pruned ones (whatever w holds there); its gradient is the
+    incoming one at kept entries and exactly 0 at pruned ones."""
+    return torch.where(mask if mask.dtype == torch.bool else mask != 0, w, 0)
+
+
 def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
-    """x @ (w * mask)^T + bias."""
-    return F.linear(x, w * mask, bias)
+    """x @ (w * mask)^T + bias, a pruned weight contributing exactly nothing (masked_weight)."""
+    return F.linear(x, masked_weight(w, mask), bias)
 
 
 def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,
@@ -27,8 +38,8 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
 
 def masked_conv2d(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, groups: int = 1):
-    """conv2d(x, w * mask) + bias."""
-    return F.conv2d(x, w * mask, bias, stride, padding, dilation, groups)
+    """conv2d(x, w * mask) + bias, a pruned weight contributing exactly nothing (masked_weight)."""
+    return F.conv2d(x, masked_weight(w, mask), bias, stride, padding, dilation, groups)
 
 
 def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,

@@ -241,3 +241,111 @@ def test_forced_backend_names_the_dtype_it_lacks(op):
             sparseops.masked_conv2d(torch.randn(1, 8, 5, 5, dtype=torch.bfloat16), w, mask)
         else:
             sparseops.soft_mask(w, torch.randn_like(w), 1.0)
+
+
+# ---- item 4: a pruned weight contributes exactly nothing, on every path --------------------------
+
+
+def _poisoned(shape, sparsity=0.7):
+    """A weight with inf, -inf and NaN at pruned entries, its mask, and the clean weight."""
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64)
+    mask = random_mask(shape, sparsity)
+    bad = w.clone()
+    pruned = (~mask).nonzero()
+    for i, v in zip(range(3), (float("inf"), float("-inf"), float("nan"))):
+        bad[tuple(pruned[i])] = v
+    return bad, mask, torch.where(mask, w, 0)
+
+
+def _linear_impls():
+    def forced(name, **kw):
+        def run(x, w, mask, b):
+            with sparseops.backend(name, **kw):
+                return sparseops.masked_linear(x, w, mask, b)
+        return run
+
+    def direct(op, block=False):
+        def run(x, w, mask, b):
+            if block:
+                return getattr(lib, op)(x, w, mask, *block_layout(mask, 16).tensors(), 16, b)
+            return getattr(lib, op)(x, w, *csr_layout(mask).tensors(), b)
+        return run
+
+    impls = {"cpu": forced("cpu"), "dense": forced("dense"), "reference": forced("reference"),
+             "mask_multiply": forced("auto", max_density=0.0), "torch_sparse": direct("torch_sparse_masked_linear"),
+             "block_cpu": direct("masked_linear_block", block=True)}
+    if HAVE_TRITON:
+        impls.update(triton=forced("triton"), triton_block=direct("triton_masked_linear_block", block=True))
+    return impls
+
+
+def _conv_impls():
+    def forced(name):
+        def run(x, w, mask, b):
+            with sparseops.backend(name):
+                return sparseops.masked_conv2d(x, w, mask, b, padding=1)
+        return run
+
+    def block(op):
+        def run(x, w, mask, b):
+            return getattr(lib, op)(x, w, mask, *block_layout(mask, 16).tensors(), 16, b, [1, 1], [1, 1], [1, 1])
+        return run
+
+    impls = {"cpu": forced("cpu"), "reference": forced("reference"), "block_cpu": block("masked_conv2d_block")}
+    if HAVE_TRITON:
+        impls.update(triton=forced("triton"), triton_block=block("triton_masked_conv2d_block"))
+    return impls
+
+
+def _grads(run, x, w, mask, b, g):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = run(x, w, mask, b)
+    return (y, *torch.autograd.grad(y, (x, w, b), g))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_non_finite_pruned_weights_contribute_nothing(kind):
+    """inf/NaN weights at pruned entries: every implementation gives the result of the clean
+    (zeroed) weight, forward and backward; dw at pruned entries is exactly 0."""
+    impls = _linear_impls() if kind == "linear" else _conv_impls()
+    shape = (6, 16) if kind == "linear" else (3, 16, 3, 3)
+    w, mask, clean = _poisoned(shape)
+    x = torch.randn((2, 3, 16) if kind == "linear" else (2, 16, 5, 5), dtype=torch.float64)
+    b = torch.randn(shape[0], dtype=torch.float64)
+    want = _grads(lambda x, w, m, b: sparseops.reference.masked_linear(x, w, torch.ones_like(m), b) if kind == "linear"
+                  else torch.nn.functional.conv2d(x, w, b, padding=1), x, clean, mask, b,
+                  g := torch.randn((2, 3, 6) if kind == "linear" else (2, 3, 5, 5), dtype=torch.float64))
+    for name, run in impls.items():
+        got = _grads(run, x, w, mask, b, g)
+        for what, a, r in zip(("y", "dx", "dw", "db"), got, want, strict=True):
+            r = r * mask if what == "dw" else r
+            assert torch.isfinite(a).all(), f"{name}: {what} is not finite"
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dw_is_exactly_zero_at_pruned_entries_for_non_finite_input(kind):
+    """NaN/inf in x or grad: on every path dw stays exactly 0 at pruned entries (kept entries
+    may be NaN, as in any product with NaN)."""
+    impls = _linear_impls() if kind == "linear" else _conv_impls()
+    shape = (6, 16) if kind == "linear" else (3, 16, 3, 3)
+    _, mask, w = _poisoned(shape)
+    x = torch.randn((2, 3, 16) if kind == "linear" else (2, 16, 5, 5), dtype=torch.float64)
+    x.view(-1)[::17] = float("nan")
+    x.view(-1)[5] = float("inf")
+    b = torch.randn(shape[0], dtype=torch.float64)
+    g = torch.randn((2, 3, 6) if kind == "linear" else (2, 3, 5, 5), dtype=torch.float64)
+    for name, run in impls.items():
+        _, _, dw, _ = _grads(run, x, w, mask, b, g)
+        assert (dw[~mask] == 0).all(), f"{name}: dw at pruned entries is {dw[~mask].unique()}"
+
+
+def test_reference_defines_the_contract():
+    w, mask, clean = _poisoned((4, 8))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(sparseops.reference.masked_linear(x, w, mask), x @ clean.t())
+    wc, maskc, cleanc = _poisoned((2, 3, 3, 3))
+    xc = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(sparseops.reference.masked_conv2d(xc, wc, maskc),
+                               torch.nn.functional.conv2d(xc, cleanc))

@@ -24,16 +24,18 @@ define("masked_conv2d_backward",
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked convolution (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
-    return F.conv2d(x, w * mask, bias, stride, padding, dilation).contiguous(memory_format=format_of(x))
+    return F.conv2d(x, reference.masked_weight(w, mask), bias, stride, padding, dilation).contiguous(
+        memory_format=format_of(x))
 
 
 @torch.library.register_kernel("sparseops::masked_conv2d_block_backward", ("cpu", "cuda"))
 def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
     need_x, need_w, need_b = output_mask
     grad_fn = torch.nn.grad
-    dx = (grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation).contiguous(
-        memory_format=format_of(x)) if need_x else w.new_empty(0))
-    dw = grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation) * mask if need_w else w.new_empty(0)
+    dx = (grad_fn.conv2d_input(x.shape, reference.masked_weight(w, mask), grad, stride, padding, dilation)
+          .contiguous(memory_format=format_of(x)) if need_x else w.new_empty(0))
+    dw = (grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation).masked_fill_(~mask, 0) if need_w
+          else w.new_empty(0))
     return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
 
 

@@ -17,8 +17,9 @@ def dense_masked_grads(grad, x, w, mask, output_mask):
     need_x, need_w, need_b = output_mask
     n, k = w.shape
     g2 = grad.reshape(-1, n)
-    dx = linear_out(grad, (w * mask).t()) if need_x else w.new_empty(0)
-    dw = (g2.t() @ x.reshape(-1, k)).mul_(mask) if need_w else w.new_empty(0)
+    # A pruned weight contributes nothing (reference.masked_weight); dw is exactly 0 there.
+    dx = linear_out(grad, reference.masked_weight(w, mask).t()) if need_x else w.new_empty(0)
+    dw = (g2.t() @ x.reshape(-1, k)).masked_fill_(~mask, 0) if need_w else w.new_empty(0)
     db = g2.sum(0) if need_b else w.new_empty(0)
     return dx, dw, db
 
@@ -36,7 +37,7 @@ define("masked_linear_dense", lambda x, w, mask, bias: linear_fake("masked_linea
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked product (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
-    return linear_out(x, w * mask, bias)
+    return linear_out(x, reference.masked_weight(w, mask), bias)
 
 
 @torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
