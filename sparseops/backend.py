@@ -64,7 +64,13 @@ def _env_backend() -> str:
 
 def _env_max_density() -> float | None:
     v = os.environ.get("SPARSEOPS_MAX_DENSITY")
-    return None if v in (None, "") else checks.density(float(v), "SPARSEOPS_MAX_DENSITY")
+    if v is None or not v.strip():
+        return None
+    try:
+        number = float(v)
+    except ValueError:
+        raise ValueError(f"sparseops: SPARSEOPS_MAX_DENSITY must be a number in [0, 1], got {v!r}") from None
+    return checks.density(number, "SPARSEOPS_MAX_DENSITY")
 
 
 class _State(threading.local):

@@ -349,3 +349,88 @@ def test_reference_defines_the_contract():
     xc = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(sparseops.reference.masked_conv2d(xc, wc, maskc),
                                torch.nn.functional.conv2d(xc, cleanc))
+
+
+# ---- item 14: one set of errors, whichever path a call would take -------------------------------
+
+PATHS = {  # how a call reaches each path: (backend, mask sparsity)
+    "unmasked": ("auto", 0.0), "dense": ("dense", 0.5), "kernel": ("auto", 0.95), "reference": ("reference", 0.95),
+    "cpu": ("cpu", 0.95),
+}
+
+
+def _linear_bad():
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    return [
+        ("bias [1]", (x, w, torch.randn(1)), ValueError, "bias"),
+        ("bias 0-d", (x, w, torch.tensor(1.0)), ValueError, "bias"),
+        ("bias [2, 8]", (x, w, torch.randn(2, 8)), ValueError, "bias"),
+        ("float16 x", (x.half(), w, b), TypeError, "x"),
+        ("int64", (x.long(), w.long(), None), TypeError, "float32"),
+        ("bias dtype", (x, w, b.double()), TypeError, "bias"),
+        ("x features", (torch.randn(3, 15), w, b), ValueError, "x"),
+        ("0-d x", (torch.tensor(1.0), w, b), ValueError, "x"),
+        ("3-D w", (x, torch.randn(2, 8, 16), None), ValueError, "w must be 2-D"),
+    ]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", _linear_bad(), ids=[c[0] for c in _linear_bad()])
+def test_masked_linear_errors_on_every_path(case, path):
+    _, (x, w, b), exc, words = case
+    name, sparsity = PATHS[path]
+    mask = random_mask(w.shape[-2:], sparsity)
+    with sparseops.backend(name), pytest.raises(exc, match=r"^sparseops\.masked_linear: .*" + words):
+        sparseops.masked_linear(x, w, mask if w.dim() == 2 else torch.ones(w.shape, dtype=torch.bool), b)
+
+
+def _conv_bad():
+    x, w, b = torch.randn(2, 16, 6, 6), torch.randn(4, 16, 3, 3), torch.randn(4)
+    return [
+        ("bias [1]", (x, w, torch.randn(1)), ValueError, "bias"),
+        ("bias 0-d", (x, w, torch.tensor(1.0)), ValueError, "bias"),
+        ("float16 x", (x.half(), w, b), TypeError, "x"),
+        ("int64", (x.long(), w.long(), None), TypeError, "float32"),
+        ("C_in", (torch.randn(2, 8, 6, 6), w, b), ValueError, "x"),
+        ("2-D x", (torch.randn(16, 6), w, b), ValueError, "x"),
+    ]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", _conv_bad(), ids=[c[0] for c in _conv_bad()])
+def test_masked_conv2d_errors_on_every_path(case, path):
+    _, (x, w, b), exc, words = case
+    name, sparsity = PATHS[path]
+    with sparseops.backend(name), pytest.raises(exc, match=r"^sparseops\.masked_conv2d: .*" + words):
+        sparseops.masked_conv2d(x, w, random_mask(w.shape, sparsity), b, padding=1)
+
+
+@pytest.mark.parametrize("op", ["soft_masked_linear", "soft_masked_conv2d"])
+def test_soft_masked_errors_on_every_path(op):
+    conv = op.endswith("conv2d")
+    x = torch.randn(2, 16, 6, 6) if conv else torch.randn(3, 16)
+    w = torch.randn(4, 16, 3, 3) if conv else torch.randn(4, 16)
+    fn = getattr(sparseops, op)
+    for name in ("auto", "reference"):
+        with sparseops.backend(name):
+            with pytest.raises(ValueError, match=rf"^sparseops\.{op}: .*bias"):
+                fn(x, w, torch.randn_like(w), 1.0, 1.0, torch.randn(1))
+            with pytest.raises(TypeError, match=rf"^sparseops\.{op}: .*s"):
+                fn(x, w, torch.randn_like(w).double(), 1.0, 1.0)
+            with pytest.raises(TypeError, match=rf"^sparseops\.{op}: .*float32"):
+                fn(x.long(), w.long(), torch.randn_like(w).long(), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["auto", "reference", "cpu"])
+def test_masked_conv2d_with_no_output_channels(name):
+    """torch's conv2d refuses C_out = 0; sparseops says so on every path (it raised IndexError)."""
+    x, w = torch.randn(2, 16, 6, 6), torch.randn(0, 16, 3, 3)
+    with sparseops.backend(name), pytest.raises(ValueError, match=r"^sparseops\.masked_conv2d: w has 0 output"):
+        sparseops.masked_conv2d(x, w, torch.zeros(w.shape, dtype=torch.bool), torch.randn(0), padding=1)
+
+
+def test_bad_max_density_variable_is_named(monkeypatch):
+    from sparseops import backend
+    monkeypatch.setenv("SPARSEOPS_MAX_DENSITY", "abc")
+    with pytest.raises(ValueError, match="SPARSEOPS_MAX_DENSITY.*'abc'"):
+        backend._env_max_density()

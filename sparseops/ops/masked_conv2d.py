@@ -3,6 +3,8 @@ W viewed as [C_out, C_in*kh*kw] (C++, CUDA C++ and Triton kernels) or a tap-majo
 (Triton's tile kernels)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,25 +64,24 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     """
     op = "masked_conv2d"
     checks.tensors(op, bias=bias, x=x, w=w)
-    if w.dim() != 4:
-        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    checks.conv(op, x, w, bias, groups)  # one set of checks for every path (see masked_linear)
     if isinstance(layout, torch.Tensor) and tuple(layout.shape) != tuple(w.shape):
         raise ValueError(f"sparseops.{op}: the mask has shape {tuple(layout.shape)} but w has {tuple(w.shape)}")
     info = as_layout(op, layout)
-    if info.shape != (w.shape[0], w[0].numel()):
+    reduction = math.prod(w.shape[1:])  # C_in/groups * kh * kw (w[0] would fail for C_out = 0)
+    if info.shape != (w.shape[0], reduction):
         raise ValueError(f"sparseops.{op}: the layout has shape {info.shape} but w flattens to "
-                         f"{(w.shape[0], w[0].numel())}")
+                         f"{(w.shape[0], reduction)}")
     checks.same_device(op, x=x, w=w, mask=info.mask, bias=bias)
     x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
+    checks.like(op, "w", w, x=x, bias=bias)
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")
     block = isinstance(info, BlockLayout)
     geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
     impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=info.nnz == info.mask.numel(),
-                          supported=supported, unit_stride=stride_ == (1, 1), reduction=w[0].numel(),
+                          supported=supported, unit_stride=stride_ == (1, 1), reduction=reduction,
                           plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
                           tile_density=info.tile_density if block else 1.0, problem=problem, dtype=w.dtype,
                           trial=trial(_run, x, w, info, bias, geometry))

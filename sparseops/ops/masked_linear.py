@@ -63,7 +63,10 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     Triton on GPUs). `x` may have any leading dimensions. Gradients: dx through the transposed
     layout, dw at kept entries only (zero elsewhere), dbias as usual.
     """
+    # One set of checks for every path (the dense ones would broadcast a [1] bias, take int64, or
+    # raise torch's own errors): shapes here, dtypes once autocast has had its say.
     checks.tensors("masked_linear", bias=bias, x=x, w=w)
+    checks.linear("masked_linear", x, w, bias)
     if isinstance(layout, torch.Tensor) and layout.dim() != 2:
         raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
                          f"got shape {tuple(layout.shape)}")
@@ -72,6 +75,7 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         raise ValueError(f"sparseops.masked_linear: the mask has shape {info.shape} but w has {tuple(w.shape)}")
     checks.same_device("masked_linear", x=x, w=w, mask=info.mask, bias=bias)
     x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.linear
+    checks.like("masked_linear", "w", w, x=x, bias=bias)
     if isinstance(info, BlockLayout):
         impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density, dtype=w.dtype)
         if impl == "reference":

@@ -53,9 +53,7 @@ def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     masked convolution over the entries whose mask is not exactly 0).
     """
     op = "soft_masked_conv2d"
-    beta, scale = check_soft(op, x, w, s, beta, scale, bias)
-    if w.dim() != 4:
-        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    beta, scale = check_soft(op, x, w, s, beta, scale, bias, groups)
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
     found = []
     impl = backend.choose(op, w.device, supported=supported, dtype=w.dtype,

@@ -38,12 +38,23 @@ define("soft_masked_linear_backward",
        lambda grad, x, w, s, beta, scale, output_mask: grads_fake(x, w, output_mask, extra=(s,)))
 
 
-def check_soft(op: str, x, w, s, beta, scale, bias) -> tuple[float, float]:
-    """The soft-masked ops' arguments: tensors on one device, beta and scale as Python numbers."""
+def check_soft(op: str, x, w, s, beta, scale, bias, groups=1):
+    """The soft-masked ops' arguments, for every path: tensors on one device, of the op's shapes and
+    one floating dtype (once autocast has cast them, while it is on), beta and scale as Python
+    numbers (returned as floats)."""
     beta, scale = checks.number(op, beta, "beta"), checks.number(op, scale, "scale")
     checks.tensors(op, bias=bias, x=x, w=w)
     checks.tensors(op, s=s)
     checks.same_device(op, x=x, w=w, s=s, bias=bias)
+    if op == "soft_masked_conv2d":
+        checks.conv(op, x, w, bias, groups)
+    else:
+        checks.linear(op, x, w, bias)
+    if tuple(s.shape) != tuple(w.shape):
+        raise ValueError(f"sparseops.{op}: s must have the shape of w {tuple(w.shape)}, got {tuple(s.shape)}")
+    # dtypes as F.linear / F.conv2d would see them (under autocast, a bfloat16 x meets float32 w)
+    cx, cw, cs, cb = autocast_args(w.device, x, w, s, bias)
+    checks.like(op, "w", cw, x=cx, s=cs, bias=cb)
     return beta, scale
 
 
@@ -75,8 +86,8 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     if impl == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
     if impl == "triton":  # (the other paths end in F.linear or masked_linear, which follow autocast)
-        return lib.triton_soft_masked_linear(*autocast_args(w.device, x, w, s), beta, scale,
-                                             *autocast_args(w.device, bias))
+        x, w, s, bias = autocast_args(w.device, x, w, s, bias)
+        return lib.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     masked = soft_mask(w, s, beta, scale)
     if impl == "skip_zeros":
         return masked_linear(x, masked, found[-1].source, bias)
