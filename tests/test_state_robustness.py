@@ -1,0 +1,68 @@
+"""Robustness of state (issue 14): masks and tickets applied all-or-nothing, checkpoints that refuse
+corrupt masks and keep a soft model's state, soft masks at extreme beta."""
+import pytest
+import torch
+from torch import nn
+
+import sparseops
+from sparseops import tickets
+from sparseops.tickets import Ticket
+
+from conftest import random_mask
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+# ---- item 13: set_masks / Ticket.apply validate everything before changing anything -------------
+
+
+def _bad_masks(model):
+    good = {"0": random_mask((16, 8), 0.5), "2": random_mask((16, 16), 0.5)}
+    return [
+        ("shape", {**good, "4": torch.ones(3, 3, dtype=torch.bool)}, ValueError),
+        ("unknown", {**good, "9": torch.ones(4, 16, dtype=torch.bool)}, ValueError),
+    ]
+
+
+@pytest.mark.parametrize("via", ["set_masks", "Ticket.apply"])
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "plain"])
+@pytest.mark.parametrize("case", range(2))
+def test_bad_mask_changes_nothing(via, patched, case):
+    model = _model()
+    if patched:
+        sparseops.patch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model]
+    _, masks, exc = _bad_masks(model)[case]
+    with pytest.raises(exc):
+        if via == "set_masks":
+            tickets.set_masks(model, masks, strict=False)
+        else:
+            Ticket(masks).apply(model, strict=False)
+    assert [type(m) for m in model] == types, "layers were patched before the error"
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed before the error"
+
+
+def test_soft_layer_among_masks_changes_nothing():
+    model = _model()
+    sparseops.patch(model)
+    model[4] = sparseops.nn.SoftMaskedLinear(16, 4)
+    before = model[0].weight_mask.clone()
+    masks = {"0": torch.zeros(16, 8, dtype=torch.bool), "4": torch.ones(4, 16, dtype=torch.bool)}
+    with pytest.raises(TypeError, match="soft"):
+        tickets.set_masks(model, masks, strict=False)
+    assert torch.equal(model[0].weight_mask, before)
+
+
+def test_good_masks_still_apply():
+    model = _model()
+    masks = {"0": random_mask((16, 8), 0.5), "2": random_mask((16, 16), 0.5), "4": random_mask((4, 16), 0.5)}
+    tickets.set_masks(model, masks)
+    for k, m in masks.items():
+        assert torch.equal(model.get_submodule(k).weight_mask, m)
