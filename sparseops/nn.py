@@ -66,7 +66,17 @@ class _MaskedMixin:
         orig = prefix + "weight_orig"
         if orig in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(orig)
-        state_dict.setdefault(prefix + "weight_mask", self.weight_mask)
+        key = prefix + "weight_mask"
+        state_dict.setdefault(key, self.weight_mask)
+        mask = state_dict[key]
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+            # A copy into the bool buffer would make any non-zero value (2, NaN) True: refuse what
+            # is not a mask, keep the current one, and let load_state_dict report it by key.
+            try:
+                state_dict[key] = as_bool_mask(mask, name=key)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{exc}")
+                state_dict[key] = self.weight_mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

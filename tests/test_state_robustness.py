@@ -66,3 +66,28 @@ def test_good_masks_still_apply():
     tickets.set_masks(model, masks)
     for k, m in masks.items():
         assert torch.equal(model.get_submodule(k).weight_mask, m)
+
+
+# ---- item 12: load_state_dict refuses masks that are not 0/1 --------------------------------------
+
+
+@pytest.mark.parametrize("bad", [2.0, float("nan"), -1.0, 0.5])
+def test_load_state_dict_refuses_non_binary_masks(bad):
+    model = sparseops.patch(_model())
+    state = model.state_dict()
+    mask = state["2.weight_mask"].float()
+    mask[0, 0] = bad
+    state["2.weight_mask"] = mask
+    before = model[2].weight_mask.clone()
+    with pytest.raises(RuntimeError, match=r"2\.weight_mask.*0 and 1"):
+        model.load_state_dict(state)
+    assert torch.equal(model[2].weight_mask, before)
+
+
+def test_load_state_dict_takes_numeric_binary_masks():
+    model = sparseops.patch(_model())
+    state = model.state_dict()
+    m = random_mask((16, 16), 0.5)
+    state["2.weight_mask"] = m.float()
+    model.load_state_dict(state)
+    assert torch.equal(model[2].weight_mask, m) and model[2].weight_mask.dtype == torch.bool
