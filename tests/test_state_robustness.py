@@ -91,3 +91,44 @@ def test_load_state_dict_takes_numeric_binary_masks():
     state["2.weight_mask"] = m.float()
     model.load_state_dict(state)
     assert torch.equal(model[2].weight_mask, m) and model[2].weight_mask.dtype == torch.bool
+
+
+# ---- item 10: a soft model's state dict keeps beta, ticket mode and s0 -----------------------------
+
+
+def _soft(s0=0.0):
+    return sparseops.patch(_model(), mode="soft", s0=s0)
+
+
+@pytest.mark.parametrize("ticket", [False, True])
+def test_soft_state_dict_round_trip(tmp_path, ticket):
+    model = _soft(s0=-0.3)
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "weight_score"):
+                m.weight_score.normal_()
+                m.beta = 50.0
+                m.set_ticket(ticket)
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    fresh = _soft()
+    fresh.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True))
+    x = torch.randn(5, 8)
+    for a, b in zip(model, fresh):
+        if hasattr(a, "weight_score"):
+            assert (b.beta, b.ticket, b.s0) == (50.0, ticket, -0.3)
+            if ticket:
+                assert torch.equal(b._hard_mask, a._hard_mask)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_soft_checkpoint_without_saved_state_still_loads():
+    model = _soft()
+    model[0].beta = 7.0
+    old = {k: v for k, v in _soft().state_dict().items()}  # a plain dict: no metadata, as old checkpoints
+    model.load_state_dict(old)
+    assert model[0].beta == 7.0
+
+
+def test_soft_state_dict_keys_are_the_parameters():
+    assert set(_soft().state_dict()) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("weight", "bias", "weight_score")}
+
