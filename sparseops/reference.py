@@ -5,18 +5,37 @@ A pruned weight contributes exactly nothing, as in a sparse product: the masked 
 `where(mask, w, 0)`, not `w * mask` (an inf or NaN weight at a pruned entry would make NaN), and
 its gradient is exactly 0 at pruned entries whatever x and grad hold. Every implementation keeps
 this (tests/test_robustness.py)."""
+import math
+
 import torch
 import torch.nn.functional as F
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
+def _scaled(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
+    """beta * s. Where beta (or beta * scale) is past float32's range, as a product of k equal
+    factors of at most 1e30: the same values, but autograd's ds is 0 * factor * ... = 0 where the
+    mask is flat, not 0 * inf = NaN (what every kernel gives, too)."""
+    if s.dtype == torch.float64 or abs(beta) * max(abs(scale), 1.0) < _F32_MAX:
+        return beta * s
+    k = math.ceil(math.log10(abs(beta)) / 30)
+    root = abs(beta) ** (1.0 / k)
+    z = s * math.copysign(root, beta)
+    for _ in range(k - 1):
+        z = z * root
+    return z
+
+
 def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
     """Continuous Sparsification's soft mask: w * scale * sigmoid(beta * s)."""
-    return w * scale * torch.sigmoid(beta * s)
+    return w * scale * torch.sigmoid(_scaled(s, beta, scale))
 
 
 def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
     """CS's L0 surrogate penalty: scale * sum(sigmoid(beta * s))."""
-    return scale * torch.sigmoid(beta * s).sum()
+    return scale * torch.sigmoid(_scaled(s, beta, scale)).sum()
 
 
 def masked_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

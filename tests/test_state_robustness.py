@@ -132,3 +132,34 @@ def test_soft_checkpoint_without_saved_state_still_loads():
 def test_soft_state_dict_keys_are_the_parameters():
     assert set(_soft().state_dict()) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("weight", "bias", "weight_score")}
 
+
+# ---- item 6: beta beyond the float32 range ---------------------------------------------------------
+
+
+def _soft_backends():
+    out = ["cpu", "reference"]
+    try:
+        import sparseops.triton  # noqa: F401
+        if sparseops.backend.triton_unavailable(torch.device("cpu")) is None:
+            out.append("triton")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("name", _soft_backends())
+@pytest.mark.parametrize("beta,scale", [(1e39, 1.0), (3e38, 2.0), (1e300, 1.5)])
+def test_soft_mask_gradients_past_float32_range(name, beta, scale):
+    """float32 scores with beta (or beta*scale) past float32's range: the mask is exactly 0 or 1
+    and its derivative exactly 0, so ds is 0 (it was NaN: inf * 0); float64 math agrees."""
+    torch.manual_seed(0)
+    w = torch.randn(64).requires_grad_()
+    s = (torch.rand(64) + 0.01).mul(torch.randn(64).sign()).requires_grad_()  # no exact 0
+    with sparseops.backend(name):
+        y = sparseops.soft_mask(w, s, beta, scale)
+        dw, ds = torch.autograd.grad(y.sum(), (w, s))
+        (ds_l1,) = torch.autograd.grad(sparseops.soft_mask_l1(s, beta, scale), (s,))
+    assert torch.equal(ds, torch.zeros_like(ds)) and torch.equal(ds_l1, torch.zeros_like(ds_l1))
+    torch.testing.assert_close(y, w.detach() * scale * (s.detach() > 0))
+    torch.testing.assert_close(dw, scale * (s.detach() > 0).float())

@@ -125,7 +125,7 @@ def _dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, part_ptr, M, N, K, m_per_sp
     if SPLIT == 1:
         w = tl.load(w_ptr + out, mask=inside, other=0).to(ACC)
         tl.store(dw_ptr + out, (acc * m).to(dw_ptr.dtype.element_ty), mask=inside)
-        tl.store(ds_ptr + out, (acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
+        tl.store(ds_ptr + out, tl.where(dm == 0, 0.0, acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
     else:
         tl.store(part_ptr + split * N * K + out, acc, mask=inside)
 
