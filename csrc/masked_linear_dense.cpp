@@ -27,7 +27,23 @@ at::Tensor masked_linear_dense(const at::Tensor& x, const at::Tensor& w, const a
   if (bias.has_value() && bias->defined()) check_same_dtype(op, w, "w", *bias, "bias");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.size(1), "sparseops.", op, ": x has shape ", x.sizes(),
                     " but w expects ", w.size(1), " input features");
-  return at::linear(x, w * mask, bias);
+  // Into a fresh output of x's leading shape (at::linear returns a view of its 2-D result for
+  // batched x, and an op must not return a view).
+  const int64_t N = w.size(0), K = w.size(1), M = leading_rows(x);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  auto out = at::empty(out_shape, x.options());
+  auto y = out.view({M, N});
+  // A pruned weight contributes exactly nothing (sparseops/reference.py): where(mask, w, 0), not
+  // w * mask, which would turn an inf or NaN weight at a pruned entry into NaN.
+  auto wt = at::where(mask, w, at::zeros({}, w.options())).t();
+  auto x2 = x.reshape({M, K});
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y, *bias, x2, wt);
+  } else {
+    at::mm_out(y, x2, wt);
+  }
+  return out;
 }
 
 }  // namespace

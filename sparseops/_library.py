@@ -3,7 +3,8 @@ but the compiled extensions), so every other module can use it without an import
 
 - Loading `sparseops._C` registers every schema (csrc/ops.cpp) and the CPU kernels; `sparseops._cuda`
   the CUDA kernels, where it was built and can be loaded.
-- `lib` is `torch.ops.sparseops`; `has_kernel(op, device_type)` says which compiled kernels exist.
+- `lib` is `torch.ops.sparseops`; `has_kernel(op, device_type)` says which compiled kernels exist,
+  `kernel_dtypes(op, impl, device)` which dtypes a kernel takes.
 - `define(op, fake, grads=...)` gives an op its fake (meta) implementation and, with `grads`, its
   autograd formula, built generically from the schema; `define_variant(op, name)` gives another
   op with the same schema (a Triton implementation, `triton_<op>`) the same fake and formula, whose
@@ -46,6 +47,22 @@ def cpu_isa() -> str:
     if not torch.compiler.is_compiling() or _ISA[0] is None:
         _ISA[0] = lib._cpu_isa()
     return _ISA[0]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+# The tl.dot kernels: float64 compiles only under the interpreter (CPU tensors).
+_DOT_OPS = ("masked_linear_block", "masked_conv2d_block", "soft_masked_linear", "soft_masked_conv2d")
+
+
+def kernel_dtypes(op: str, impl: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes the `impl` kernel (cpu, cuda or triton) of `op` takes on `device`: the C++ CPU
+    kernels float32/float64, the CUDA C++ ones also float16/bfloat16, Triton all four (float64
+    not in its tensor-core kernels on GPUs). Other dtypes run the dense path in `auto`."""
+    if impl == "cpu":
+        return (torch.float32, torch.float64)
+    if impl == "triton" and device.type == "cuda" and op in _DOT_OPS:
+        return (torch.float32, *_HALF)
+    return (torch.float32, torch.float64, *_HALF)
 
 
 def schema(op: str) -> torch.FunctionSchema:

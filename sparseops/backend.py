@@ -8,7 +8,7 @@ module's public functions. Implementations, by name:
   triton           the Triton kernels (sparseops/triton), CSR, block or fused soft-mask
   element          a block layout run on the element (CSR) path instead of its tiles
   dense            the same math through dense GEMMs in one op (masked_linear_dense)
-  mask_multiply    plain autograd over `w * mask` (what torch.nn.utils.prune does)
+  mask_multiply    plain autograd over `where(mask, w, 0)` (torch.nn.utils.prune's `w * mask`, exact)
   unmasked         nothing is pruned: exactly the dense layer (F.linear, F.conv2d)
   unfused          soft-masked ops: sparseops.soft_mask, then the dense op
   skip_zeros       soft-masked ops late in CS: the masked op over the entries whose mask is not 0
@@ -33,7 +33,7 @@ from importlib import resources
 import torch
 
 from . import checks, tuning
-from ._library import CUDA_EXTENSION_ERROR, cpu_isa, has_kernel
+from ._library import CUDA_EXTENSION_ERROR, cpu_isa, has_kernel, kernel_dtypes
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
 SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply
@@ -64,7 +64,13 @@ def _env_backend() -> str:
 
 def _env_max_density() -> float | None:
     v = os.environ.get("SPARSEOPS_MAX_DENSITY")
-    return None if v in (None, "") else checks.density(float(v), "SPARSEOPS_MAX_DENSITY")
+    if v is None or not v.strip():
+        return None
+    try:
+        number = float(v)
+    except ValueError:
+        raise ValueError(f"sparseops: SPARSEOPS_MAX_DENSITY must be a number in [0, 1], got {v!r}") from None
+    return checks.density(number, "SPARSEOPS_MAX_DENSITY")
 
 
 class _State(threading.local):
@@ -128,8 +134,19 @@ def triton_unavailable(device: torch.device) -> str | None:
     return _TRITON["module"].usable_on(device)
 
 
-def require(op: str, impl: str, device: torch.device) -> str:
-    """`impl` (cpu, cuda or triton) if it can run `op` on `device`, else raises with the reason."""
+def _takes(op: str, impl: str | None, device: torch.device, dtype: torch.dtype | None) -> bool:
+    return impl is None or dtype is None or impl not in ("cpu", "cuda", "triton") or \
+        dtype in kernel_dtypes(op, impl, device)
+
+
+def require(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """`impl` (cpu, cuda or triton) if it can run `op` on `device` (for tensors of `dtype`, when
+    given), else raises with the reason."""
+    if dtype is not None and not _takes(op, impl, device, dtype):
+        names = ", ".join(str(d).removeprefix("torch.") for d in kernel_dtypes(op, impl, device))
+        raise TypeError(f"sparseops.{op}: the {impl} backend's kernel takes {names} tensors, got "
+                        f"{str(dtype).removeprefix('torch.')}; use backend 'auto' (which runs the dense path for "
+                        "this dtype), 'dense' or 'reference'")
     if impl == "triton":
         why = triton_unavailable(device)
         if why is not None:
@@ -143,11 +160,12 @@ def require(op: str, impl: str, device: torch.device) -> str:
     return impl
 
 
-def _kernel_here(op: str, device: torch.device) -> str | None:
-    """The sparse kernel `auto` may use on `device`: the compiled one, else Triton on a GPU."""
-    if device.type in ("cpu", "cuda") and has_kernel(op, device.type):
+def _kernel_here(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """The sparse kernel `auto` may use on `device` (for `dtype`): the compiled one, else Triton on
+    a GPU; None where none takes the call (the dense path then runs)."""
+    if device.type in ("cpu", "cuda") and has_kernel(op, device.type) and _takes(op, device.type, device, dtype):
         return device.type
-    if device.type == "cuda" and triton_unavailable(device) is None:
+    if device.type == "cuda" and _takes(op, "triton", device, dtype) and triton_unavailable(device) is None:
         return "triton"
     return None
 
@@ -234,8 +252,11 @@ def choose(op: str, device: torch.device, **facts) -> str:
                                  cover), unit_stride, reduction (C_in*kh*kw), plane, problem (the
                                  call's sizes); block and tile_density for a BlockLayout
 
-    and, for `auto`'s measured choice (sparseops.tuning), `dtype` and `trial` (ops/_common.trial):
-    where more than one implementation could win, the first call for a key times them.
+    and `dtype` (of w; every op): in `auto` a kernel that lacks it (kernel_dtypes: the C++ CPU
+    kernels take float32/float64) is never chosen, the dense path runs; a forced backend whose
+    kernel lacks it raises TypeError naming it. For `auto`'s measured choice (sparseops.tuning),
+    `trial` (ops/_common.trial): where more than one implementation could win, the first call for
+    a key times them.
       soft_masked_linear/conv2d  supported (conv), nonzero: a function giving the MaskStats of
                                  `sigmoid(beta*s) != 0` when it is worth a look, else None
     """
@@ -246,8 +267,8 @@ def _soft_mask(op, name, device, *, numel=0, dtype=None, trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
-        return require(op, name, device)
-    prior = _kernel_here(op, device) or "reference"
+        return require(op, name, device, dtype)
+    prior = _kernel_here(op, device, dtype) or "reference"
     if name != "auto":
         return prior
     # Eager torch (the reference) is the dense candidate: the fused kernel runs only where it wins.
@@ -290,9 +311,9 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
-        return require(op, name, device)
+        return require(op, name, device, dtype)
     dense = _dense_fallback(name, full, numel)
-    kernel = _kernel_here(op, device) if name == "auto" else None
+    kernel = _kernel_here(op, device, dtype) if name == "auto" else None
     if kernel is not None and kernel != "cpu":
         kernel = gpu_kernel(op, device, shape, density)
     prior = dense if kernel is None or density > max_density(op, device.type, shape) else kernel
@@ -307,21 +328,22 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
                      prior, dense, trial)
 
 
-def _block(op, name, device, *, tile_density):
+def _block(op, name, device, *, tile_density, dtype=None):
     if name == "reference":
         return "reference"
-    if name == "triton" or (name == "auto" and device.type == "cuda" and triton_unavailable(device) is None
-                            and tile_density <= max_density(op, "cuda")):
-        return require(op, "triton", device)
+    if name == "triton" or (name == "auto" and device.type == "cuda" and _takes(op, "triton", device, dtype)
+                            and triton_unavailable(device) is None and tile_density <= max_density(op, "cuda")):
+        return require(op, "triton", device, dtype)
     return "element"
 
 
 def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_stride, reduction, plane,
                    block=False, tile_density=1.0, problem=None, dtype=None, trial=None):
-    if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density) == "triton":
+    if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density,
+                                      dtype=dtype) == "triton":
         return "triton_block"
     if name in ("cpu", "cuda", "triton"):
-        require(op, name, device)
+        require(op, name, device, dtype)
         if not supported:
             raise NotImplementedError(f"sparseops.{op}: the {name} kernel covers groups=1 and symmetric "
                                       "padding; use the auto or reference backend for this convolution")
@@ -333,7 +355,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         return dense
     kernel = None
     if device.type == "cpu" and has_kernel(op, "cpu"):
-        kernel = "cpu"
+        kernel = "cpu" if _takes(op, "cpu", device, dtype) else None
     elif device.type == "cuda":
         kernel = gpu_kernel(op, device, shape, density)
     prior = dense
@@ -347,23 +369,23 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
     return _measured(op, device, dtype, problem or (), density, [dense, kernel], prior, dense, trial)
 
 
-def _fused(op, name, device, supported):
+def _fused(op, name, device, supported, dtype=None):
     """Whether the soft mask runs fused into the GEMM (Triton): forced, or in `auto` on a GPU where
     it was measured faster than soft_mask + the dense op."""
     if name == "triton":
-        require(op, "triton", device)
+        require(op, "triton", device, dtype)
         if not supported:
             raise NotImplementedError(f"sparseops.{op}: the triton kernel covers groups=1 and "
                                       "symmetric padding; use the auto or reference backend for this convolution")
         return True
     return (supported and name == "auto" and device.type == "cuda" and measured_faster(op, "cuda")
-            and triton_unavailable(device) is None)
+            and _takes(op, "triton", device, dtype) and triton_unavailable(device) is None)
 
 
-def _soft_masked(op, name, device, *, nonzero, supported=True):
+def _soft_masked(op, name, device, *, nonzero, supported=True, dtype=None):
     if name == "reference":
         return "reference"
-    if _fused(op, name, device, supported):
+    if _fused(op, name, device, supported, dtype):
         return "triton"
     if name in ("auto", "cpu") and device.type == "cpu":
         # Late in CS most of the mask underflows to exactly 0: those entries contribute 0 and get

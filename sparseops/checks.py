@@ -45,6 +45,21 @@ def linear(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
         raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
 
 
+def conv(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, groups) -> None:
+    """w [C_out, C_in/groups, kh, kw], x [N, C_in, H, W] or unbatched [C_in, H, W], bias [C_out]."""
+    if w.dim() != 4:
+        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got shape {tuple(w.shape)}")
+    if w.shape[0] == 0:  # torch's conv2d refuses it too; say so on every path
+        raise ValueError(f"sparseops.{op}: w has 0 output channels (shape {tuple(w.shape)}); conv2d needs at least 1")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")
+    if x.dim() not in (3, 4) or x.shape[-3] != w.shape[1] * groups:
+        raise ValueError(f"sparseops.{op}: x must be [N, C_in, H, W] with C_in={w.shape[1] * groups} "
+                         f"(w's {w.shape[1]} times groups={groups}), got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"sparseops.{op}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+
+
 def grad_shape(op: str, grad: torch.Tensor, shape) -> None:
     if tuple(grad.shape) != tuple(shape):
         raise ValueError(f"sparseops.{op}: grad must have shape {tuple(shape)}, got {tuple(grad.shape)}")

@@ -66,7 +66,17 @@ class _MaskedMixin:
         orig = prefix + "weight_orig"
         if orig in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(orig)
-        state_dict.setdefault(prefix + "weight_mask", self.weight_mask)
+        key = prefix + "weight_mask"
+        state_dict.setdefault(key, self.weight_mask)
+        mask = state_dict[key]
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+            # A copy into the bool buffer would make any non-zero value (2, NaN) True: refuse what
+            # is not a mask, keep the current one, and let load_state_dict report it by key.
+            try:
+                state_dict[key] = as_bool_mask(mask, name=key)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{exc}")
+                state_dict[key] = self.weight_mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -161,6 +171,37 @@ class _SoftMaskedMixin:
         """Hard mask `s > 0` (on the sparse kernels) or back to the soft mask."""
         self.ticket = bool(ticket)
         self._hard_mask = self.ticket_mask() if self.ticket else None
+
+    # beta, ticket mode and s0 travel in the state dict's per-module metadata (state_dict._metadata,
+    # beside torch's "version"), not as a key: the keys stay those of the layer's parameters. torch.save
+    # (weights_only loading included) keeps it; formats that store only tensors (safetensors) do not,
+    # and checkpoints without it load and keep the current values.
+    _META = "sparseops_soft"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None:
+            meta.setdefault(prefix[:-1], {})[self._META] = {"beta": float(self.beta), "ticket": bool(self.ticket),
+                                                            "s0": float(self.s0)}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        saved = (local_metadata or {}).get(self._META)
+        if saved is None:
+            return
+        try:
+            beta, ticket, s0 = float(saved["beta"]), bool(saved["ticket"]), float(saved["s0"])
+        except (TypeError, KeyError, ValueError):
+            error_msgs.append(f"{type(self).__name__} {prefix[:-1]}: bad saved soft-mask state {saved!r}")
+            return
+        if not (math.isfinite(beta) and math.isfinite(s0)):
+            error_msgs.append(f"{type(self).__name__} {prefix[:-1]}: saved beta and s0 must be finite, got {saved!r}")
+            return
+        self.s0, self.beta = s0, beta
+        self.set_ticket(ticket)  # the hard mask from the loaded scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ticket:

@@ -1,22 +1,52 @@
 """Plain-torch implementations of every sparseops op: the ground truth the kernels are tested
-against (in float64 on the CPU), and the path for devices without a compiled kernel."""
+against (in float64 on the CPU), and the path for devices without a compiled kernel.
+
+A pruned weight contributes exactly nothing, as in a sparse product: the masked weight is
+`where(mask, w, 0)`, not `w * mask` (an inf or NaN weight at a pruned entry would make NaN), and
+its gradient is exactly 0 at pruned entries whatever x and grad hold. Every implementation keeps
+this (tests/test_robustness.py)."""
+import math
+
 import torch
 import torch.nn.functional as F
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
+def _scaled(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
+    """beta * s. Where beta (or beta * scale) is past float32's range, as a product of k equal
+    factors of at most 1e30: the same values, but autograd's ds is 0 * factor * ... = 0 where the
+    mask is flat, not 0 * inf = NaN (what every kernel gives, too)."""
+    if s.dtype == torch.float64 or abs(beta) * max(abs(scale), 1.0) < _F32_MAX:
+        return beta * s
+    k = math.ceil(math.log10(abs(beta)) / 30)
+    root = abs(beta) ** (1.0 / k)
+    z = s * math.copysign(root, beta)
+    for _ in range(k - 1):
+        z = z * root
+    return z
+
+
 def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
     """Continuous Sparsification's soft mask: w * scale * sigmoid(beta * s)."""
-    return w * scale * torch.sigmoid(beta * s)
+    return w * scale * torch.sigmoid(_scaled(s, beta, scale))
 
 
 def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
     """CS's L0 surrogate penalty: scale * sum(sigmoid(beta * s))."""
-    return scale * torch.sigmoid(beta * s).sum()
+    return scale * torch.sigmoid(_scaled(s, beta, scale)).sum()
+
+
+def masked_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w at kept entries, exactly 0 at pruned ones (whatever w holds there); its gradient is the
+    incoming one at kept entries and exactly 0 at pruned ones."""
+    return torch.where(mask if mask.dtype == torch.bool else mask != 0, w, 0)
 
 
 def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
-    """x @ (w * mask)^T + bias."""
-    return F.linear(x, w * mask, bias)
+    """x @ (w * mask)^T + bias, a pruned weight contributing exactly nothing (masked_weight)."""
+    return F.linear(x, masked_weight(w, mask), bias)
 
 
 def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,
@@ -27,8 +57,8 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
 
 def masked_conv2d(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, groups: int = 1):
-    """conv2d(x, w * mask) + bias."""
-    return F.conv2d(x, w * mask, bias, stride, padding, dilation, groups)
+    """conv2d(x, w * mask) + bias, a pruned weight contributing exactly nothing (masked_weight)."""
+    return F.conv2d(x, masked_weight(w, mask), bias, stride, padding, dilation, groups)
 
 
 def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0,

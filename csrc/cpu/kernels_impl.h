@@ -450,6 +450,10 @@ static inline void ssigmoid(double z, double& m, double& dm) {
   dm = std::isinf(e) ? 0.0 : m * (e * m);
 }
 
+// ds = (...) * beta * dm is exactly 0 where dm is, also when beta (or scale * beta) overflows the
+// float range to inf (inf * 0 would be NaN): the mask is flat there, whatever beta is.
+static inline VF nz(VF dm, VF v) { return dm != 0 ? v : VF{}; }
+
 // Loads n < W floats into a zero-padded vector (the tail of an elementwise loop).
 static inline VF load_tail(const float* p, int64_t n) {
   VF v = {};
@@ -505,7 +509,7 @@ void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
       vsigmoid(loadu<VF>(a.s + i) * a.beta, m, dm);
       const VF g = loadu<VF>(a.g + i);
       storeu(a.out + i, g * a.scale * m);
-      storeu(a.ds + i, g * loadu<VF>(a.w + i) * sb * dm);
+      storeu(a.ds + i, nz(dm, g * loadu<VF>(a.w + i) * sb * dm));
     }
     if (i < i1) {
       const int64_t n = i1 - i;
@@ -513,14 +517,14 @@ void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
       vsigmoid(load_tail(a.s + i, n) * a.beta, m, dm);
       const VF g = load_tail(a.g + i, n);
       store_tail(a.out + i, g * a.scale * m, n);
-      store_tail(a.ds + i, g * load_tail(a.w + i, n) * sb * dm, n);
+      store_tail(a.ds + i, nz(dm, g * load_tail(a.w + i, n) * sb * dm), n);
     }
   } else {
     for (int64_t i = i0; i < i1; ++i) {
       double m, dm;
       ssigmoid(a.beta * a.s[i], m, dm);
       a.out[i] = a.g[i] * a.scale * m;
-      a.ds[i] = a.g[i] * a.w[i] * sb * dm;
+      a.ds[i] = dm == 0 ? 0.0 : a.g[i] * a.w[i] * sb * dm;
     }
   }
 }
@@ -575,18 +579,18 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t i0, int64_t i1)
     for (; i + W <= i1; i += W) {
       VF m, dm;
       vsigmoid(loadu<VF>(s + i) * beta, m, dm);
-      storeu(ds + i, dm * coef);
+      storeu(ds + i, nz(dm, dm * coef));
     }
     if (i < i1) {
       VF m, dm;
       vsigmoid(load_tail(s + i, i1 - i) * beta, m, dm);
-      store_tail(ds + i, dm * coef, i1 - i);
+      store_tail(ds + i, nz(dm, dm * coef), i1 - i);
     }
   } else {
     for (int64_t i = i0; i < i1; ++i) {
       double m, dm;
       ssigmoid(beta * s[i], m, dm);
-      ds[i] = coef * dm;
+      ds[i] = dm == 0 ? 0.0 : coef * dm;
     }
   }
 }

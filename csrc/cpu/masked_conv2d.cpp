@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   }
   if (need_dw) {
     check_csr(op, row_ptr, col_idx, g.Cout, g.K, "row");
-    dw = at::zeros({g.Cout, g.K}, w.options());
+    dw = at::zeros(w.sizes(), w.options());  // fresh, in w's shape (an op returns no views)
     if (work) {
       auto xt = nhwc_transpose(x, g.ph, g.pw, ld, kInput);
       auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
@@ -205,9 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       });
       auto rows = at::repeat_interleave(at::arange(g.Cout, rp.options().dtype(at::kLong)), rp.diff().to(at::kLong),
                                         0, nnz);
-      dw.index_put_({rows, ci.to(at::kLong)}, vals);
+      dw.view({g.Cout, g.K}).index_put_({rows, ci.to(at::kLong)}, vals);
     }
-    dw = dw.view(w.sizes());
   }
   if (need_db) db = grad.sum({0, 2, 3});
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };

@@ -27,8 +27,12 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at:
   out_shape.back() = d.N;
   const int64_t M = leading_rows(x);
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  auto y = at::empty({M, d.N}, x.options());
-  if (M == 0 || d.N == 0) return y.view(out_shape);
+  // The output is allocated in its final shape and written through a 2-D view: an op must return
+  // a fresh tensor, not a view of a buffer (autograd refuses in-place edits of such views, e.g.
+  // a following ReLU(inplace=True)).
+  auto out = at::empty(out_shape, x.options());
+  if (M == 0 || d.N == 0) return out;
+  auto y = out.view({M, d.N});
   auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   auto x2 = x.reshape({M, d.K}).contiguous();
   const int64_t S = slab_rows(M, x.scalar_type());
@@ -40,7 +44,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto y_rows = y.narrow(0, m0, rows);
     spmm_into(y_rows, rp, ci, vals, xt, rows, b);
   }
-  return y.view(out_shape);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
@@ -58,10 +62,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   const auto [need_dx, need_dw, need_db] = output_mask;
   const int64_t M = leading_rows(x);
   auto g2 = grad.reshape({M, d.N}).contiguous();
-  at::Tensor dx, dw, db, t_rp, t_ci, t_vals, rp, ci, x2, gt, xt;
+  at::Tensor dx, dx2, dw, db, t_rp, t_ci, t_vals, rp, ci, x2, gt, xt;
   if (need_dx) {
     check_csr(op, t_row_ptr, t_col_idx, d.K, d.N, "transposed");
-    dx = at::empty({M, d.K}, x.options());
+    dx = at::empty(x.sizes(), x.options());  // fresh, in x's shape; written through dx2 [M, K]
+    dx2 = dx.view({M, d.K});
     t_rp = t_row_ptr.contiguous();
     t_ci = t_col_idx.contiguous();
     if (M > 0) t_vals = gather_values(w.contiguous(), t_rp, t_ci, 1, d.K);
@@ -80,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     const int64_t rows = std::min(S, M - m0);
     transpose_slab(g2, m0, rows, gt);
     if (need_dx && d.K > 0) {
-      auto dx_rows = dx.narrow(0, m0, rows);
+      auto dx_rows = dx2.narrow(0, m0, rows);
       spmm_into(dx_rows, t_rp, t_ci, t_vals, gt, rows, at::Tensor());
     }
     if (need_dw) {
@@ -101,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
       });
     }
   }
-  if (need_dx) dx = dx.view(x.sizes());
   if (need_db) db = g2.sum(0);
   // Outputs not asked for are distinct empty tensors (outputs of an op must not alias).
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };

@@ -253,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
     }
   }
   if (need_dw) {
-    dw = at::zeros({g.Cout, g.K}, w.options());
+    dw = at::zeros(w.sizes(), w.options());  // fresh, in w's shape (an op returns no views)
+    auto dw2 = dw.view({g.Cout, g.K});
     if (work) {
       xc = x.contiguous();
       auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
@@ -269,11 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
               gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), rp.data_ptr<index_t>(), ci.data_ptr<index_t>(), g,
               nnz, splits, partial.data_ptr<A>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          launch_sddmm_scatter<scalar_t, index_t>(partial, splits, rp, ci, g.Cout, g.K, dw);
+          launch_sddmm_scatter<scalar_t, index_t>(partial, splits, rp, ci, g.Cout, g.K, dw2);
         });
       });
     }
-    dw = dw.view(w.sizes());
   }
   if (need_db) db = grad.sum({0, 2, 3});
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };

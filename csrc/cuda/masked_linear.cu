@@ -181,18 +181,21 @@ at::Tensor masked_linear_cuda(const at::Tensor& x, const at::Tensor& w, const at
   out_shape.back() = d.N;
   const int64_t M = leading_rows(x);
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  auto y = at::empty({M, d.N}, x.options());
-  if (M == 0 || d.N == 0) return y.view(out_shape);
+  // Allocated in its final shape, written through a 2-D view: an op returns fresh tensors, not views
+  // (autograd refuses in-place edits of a custom op's view outputs, e.g. a following ReLU(inplace)).
+  auto out = at::empty(out_shape, x.options());
+  if (M == 0 || d.N == 0) return out;
+  auto y = out.view({M, d.N});
   if (d.nnz == 0) {  // fully pruned (or K == 0): y is the bias
     if (b.defined()) y.copy_(b.expand({M, d.N}));
     else y.zero_();
-    return y.view(out_shape);
+    return out;
   }
   auto xt = transpose_padded(x.reshape({M, d.K}).contiguous(), M, d.K);
   auto yt = at::empty({d.N, xt.size(1)}, x.options());
   spmm(row_ptr.contiguous(), col_idx.contiguous(), w.contiguous(), d.K, 1, xt, b, yt);
   y.copy_(yt.narrow(1, 0, M).t());
-  return y.view(out_shape);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
@@ -219,12 +222,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
     if (work) {
       auto dxt = at::empty({d.K, gt.size(1)}, x.options());
       spmm(t_row_ptr.contiguous(), t_col_idx.contiguous(), wc, 1, d.K, gt, at::Tensor(), dxt);
-      dx = at::empty({M, d.K}, x.options());
-      dx.copy_(dxt.narrow(1, 0, M).t());
+      dx = at::empty(x.sizes(), x.options());  // fresh, in x's shape
+      dx.view({M, d.K}).copy_(dxt.narrow(1, 0, M).t());
     } else {
-      dx = at::zeros({M, d.K}, x.options());
+      dx = at::zeros(x.sizes(), x.options());
     }
-    dx = dx.view(x.sizes());
   }
   if (need_dw) {
     dw = at::zeros({d.N, d.K}, w.options());

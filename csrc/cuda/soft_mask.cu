@@ -54,7 +54,8 @@ __global__ void soft_mask_bwd_kernel(const T* __restrict__ g, const T* __restric
     sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
     const A gi = A(g[i]);
     dw[i] = static_cast<T>(gi * A(scale) * m);
-    ds[i] = static_cast<T>(gi * A(w[i]) * A(scale) * A(beta) * dm);
+    // 0 where the mask is flat, also when scale * beta overflows to inf (inf * 0 would be NaN)
+    ds[i] = static_cast<T>(dm == A(0) ? A(0) : gi * A(w[i]) * A(scale) * A(beta) * dm);
   }
 }
 
@@ -89,7 +90,7 @@ __global__ void soft_mask_l1_bwd_kernel(const typename Acc<T>::type* __restrict_
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     A m, dm;
     sigmoid_pair<A>(A(beta) * A(s[i]), m, dm);
-    ds[i] = static_cast<T>(coef * dm);
+    ds[i] = static_cast<T>(dm == A(0) ? A(0) : coef * dm);
   }
 }
 

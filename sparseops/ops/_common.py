@@ -1,6 +1,8 @@
 """What several op modules share: output fakes, the conv geometry, the layout argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import checks
@@ -22,6 +24,36 @@ def grads_fake(x, w, output_mask, extra=()):
     if output_mask[0]:
         out[0] = out[0].contiguous(memory_format=format_of(x))
     return tuple(out)
+
+
+def autocast_args(device: torch.device, *tensors):
+    """The tensors as torch.autocast would pass them to F.linear / F.conv2d on `device`: while
+    autocast is on there, floating tensors other than float64 in its dtype (the ops have no
+    autocast rule of their own, and their kernels would otherwise compute in float32)."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return tensors
+    if not on:
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
+def linear_out(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)` into a fresh tensor of shape [*x.shape[:-1], N]. F.linear of a batched
+    x returns a view of its 2-D result, and an op must return fresh tensors: autograd refuses
+    in-place edits (a following ReLU(inplace=True)) of a custom op's view outputs."""
+    n, k = w.shape
+    m = math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], n))
+    x2, y = x.reshape(m, k), out.view(m, n)
+    if bias is None:
+        torch.mm(x2, w.t(), out=y)
+    else:
+        torch.addmm(bias, x2, w.t(), out=y)
+    return out
 
 
 def linear_fake(op: str, x, w):

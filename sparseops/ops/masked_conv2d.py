@@ -3,13 +3,15 @@ W viewed as [C_out, C_in*kh*kw] (C++, CUDA C++ and Triton kernels) or a tap-majo
 (Triton's tile kernels)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .. import backend, checks, reference, tuning
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
+from ._common import as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
@@ -24,16 +26,18 @@ define("masked_conv2d_backward",
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked convolution (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
-    return F.conv2d(x, w * mask, bias, stride, padding, dilation).contiguous(memory_format=format_of(x))
+    return F.conv2d(x, reference.masked_weight(w, mask), bias, stride, padding, dilation).contiguous(
+        memory_format=format_of(x))
 
 
 @torch.library.register_kernel("sparseops::masked_conv2d_block_backward", ("cpu", "cuda"))
 def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
     need_x, need_w, need_b = output_mask
     grad_fn = torch.nn.grad
-    dx = (grad_fn.conv2d_input(x.shape, w * mask, grad, stride, padding, dilation).contiguous(
-        memory_format=format_of(x)) if need_x else w.new_empty(0))
-    dw = grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation) * mask if need_w else w.new_empty(0)
+    dx = (grad_fn.conv2d_input(x.shape, reference.masked_weight(w, mask), grad, stride, padding, dilation)
+          .contiguous(memory_format=format_of(x)) if need_x else w.new_empty(0))
+    dw = (grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation).masked_fill_(~mask, 0) if need_w
+          else w.new_empty(0))
     return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
 
 
@@ -60,24 +64,24 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     """
     op = "masked_conv2d"
     checks.tensors(op, bias=bias, x=x, w=w)
-    if w.dim() != 4:
-        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    checks.conv(op, x, w, bias, groups)  # one set of checks for every path (see masked_linear)
     if isinstance(layout, torch.Tensor) and tuple(layout.shape) != tuple(w.shape):
         raise ValueError(f"sparseops.{op}: the mask has shape {tuple(layout.shape)} but w has {tuple(w.shape)}")
     info = as_layout(op, layout)
-    if info.shape != (w.shape[0], w[0].numel()):
+    reduction = math.prod(w.shape[1:])  # C_in/groups * kh * kw (w[0] would fail for C_out = 0)
+    if info.shape != (w.shape[0], reduction):
         raise ValueError(f"sparseops.{op}: the layout has shape {info.shape} but w flattens to "
-                         f"{(w.shape[0], w[0].numel())}")
+                         f"{(w.shape[0], reduction)}")
     checks.same_device(op, x=x, w=w, mask=info.mask, bias=bias)
+    x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
+    checks.like(op, "w", w, x=x, bias=bias)
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"sparseops.{op}: groups must be a positive int, got {groups!r}")
     block = isinstance(info, BlockLayout)
     geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
     impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=info.nnz == info.mask.numel(),
-                          supported=supported, unit_stride=stride_ == (1, 1), reduction=w[0].numel(),
+                          supported=supported, unit_stride=stride_ == (1, 1), reduction=reduction,
                           plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
                           tile_density=info.tile_density if block else 1.0, problem=problem, dtype=w.dtype,
                           trial=trial(_run, x, w, info, bias, geometry))

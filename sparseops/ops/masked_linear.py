@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, grads_fake, linear_fake, trial
+from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -17,8 +17,9 @@ def dense_masked_grads(grad, x, w, mask, output_mask):
     need_x, need_w, need_b = output_mask
     n, k = w.shape
     g2 = grad.reshape(-1, n)
-    dx = grad @ (w * mask) if need_x else w.new_empty(0)
-    dw = (g2.t() @ x.reshape(-1, k)).mul_(mask) if need_w else w.new_empty(0)
+    # A pruned weight contributes nothing (reference.masked_weight); dw is exactly 0 there.
+    dx = linear_out(grad, reference.masked_weight(w, mask).t()) if need_x else w.new_empty(0)
+    dw = (g2.t() @ x.reshape(-1, k)).masked_fill_(~mask, 0) if need_w else w.new_empty(0)
     db = g2.sum(0) if need_b else w.new_empty(0)
     return dx, dw, db
 
@@ -36,7 +37,7 @@ define("masked_linear_dense", lambda x, w, mask, bias: linear_fake("masked_linea
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked product (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
-    return F.linear(x, w * mask, bias)
+    return linear_out(x, reference.masked_weight(w, mask), bias)
 
 
 @torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
@@ -62,7 +63,10 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     Triton on GPUs). `x` may have any leading dimensions. Gradients: dx through the transposed
     layout, dw at kept entries only (zero elsewhere), dbias as usual.
     """
+    # One set of checks for every path (the dense ones would broadcast a [1] bias, take int64, or
+    # raise torch's own errors): shapes here, dtypes once autocast has had its say.
     checks.tensors("masked_linear", bias=bias, x=x, w=w)
+    checks.linear("masked_linear", x, w, bias)
     if isinstance(layout, torch.Tensor) and layout.dim() != 2:
         raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
                          f"got shape {tuple(layout.shape)}")
@@ -70,8 +74,10 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     if tuple(w.shape) != info.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {info.shape} but w has {tuple(w.shape)}")
     checks.same_device("masked_linear", x=x, w=w, mask=info.mask, bias=bias)
+    x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.linear
+    checks.like("masked_linear", "w", w, x=x, bias=bias)
     if isinstance(info, BlockLayout):
-        impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density)
+        impl = backend.choose("masked_linear_block", w.device, tile_density=info.tile_density, dtype=w.dtype)
         if impl == "reference":
             return reference.masked_linear(x, w, info.mask, bias)
         if impl == "triton":

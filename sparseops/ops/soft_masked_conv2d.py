@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import backend, reference
 from .._library import define, lib
-from ._common import conv_fake, conv_geometry, format_of, grads_fake
+from ._common import autocast_args, conv_fake, conv_geometry, format_of, grads_fake
 from .masked_conv2d import masked_conv2d
 from .soft_mask import soft_mask
 from .soft_masked_linear import check_soft, nonzero_stats
@@ -53,16 +53,15 @@ def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     masked convolution over the entries whose mask is not exactly 0).
     """
     op = "soft_masked_conv2d"
-    beta, scale = check_soft(op, x, w, s, beta, scale, bias)
-    if w.dim() != 4:
-        raise ValueError(f"sparseops.{op}: w must be 4-D [C_out, C_in/groups, kh, kw], got {tuple(w.shape)}")
+    beta, scale = check_soft(op, x, w, s, beta, scale, bias, groups)
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
     found = []
-    impl = backend.choose(op, w.device, supported=supported,
+    impl = backend.choose(op, w.device, supported=supported, dtype=w.dtype,
                           nonzero=lambda: found.append(nonzero_stats(s, beta)) or found[-1])
     if impl == "reference":
         return reference.soft_masked_conv2d(x, w, s, beta, scale, bias, stride, padding, dilation, groups)
-    if impl == "triton":
+    if impl == "triton":  # (the other paths end in F.conv2d or masked_conv2d, which follow autocast)
+        x, w, s, bias = autocast_args(w.device, x, w, s, bias)
         return lib.triton_soft_masked_conv2d(x, w, s, beta, scale, bias, stride_, pad, dilation_)
     masked = soft_mask(w, s, beta, scale)
     if impl == "skip_zeros":

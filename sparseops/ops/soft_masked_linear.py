@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference
 from .._library import define, lib
 from ..layout import mask_stats
-from ._common import grads_fake, linear_fake
+from ._common import autocast_args, grads_fake, linear_fake, linear_out
 from .masked_linear import masked_linear
 from .soft_mask import soft_mask
 
@@ -16,7 +16,7 @@ from .soft_mask import soft_mask
 # Outside Triton: the soft mask op, then a dense GEMM (the masked weight is materialised).
 @torch.library.register_kernel("sparseops::soft_masked_linear", ("cpu", "cuda"))
 def _(x, w, s, beta, scale, bias):
-    return F.linear(x, lib.soft_mask(w, s, beta, scale), bias)
+    return linear_out(x, lib.soft_mask(w, s, beta, scale), bias)
 
 
 @torch.library.register_kernel("sparseops::soft_masked_linear_backward", ("cpu", "cuda"))
@@ -24,7 +24,7 @@ def _(grad, x, w, s, beta, scale, output_mask):
     need_x, need_w, need_s, need_b = output_mask
     n, k = w.shape
     g2 = grad.reshape(-1, n)
-    dx = grad @ lib.soft_mask(w, s, beta, scale) if need_x else w.new_empty(0)
+    dx = linear_out(grad, lib.soft_mask(w, s, beta, scale).t()) if need_x else w.new_empty(0)
     dw = ds = None
     if need_w or need_s:
         dw, ds = lib.soft_mask_backward(g2.t() @ x.reshape(-1, k), w, s, beta, scale)
@@ -38,12 +38,23 @@ define("soft_masked_linear_backward",
        lambda grad, x, w, s, beta, scale, output_mask: grads_fake(x, w, output_mask, extra=(s,)))
 
 
-def check_soft(op: str, x, w, s, beta, scale, bias) -> tuple[float, float]:
-    """The soft-masked ops' arguments: tensors on one device, beta and scale as Python numbers."""
+def check_soft(op: str, x, w, s, beta, scale, bias, groups=1):
+    """The soft-masked ops' arguments, for every path: tensors on one device, of the op's shapes and
+    one floating dtype (once autocast has cast them, while it is on), beta and scale as Python
+    numbers (returned as floats)."""
     beta, scale = checks.number(op, beta, "beta"), checks.number(op, scale, "scale")
     checks.tensors(op, bias=bias, x=x, w=w)
     checks.tensors(op, s=s)
     checks.same_device(op, x=x, w=w, s=s, bias=bias)
+    if op == "soft_masked_conv2d":
+        checks.conv(op, x, w, bias, groups)
+    else:
+        checks.linear(op, x, w, bias)
+    if tuple(s.shape) != tuple(w.shape):
+        raise ValueError(f"sparseops.{op}: s must have the shape of w {tuple(w.shape)}, got {tuple(s.shape)}")
+    # dtypes as F.linear / F.conv2d would see them (under autocast, a bfloat16 x meets float32 w)
+    cx, cw, cs, cb = autocast_args(w.device, x, w, s, bias)
+    checks.like(op, "w", cw, x=cx, s=cs, bias=cb)
     return beta, scale
 
 
@@ -70,11 +81,12 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
     """
     beta, scale = check_soft("soft_masked_linear", x, w, s, beta, scale, bias)
     found = []
-    impl = backend.choose("soft_masked_linear", w.device,
+    impl = backend.choose("soft_masked_linear", w.device, dtype=w.dtype,
                           nonzero=lambda: found.append(nonzero_stats(s, beta)) or found[-1])
     if impl == "reference":
         return reference.soft_masked_linear(x, w, s, beta, scale, bias)
-    if impl == "triton":
+    if impl == "triton":  # (the other paths end in F.linear or masked_linear, which follow autocast)
+        x, w, s, bias = autocast_args(w.device, x, w, s, bias)
         return lib.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     masked = soft_mask(w, s, beta, scale)
     if impl == "skip_zeros":

@@ -46,6 +46,7 @@ def set_masks(model: nn.Module, masks, *, strict: bool = True) -> nn.Module:
     """
     check_model(model, "tickets.set_masks")
     masks = _as_masks(masks, "set_masks")
+    # Everything is checked before anything changes: a bad entry leaves the model as it was.
     modules = dict(model.named_modules())
     unknown = sorted(set(masks) - set(modules))
     if unknown:
@@ -57,10 +58,8 @@ def set_masks(model: nn.Module, masks, *, strict: bool = True) -> nn.Module:
         if bad:
             raise ValueError(f"sparseops.tickets.set_masks: layers {bad} cannot be masked by sparseops "
                              f"({'; '.join(report.unsupported.get(b, type(modules[b]).__name__) for b in bad)})")
-        patch(model, filter_fn=lambda m, n: n in plain, on_unsupported="ignore")
-    layers = dict(patched_layers(model))
     if strict:
-        missing = sorted(set(layers) - set(masks))
+        missing = sorted(set(dict(patched_layers(model))) - set(masks))
         if missing:
             raise ValueError(f"sparseops.tickets.set_masks: no mask given for layers {missing} (strict=True)")
     for name, mask in masks.items():
@@ -70,7 +69,10 @@ def set_masks(model: nn.Module, masks, *, strict: bool = True) -> nn.Module:
         if tuple(mask.shape) != tuple(m.weight.shape):
             raise ValueError(f"sparseops.tickets.set_masks: the mask for {name} has shape {tuple(mask.shape)}, "
                              f"the layer's weight {tuple(m.weight.shape)}")
-        m.set_mask(mask)
+    if plain:
+        patch(model, filter_fn=lambda m, n: n in plain, on_unsupported="ignore")
+    for name, mask in masks.items():
+        modules[name].set_mask(mask)
     return model
 
 

@@ -51,10 +51,11 @@ def masked_linear(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
     n, k = w.shape
     x2 = x.reshape(-1, k)
     yt = torch.sparse.mm(_csr(row_ptr, col_idx, w.contiguous(), (n, k), k, 1), x2.t())
-    y = yt.t().contiguous()
+    y = x.new_empty((*x.shape[:-1], n))  # fresh, in the output's shape: an op returns no views
+    y.view(-1, n).copy_(yt.t())
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
+    return y
 
 
 def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
@@ -65,7 +66,8 @@ def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, o
     dx = empty
     if need_x:  # W^T's CSR: row kk holds W[:, kk]'s kept entries, at w[c, kk] = c*k + kk
         wt = _csr(t_row_ptr, t_col_idx, w.contiguous(), (k, n), 1, k)
-        dx = torch.sparse.mm(wt, g2.t()).t().contiguous().view(x.shape)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx.view(-1, k).copy_(torch.sparse.mm(wt, g2.t()).t())
     dw = db = empty
     if need_w and w.device.type == "cpu" and has_kernel("masked_linear", "cpu"):
         _, dw, db = lib.masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx,

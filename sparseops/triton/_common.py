@@ -194,7 +194,8 @@ def soft_epilogue(dwt, w, s, beta, scale):
     e = torch.exp(-z)
     m = 1 / (1 + e)
     dm = torch.where(torch.isinf(e), 0, m * (e * m))
-    return (dwt * scale * m).to(w.dtype), (dwt * w.to(dwt.dtype) * (scale * beta) * dm).to(w.dtype)
+    ds = torch.where(dm == 0, 0, dwt * w.to(dwt.dtype) * (scale * beta) * dm)  # 0 where flat, even if beta*scale = inf
+    return (dwt * scale * m).to(w.dtype), ds.to(w.dtype)
 
 
 SPLIT_BLOCK = 1024  # the dW~ GEMMs split their reduction only in slices of at least this many rows

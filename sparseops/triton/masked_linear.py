@@ -138,7 +138,9 @@ def masked_linear(x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias):
     xt = x.reshape(-1, k).t().contiguous()  # [K, M]: every kept weight reads one contiguous row
     w = w.contiguous()
     yt = spmm_t(row_ptr, col_idx, w, (k, 1), xt, n, bias)
-    return yt.t().contiguous().reshape(*x.shape[:-1], n)  # one coalesced transpose pass
+    y = x.new_empty((*x.shape[:-1], n))  # fresh, in the output's shape: an op returns no views
+    y.view(-1, n).copy_(yt.t())  # one coalesced transpose pass
+    return y
 
 
 def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, output_mask):
@@ -151,7 +153,8 @@ def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, o
     w = w.contiguous()
     dx, dw, db = (w.new_empty(0) for _ in range(3))  # distinct empties for outputs not asked for
     if need_x:  # dX^T [K, M] through W^T's CSR; W[row, k] sits at row*K + k
-        dx = spmm_t(t_row_ptr, t_col_idx, w, (1, k), gt, k).t().contiguous().reshape(x.shape)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx.view(-1, k).copy_(spmm_t(t_row_ptr, t_col_idx, w, (1, k), gt, k).t())
     if need_w:
         dw = sddmm(row_ptr, col_idx, gt, x.reshape(-1, k).t().contiguous(), (n, k), w.dtype)
     if need_b:

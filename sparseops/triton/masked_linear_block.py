@@ -113,13 +113,13 @@ def masked_linear_block(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, bloc
     n, k = w.shape
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)  # fresh (an op returns no views)
     if m and n:
         wrap_triton(_fwd)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, block))](
             x2, w.contiguous(), mask.contiguous().view(torch.uint8), row_ptr, col_idx,
             bias if bias is not None else w, y, m, n, k, B=block, HAS_BIAS=bias is not None,
             ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype))
-    return y.reshape(*x.shape[:-1], n)
+    return y
 
 
 def masked_linear_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, output_mask):
@@ -134,11 +134,10 @@ def masked_linear_block_backward(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, 
     acc, prec = acc_type(w.dtype), dot_precision(w.dtype)
     dx, dw, db = (w.new_empty(0) for _ in range(3))  # distinct empties for outputs not asked for
     if need_x:
-        dx = torch.empty_like(x2)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if m and k:
             wrap_triton(_dx)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, block))](
                 g2, w, mask8, t_row_ptr, t_col_idx, dx, m, n, k, B=block, ACC=acc, PREC=prec)
-        dx = dx.reshape(x.shape)
     if need_w:
         dw = torch.zeros_like(w)
         tiles = col_idx.numel()

@@ -37,7 +37,8 @@ def _bwd(g_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, n, beta, scale, ACC: tl.constexpr,
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
     m, dm = sigmoid_pair(beta * s)
     tl.store(dw_ptr + offs, (g * scale * m).to(dw_ptr.dtype.element_ty), mask=keep)
-    tl.store(ds_ptr + offs, (g * w * scale * beta * dm).to(ds_ptr.dtype.element_ty), mask=keep)
+    ds = tl.where(dm == 0, 0.0, g * w * scale * beta * dm)  # 0 where flat, also for beta*scale = inf
+    tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _l1_bwd(g_ptr, s_ptr, ds_ptr, n, beta, scale, ACC: tl.constexpr, BLOCK: tl.c
     s = tl.load(s_ptr + offs, mask=keep, other=0).to(ACC)
     _, dm = sigmoid_pair(beta * s)
     coef = tl.load(g_ptr).to(ACC) * scale * beta
-    tl.store(ds_ptr + offs, (coef * dm).to(ds_ptr.dtype.element_ty), mask=keep)
+    tl.store(ds_ptr + offs, tl.where(dm == 0, 0.0, coef * dm).to(ds_ptr.dtype.element_ty), mask=keep)
 
 
 def _grid(n):

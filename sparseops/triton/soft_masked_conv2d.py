@@ -126,7 +126,7 @@ def _dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, part_ptr, Q, C, H, W, C_OUT
     if SPLIT == 1:
         w = tl.load(w_ptr + at, mask=inside, other=0).to(ACC)
         tl.store(dw_ptr + at, (acc * m).to(dw_ptr.dtype.element_ty), mask=inside)
-        tl.store(ds_ptr + at, (acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
+        tl.store(ds_ptr + at, tl.where(dm == 0, 0.0, acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
     else:
         tl.store(part_ptr + split * (C_OUT * C * KH * KW) + at, acc, mask=inside)
 

@@ -125,7 +125,7 @@ def _dws(g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, part_ptr, M, N, K, m_per_sp
     if SPLIT == 1:
         w = tl.load(w_ptr + out, mask=inside, other=0).to(ACC)
         tl.store(dw_ptr + out, (acc * m).to(dw_ptr.dtype.element_ty), mask=inside)
-        tl.store(ds_ptr + out, (acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
+        tl.store(ds_ptr + out, tl.where(dm == 0, 0.0, acc * w * (scale * beta) * dm).to(ds_ptr.dtype.element_ty), mask=inside)
     else:
         tl.store(part_ptr + split * N * K + out, acc, mask=inside)
 
@@ -150,12 +150,12 @@ def soft_masked_linear(x, w, s, beta, scale, bias):
     n, k = w.shape
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)  # fresh (an op returns no views)
     if m and n:
         wrap_triton(_fwd)[_grid(m, n, "BM", "BN")](
             x2, w.contiguous(), s.contiguous(), bias if bias is not None else w, y, m, n, k, beta, scale,
             HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype))
-    return y.reshape(*x.shape[:-1], n)
+    return y
 
 
 def soft_masked_linear_backward(grad, x, w, s, beta, scale, output_mask):
@@ -170,10 +170,9 @@ def soft_masked_linear_backward(grad, x, w, s, beta, scale, output_mask):
     acc, prec = acc_type(w.dtype), dot_precision(w.dtype)
     dx, dw, ds, db = (w.new_empty(0) for _ in range(4))  # distinct empties for outputs not asked for
     if need_x:
-        dx = torch.empty_like(x2)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if m and k:
             wrap_triton(_dx)[_grid(m, k, "BM", "BK")](g2, w, s, dx, m, n, k, beta, scale, ACC=acc, PREC=prec)
-        dx = dx.reshape(x.shape)
     if need_w or need_s:  # one GEMM serves both; its epilogue writes both
         full_dw, full_ds = torch.empty_like(w), torch.empty_like(s)
         if n and k:

@@ -1,0 +1,165 @@
+"""Robustness of state (issue 14): masks and tickets applied all-or-nothing, checkpoints that refuse
+corrupt masks and keep a soft model's state, soft masks at extreme beta."""
+import pytest
+import torch
+from torch import nn
+
+import sparseops
+from sparseops import tickets
+from sparseops.tickets import Ticket
+
+from conftest import random_mask
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+# ---- item 13: set_masks / Ticket.apply validate everything before changing anything -------------
+
+
+def _bad_masks(model):
+    good = {"0": random_mask((16, 8), 0.5), "2": random_mask((16, 16), 0.5)}
+    return [
+        ("shape", {**good, "4": torch.ones(3, 3, dtype=torch.bool)}, ValueError),
+        ("unknown", {**good, "9": torch.ones(4, 16, dtype=torch.bool)}, ValueError),
+    ]
+
+
+@pytest.mark.parametrize("via", ["set_masks", "Ticket.apply"])
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "plain"])
+@pytest.mark.parametrize("case", range(2))
+def test_bad_mask_changes_nothing(via, patched, case):
+    model = _model()
+    if patched:
+        sparseops.patch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model]
+    _, masks, exc = _bad_masks(model)[case]
+    with pytest.raises(exc):
+        if via == "set_masks":
+            tickets.set_masks(model, masks, strict=False)
+        else:
+            Ticket(masks).apply(model, strict=False)
+    assert [type(m) for m in model] == types, "layers were patched before the error"
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed before the error"
+
+
+def test_soft_layer_among_masks_changes_nothing():
+    model = _model()
+    sparseops.patch(model)
+    model[4] = sparseops.nn.SoftMaskedLinear(16, 4)
+    before = model[0].weight_mask.clone()
+    masks = {"0": torch.zeros(16, 8, dtype=torch.bool), "4": torch.ones(4, 16, dtype=torch.bool)}
+    with pytest.raises(TypeError, match="soft"):
+        tickets.set_masks(model, masks, strict=False)
+    assert torch.equal(model[0].weight_mask, before)
+
+
+def test_good_masks_still_apply():
+    model = _model()
+    masks = {"0": random_mask((16, 8), 0.5), "2": random_mask((16, 16), 0.5), "4": random_mask((4, 16), 0.5)}
+    tickets.set_masks(model, masks)
+    for k, m in masks.items():
+        assert torch.equal(model.get_submodule(k).weight_mask, m)
+
+
+# ---- item 12: load_state_dict refuses masks that are not 0/1 --------------------------------------
+
+
+@pytest.mark.parametrize("bad", [2.0, float("nan"), -1.0, 0.5])
+def test_load_state_dict_refuses_non_binary_masks(bad):
+    model = sparseops.patch(_model())
+    state = model.state_dict()
+    mask = state["2.weight_mask"].float()
+    mask[0, 0] = bad
+    state["2.weight_mask"] = mask
+    before = model[2].weight_mask.clone()
+    with pytest.raises(RuntimeError, match=r"2\.weight_mask.*0 and 1"):
+        model.load_state_dict(state)
+    assert torch.equal(model[2].weight_mask, before)
+
+
+def test_load_state_dict_takes_numeric_binary_masks():
+    model = sparseops.patch(_model())
+    state = model.state_dict()
+    m = random_mask((16, 16), 0.5)
+    state["2.weight_mask"] = m.float()
+    model.load_state_dict(state)
+    assert torch.equal(model[2].weight_mask, m) and model[2].weight_mask.dtype == torch.bool
+
+
+# ---- item 10: a soft model's state dict keeps beta, ticket mode and s0 -----------------------------
+
+
+def _soft(s0=0.0):
+    return sparseops.patch(_model(), mode="soft", s0=s0)
+
+
+@pytest.mark.parametrize("ticket", [False, True])
+def test_soft_state_dict_round_trip(tmp_path, ticket):
+    model = _soft(s0=-0.3)
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "weight_score"):
+                m.weight_score.normal_()
+                m.beta = 50.0
+                m.set_ticket(ticket)
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    fresh = _soft()
+    fresh.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True))
+    x = torch.randn(5, 8)
+    for a, b in zip(model, fresh):
+        if hasattr(a, "weight_score"):
+            assert (b.beta, b.ticket, b.s0) == (50.0, ticket, -0.3)
+            if ticket:
+                assert torch.equal(b._hard_mask, a._hard_mask)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_soft_checkpoint_without_saved_state_still_loads():
+    model = _soft()
+    model[0].beta = 7.0
+    old = {k: v for k, v in _soft().state_dict().items()}  # a plain dict: no metadata, as old checkpoints
+    model.load_state_dict(old)
+    assert model[0].beta == 7.0
+
+
+def test_soft_state_dict_keys_are_the_parameters():
+    assert set(_soft().state_dict()) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("weight", "bias", "weight_score")}
+
+
+# ---- item 6: beta beyond the float32 range ---------------------------------------------------------
+
+
+def _soft_backends():
+    out = ["cpu", "reference"]
+    try:
+        import sparseops.triton  # noqa: F401
+        if sparseops.backend.triton_unavailable(torch.device("cpu")) is None:
+            out.append("triton")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("name", _soft_backends())
+@pytest.mark.parametrize("beta,scale", [(1e39, 1.0), (3e38, 2.0), (1e300, 1.5)])
+def test_soft_mask_gradients_past_float32_range(name, beta, scale):
+    """float32 scores with beta (or beta*scale) past float32's range: the mask is exactly 0 or 1
+    and its derivative exactly 0, so ds is 0 (it was NaN: inf * 0); float64 math agrees."""
+    torch.manual_seed(0)
+    w = torch.randn(64).requires_grad_()
+    s = (torch.rand(64) + 0.01).mul(torch.randn(64).sign()).requires_grad_()  # no exact 0
+    with sparseops.backend(name):
+        y = sparseops.soft_mask(w, s, beta, scale)
+        dw, ds = torch.autograd.grad(y.sum(), (w, s))
+        (ds_l1,) = torch.autograd.grad(sparseops.soft_mask_l1(s, beta, scale), (s,))
+    assert torch.equal(ds, torch.zeros_like(ds)) and torch.equal(ds_l1, torch.zeros_like(ds_l1))
+    torch.testing.assert_close(y, w.detach() * scale * (s.detach() > 0))
+    torch.testing.assert_close(dw, scale * (s.detach() > 0).float())
