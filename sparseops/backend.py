@@ -24,32 +24,19 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-import json
 import math
 import os
 import threading
-from importlib import resources
 
 import torch
 
 from . import checks, tuning
-from ._library import CUDA_EXTENSION_ERROR, cpu_isa, has_kernel, kernel_dtypes
+from . import thresholds as _thresholds
+from .thresholds import measured_faster, thresholds  # noqa: F401  (part of this module's API)
+from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
 SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply
-
-
-def _load_thresholds() -> dict:
-    with resources.files(__package__).joinpath("thresholds.json").open() as f:
-        return json.load(f)
-
-
-_THRESHOLDS = _load_thresholds()
-
-
-def thresholds() -> dict:
-    """The measured break-even table (thresholds.json), as loaded (tests patch entries of it)."""
-    return _THRESHOLDS
 
 
 # ---- state ----------------------------------------------------------------------------------
@@ -170,7 +157,7 @@ def _kernel_here(op: str, device: torch.device, dtype: torch.dtype | None = None
     return None
 
 
-# ---- the measured tables --------------------------------------------------------------------
+# ---- the measured tables (the prior: sparseops/thresholds.py) ---------------------------------
 
 
 def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None, *,
@@ -186,34 +173,17 @@ def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None,
     """
     if _state.max_density is not None:
         return _state.max_density
-    table = _table(device_type)
+    table = _thresholds.table(device_type)
     cap = float(table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
     if plane is not None:
         points = table.get(f"{op}_by_plane")
-        return min(cap, _interpolate(points, plane)) if points else cap
+        return min(cap, _thresholds.interpolate(points, plane)) if points else cap
     points = table.get(f"{op}_by_width")
     if shape is None or not points:
         return cap
     n, k = shape
     h = n * k / (n + k) if n + k else 0.0
-    return min(cap, _interpolate(points, h))
-
-
-def _table(device_type: str) -> dict:
-    """The thresholds of a device; on the CPU those measured for the kernel variant in use
-    ("cpu-avx2", ...) where they differ, else "cpu"."""
-    if device_type == "cpu":
-        return _THRESHOLDS.get(f"cpu-{cpu_isa()}") or _THRESHOLDS.get("cpu", {})
-    return _THRESHOLDS.get(device_type, {})
-
-
-def _interpolate(points, h: float) -> float:
-    if h <= points[0][0]:
-        return float(points[0][1])
-    for (h0, d0), (h1, d1) in zip(points, points[1:]):
-        if h <= h1:
-            return float(d0 + (d1 - d0) * (h - h0) / (h1 - h0))
-    return float(points[-1][1])
+    return min(cap, _thresholds.interpolate(points, h))
 
 
 def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str | None:
@@ -223,19 +193,13 @@ def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: f
     measured; None if neither exists."""
     have = [k for k in ("triton", "cuda") if (k == "cuda" and has_kernel(op, "cuda"))
             or (k == "triton" and triton_unavailable(device) is None)]
-    points = [p for p in _THRESHOLDS.get("cuda", {}).get("kernels", {}).get(op, []) if p[2] in have]
+    points = [p for p in thresholds().get("cuda", {}).get("kernels", {}).get(op, []) if p[2] in have]
     if not points:
         return have[0] if have else None
     n, k = shape
     h = max(n * k / (n + k), 1.0) if n + k else 1.0
     nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1.0) / h)) + 4 * abs(p[1] - density))
     return nearest[2]
-
-
-def measured_faster(op: str, device_type: str) -> bool:
-    """Whether a fused GPU op was measured faster than its unfused torch equivalent ("fused" in
-    thresholds.json, written by benchmarks/bench_gpu.py); `auto` uses it only then."""
-    return bool(_THRESHOLDS.get(device_type, {}).get("fused", {}).get(op, False))
 
 
 # ---- the choice -----------------------------------------------------------------------------

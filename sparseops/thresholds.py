@@ -1,0 +1,44 @@
+"""The prior of `auto`'s choice: the measured break-even densities in thresholds.json (written by
+benchmarks/tune_thresholds.py and benchmarks/bench_gpu.py --write-thresholds), read once."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from ._library import cpu_isa
+
+
+def _load_thresholds() -> dict:
+    with resources.files(__package__).joinpath("thresholds.json").open() as f:
+        return json.load(f)
+
+
+_THRESHOLDS = _load_thresholds()
+
+
+def thresholds() -> dict:
+    """The measured break-even table (thresholds.json), as loaded (tests patch entries of it)."""
+    return _THRESHOLDS
+
+
+def table(device_type: str) -> dict:
+    """The thresholds of a device; on the CPU those measured for the kernel variant in use
+    ("cpu-avx2", ...) where they differ, else "cpu"."""
+    if device_type == "cpu":
+        return _THRESHOLDS.get(f"cpu-{cpu_isa()}") or _THRESHOLDS.get("cpu", {})
+    return _THRESHOLDS.get(device_type, {})
+
+
+def interpolate(points, h: float) -> float:
+    if h <= points[0][0]:
+        return float(points[0][1])
+    for (h0, d0), (h1, d1) in zip(points, points[1:]):
+        if h <= h1:
+            return float(d0 + (d1 - d0) * (h - h0) / (h1 - h0))
+    return float(points[-1][1])
+
+
+def measured_faster(op: str, device_type: str) -> bool:
+    """Whether a fused GPU op was measured faster than its unfused torch equivalent ("fused" in
+    thresholds.json, written by benchmarks/bench_gpu.py); `auto` uses it only then."""
+    return bool(_THRESHOLDS.get(device_type, {}).get("fused", {}).get(op, False))
