@@ -171,6 +171,10 @@ def _inferred(k: str, live: Sequence[str], entries: dict) -> tuple[str | None, l
     trained = entries.get(k.replace(":infer|", "|", 1)) if ":infer|" in k else None
     if trained and trained.get("winner") in live:  # an evaluation pass runs what its training measured
         return trained["winner"], keep
+    batchless = _without_batch(k.replace(":infer|", "|", 1))
+    for other, e in entries.items():  # another batch size of this layer (a last, partial batch)
+        if e.get("winner") in live and _without_batch(other.replace(":infer|", "|", 1)) == batchless:
+            return e["winner"], keep
     if all(c in DENSE_PATHS for c in live):  # which dense path is faster does not depend on the mask
         for other, e in entries.items():
             times = e.get("times_ms", {})
@@ -249,6 +253,14 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
                             "prior": prior, **({} if times else {"inferred": True})}
         _cache.save()
     return winner
+
+
+def _without_batch(k: str) -> str:
+    """The key without its first problem size (the batch rows)."""
+    parts = k.split("|")
+    if len(parts) == 5:
+        parts[3] = parts[3].partition("x")[2]
+    return "|".join(parts)
 
 
 def _shape(k: str) -> str:

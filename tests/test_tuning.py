@@ -175,3 +175,16 @@ def test_other_densities_of_the_same_call_spare_measurements(fresh, monkeypatch)
     _call(density=0.05, seed=5)
     assert timed == [] and chosen[-1] == "mask_multiply"
     assert tuning.entries()[key]["inferred"]
+
+
+def test_other_batch_sizes_of_a_layer_reuse_its_measurement(fresh, monkeypatch):
+    x, w, mask, _ = _call(rows=16)
+    winner = next(iter(tuning.entries().values()))["winner"]
+    monkeypatch.setattr(tuning, "_timed", lambda *a: pytest.fail("measured again"))
+    chosen = []
+    real = ml._run
+    monkeypatch.setattr(ml, "_run", lambda impl, *a: chosen.append(impl) or real(impl, *a))
+    sparseops.masked_linear(x[:5], w, mask).sum().backward()  # a last, partial batch
+    with torch.no_grad():  # an evaluation pass
+        sparseops.masked_linear(torch.randn(40, 80), w, mask)
+    assert chosen[-2:] == [winner, winner]
