@@ -258,14 +258,14 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
 def _without_batch(k: str) -> str:
     """The key without its first problem size (the batch rows)."""
     parts = k.split("|")
-    if len(parts) == 5:
+    if len(parts) >= 4:
         parts[3] = parts[3].partition("x")[2]
     return "|".join(parts)
 
 
 def _shape(k: str) -> str:
-    """The guard's key: the call without its density (a kernel right at one density is right at all)."""
-    return _split(k)[0] if "|d<=" in k else k
+    """The guard's key: the layer without its density and batch (a kernel right for one is right for all)."""
+    return _without_batch(_split(k)[0].replace(":infer", "", 1) if "|d<=" in k else k)
 
 
 def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
