@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, tuning
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
+from ._common import (as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, mask_grad_,
+                      masked_weight, plane, trial)
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
@@ -26,7 +27,7 @@ define("masked_conv2d_backward",
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked convolution (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
-    return F.conv2d(x, reference.masked_weight(w, mask), bias, stride, padding, dilation).contiguous(
+    return F.conv2d(x, masked_weight(w, mask), bias, stride, padding, dilation).contiguous(
         memory_format=format_of(x))
 
 
@@ -34,9 +35,9 @@ def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, p
 def _(grad, x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, stride, padding, dilation, output_mask):
     need_x, need_w, need_b = output_mask
     grad_fn = torch.nn.grad
-    dx = (grad_fn.conv2d_input(x.shape, reference.masked_weight(w, mask), grad, stride, padding, dilation)
+    dx = (grad_fn.conv2d_input(x.shape, masked_weight(w, mask), grad, stride, padding, dilation)
           .contiguous(memory_format=format_of(x)) if need_x else w.new_empty(0))
-    dw = (grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation).masked_fill_(~mask, 0) if need_w
+    dw = (mask_grad_(grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation), mask) if need_w
           else w.new_empty(0))
     return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
 
@@ -101,4 +102,6 @@ def _run(impl: str, x, w, info, bias, geometry):
         return kernel(x, w, *as_csr(info).tensors(), bias, stride_, pad, dilation_)
     if impl == "unmasked":
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    if impl == "mask_multiply":
+        return F.conv2d(x, masked_weight(w, info.mask.view(w.shape)), bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, info.mask.view(w.shape), bias, stride, padding, dilation, groups)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
+from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, mask_grad_, masked_weight, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -18,8 +18,8 @@ def dense_masked_grads(grad, x, w, mask, output_mask):
     n, k = w.shape
     g2 = grad.reshape(-1, n)
     # A pruned weight contributes nothing (reference.masked_weight); dw is exactly 0 there.
-    dx = linear_out(grad, reference.masked_weight(w, mask).t()) if need_x else w.new_empty(0)
-    dw = (g2.t() @ x.reshape(-1, k)).masked_fill_(~mask, 0) if need_w else w.new_empty(0)
+    dx = linear_out(grad, masked_weight(w, mask).t()) if need_x else w.new_empty(0)
+    dw = mask_grad_(g2.t() @ x.reshape(-1, k), mask) if need_w else w.new_empty(0)
     db = g2.sum(0) if need_b else w.new_empty(0)
     return dx, dw, db
 
@@ -91,8 +91,10 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
 
 
 def _run(impl: str, x, w, info, bias):
-    if impl in ("reference", "mask_multiply"):
+    if impl == "reference":
         return reference.masked_linear(x, w, info.mask, bias)
+    if impl == "mask_multiply":  # plain autograd over the masked weight, as torch.nn.utils.prune
+        return F.linear(x, masked_weight(w, info.mask), bias)
     if impl == "unmasked":
         return F.linear(x, w, bias)
     if impl == "dense":
