@@ -591,3 +591,36 @@ def test_corrupt_layout_is_bounded_on_cuda():
     torch.testing.assert_close(y, reference.masked_conv2d(xc, wc, dropped.cuda(), None, 1, 1, 1))
     torch.cuda.synchronize()  # an out-of-bounds access would surface here
 
+
+
+# ---- torch.sparse (MKL) implementation: a candidate of auto's measured choice (sparseops/torch_sparse/)
+
+
+def _torch_sparse(x, w, mask, b):
+    return torch.ops.sparseops.torch_sparse_masked_linear(x, w, *csr_layout(mask).tensors(), b)
+
+
+@pytest.mark.parametrize("lead,sparsity", [((9,), 0.0), ((2, 5), 0.6), ((4,), 0.95), ((3,), 1.0)])
+def test_torch_sparse_matches_reference(lead, sparsity):
+    x, w, b, mask = inputs(lead, 13, 11, sparsity)
+    y = _torch_sparse(x, w, mask, b)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    ref = reference.masked_linear(*leaves[:2], mask, leaves[2])
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    for mine, theirs in zip((x, w, b), leaves, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(w.grad[~mask] == 0)
+
+
+def test_torch_sparse_gradcheck_opcheck_and_bad_input():
+    x, w, b, mask = inputs((3,), 7, 5, 0.5)
+    assert torch.autograd.gradcheck(lambda x, w, b: _torch_sparse(x, w, mask, b), (x, w, b))
+    lay = csr_layout(mask)
+    opcheck(torch.ops.sparseops.torch_sparse_masked_linear.default, (x, w, *lay.tensors(), b))
+    opcheck(torch.ops.sparseops.torch_sparse_masked_linear_backward.default,
+            (torch.randn(3, 5, dtype=torch.float64), x.detach(), w.detach(), *lay.tensors(), [True, True, True]))
+    with pytest.raises(ValueError, match="masked_linear"):  # the C++ op's checks, named
+        _torch_sparse(torch.randn(3, 6, dtype=torch.float64), w, mask, b)

@@ -86,4 +86,5 @@ def masked_linear_backward(grad, x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, o
 for _key in ("CPU", "CUDA"):
     _lib.impl(_NAME, masked_linear, _key)
     _lib.impl(f"{_NAME}_backward", masked_linear_backward, _key)
+define_variant("masked_linear_backward", f"{_NAME}_backward")  # its fake (torch.compile, export)
 define_variant("masked_linear", _NAME)
