@@ -18,10 +18,6 @@ DOT64 = TRITON.dot64  # the tl.dot kernels (the fused soft mask) take float64 on
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-def _dtype(impl, dtype):
-    return impl.dot64 if dtype == "dot64" else dtype
-
-
 # ---------------------------------------------------------------------------------------------
 # Every implementation (cpu: soft_mask + GEMM; reference; triton: the mask fused into the GEMM; cuda)
 

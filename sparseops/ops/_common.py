@@ -7,7 +7,6 @@ import torch
 
 from .. import checks
 from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats
-from ..reference import mask_grad_, masked_weight  # noqa: F401  (the dense paths' masked weight, here too)
 
 
 def format_of(x: torch.Tensor) -> torch.memory_format:

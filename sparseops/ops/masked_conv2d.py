@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, tuning
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import (as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, mask_grad_,
-                      masked_weight, plane, trial)
+from ..reference import mask_grad_, masked_weight
+from ._common import as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
 from ..layout import BlockLayout, CsrLayout, as_csr
-from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, mask_grad_, masked_weight, trial
+from ..reference import mask_grad_, masked_weight
+from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
