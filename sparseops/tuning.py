@@ -191,7 +191,27 @@ def _inferred(k: str, live: Sequence[str], entries: dict) -> tuple[str | None, l
         if b2 > bucket and e["winner"] not in DENSE_PATHS and dense_best is not None \
                 and times.get(e["winner"], dense_best) <= 0.8 * dense_best:
             keep = [c for c in keep if c not in DENSE_PATHS]
-    return None, keep
+    return None, _undominated(prefix, bucket, keep, entries)
+
+
+# Implementations of one kind keep their order across densities (the dense paths do the same work
+# at any density; the sparse ones all scale with the kept weights): one that lost to another of its
+# kind by this margin at the nearest density timed with both is not timed again.
+_DOMINATED = {True: 1.15, False: 1.4}
+
+
+def _undominated(prefix: str, bucket: float, keep: list[str], entries: dict) -> list[str]:
+    for dense_kind, margin in _DOMINATED.items():
+        kind = [c for c in keep if (c in DENSE_PATHS) == dense_kind]
+        if len(kind) < 2:
+            continue
+        timed = [(abs(math.log(b / bucket)), e["times_ms"]) for other, e in entries.items() if "|d<=" in other
+                 for p, b in [_split(other)] if p == prefix and all(c in e.get("times_ms", {}) for c in kind)]
+        if timed:
+            times = min(timed, key=lambda t: t[0])[1]
+            best = min(times[c] for c in kind)
+            keep = [c for c in keep if c not in kind or times[c] <= margin * best]
+    return keep
 
 
 def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str], prior: str,
@@ -220,24 +240,20 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         if winner is None and len(timed) == 1:
             winner = timed[0]
         if winner is None:
-            want = []  # the reference: the dense path in float64, computed once if a check needs it
             layer = _shape(k)
             for impl in timed:
-                # Each candidate runs twice: the first run pays one-time costs (building the layout,
-                # first touches of buffers) and is the one checked; the second is timed. A dense path
-                # whose shape ran before in this process has none, and is timed at once.
-                if impl in DENSE_PATHS and (layer, impl) in _cache.warm:
-                    times[impl] = _timed(trial, impl, device)[0]
-                    continue
-                got = trial(impl)
-                if impl in DENSE_PATHS:
+                # One-time costs stay out of the timed run: a candidate's first run in this process
+                # (first touches of its buffers) is untimed, and a sparse one builds this mask's
+                # layout in the check or a few-row run first.
+                if impl not in DENSE_PATHS:
+                    if (layer, impl) not in _cache.guarded:
+                        if not _check(op, k, device, dtype, impl, dense, trial):
+                            continue
+                    else:
+                        trial(impl, rows=CHECK_ROWS)
+                if (layer, impl) not in _cache.warm:
+                    trial(impl)
                     _cache.warm.add((layer, impl))
-                elif (layer, impl) not in _cache.guarded:
-                    want = want or trial(dense, exact=True)
-                    _cache.guarded.add((layer, impl))
-                    if not agrees(got, want, dtype):
-                        _exclude(op, k, impl)
-                        continue
                 times[impl] = _timed(trial, impl, device)[0]
             best = min(times.values())
             for impl in list(times):  # close calls get one more run: noise decides less often
@@ -269,20 +285,31 @@ def _shape(k: str) -> str:
     return _without_batch(_split(k)[0].replace(":infer", "", 1) if "|d<=" in k else k)
 
 
+# The correctness check runs this many rows of the call (every kept weight, a fraction of the cost).
+CHECK_ROWS = 16
+
+
+def _check(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
+           trial: Callable) -> bool:
+    """`impl` against the dense path in float64 on a few rows, once per layer and process; one that
+    disagrees is excluded for `k`."""
+    ok = agrees(trial(impl, rows=CHECK_ROWS), trial(dense, exact=True, rows=CHECK_ROWS), dtype)
+    _cache.guarded.add((_shape(k), impl))
+    if not ok:
+        _exclude(op, k, impl)
+    return ok
+
+
 def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
            trial: Callable) -> str:
     if (_shape(k), impl) in _cache.guarded:
         return impl
     start = time.perf_counter()
     try:
-        ok = agrees(trial(impl), trial(dense, exact=True), dtype)
+        ok = _check(op, k, device, dtype, impl, dense, trial)
     finally:
         _cache.measured_s += time.perf_counter() - start
-    _cache.guarded.add((_shape(k), impl))
-    if ok:
-        return impl
-    _exclude(op, k, impl)
-    return dense
+    return impl if ok else dense
 
 
 def _exclude(op: str, k: str, impl: str) -> None:

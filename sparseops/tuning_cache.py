@@ -84,7 +84,7 @@ class _Cache:
         self.machine_key: str | None = None
         self.varying: tuple | None = None
         self.guarded: set[tuple[str, str]] = set()  # (layer, impl) checked against dense in this process
-        self.warm: set[tuple[str, str]] = set()  # (layer, dense impl) run once in this process: no warm-up needed
+        self.warm: set[tuple[str, str]] = set()  # (layer, impl) run once in this process: no warm-up needed
         self.excluded: dict[str, set[str]] = {}
         self.warned: set[tuple[str, str]] = set()
         self.measured_s = 0.0  # time spent measuring in this process

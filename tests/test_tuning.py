@@ -188,3 +188,32 @@ def test_other_batch_sizes_of_a_layer_reuse_its_measurement(fresh, monkeypatch):
     with torch.no_grad():  # an evaluation pass
         sparseops.masked_linear(torch.randn(40, 80), w, mask)
     assert chosen[-2:] == [winner, winner]
+
+
+def test_one_kind_loser_at_a_nearby_density_is_not_timed_again(fresh, monkeypatch):
+    """The dense paths keep their order at every density, and so do the sparse ones: the one of a
+    kind that lost by a wide margin at the nearest measured density is dropped."""
+    x, w, mask, _ = _call(density=0.03)
+    key = next(iter(tuning.entries()))
+    prefix = key.rsplit("|", 1)[0]
+    timed = []
+    real = tuning._timed
+    monkeypatch.setattr(tuning, "_timed", lambda trial, impl, dev: timed.append(impl) or real(trial, impl, dev))
+    entries = tuning._cache.load()
+    entries.clear()
+    entries[f"{prefix}|d<=0.1"] = {"winner": "cpu", "times_ms": {"mask_multiply": 4.0, "dense": 9.0, "cpu": 3.5,
+                                                                 "torch_sparse": 8.0}}
+    entries[f"{prefix}|d<=0.8"] = {"winner": "dense", "times_ms": {"mask_multiply": 9.0, "dense": 4.0}}
+    _call(density=0.03, seed=4)
+    assert set(timed) == {"mask_multiply", "cpu"}, timed  # the nearest (0.1) decides, not 0.8
+
+
+def test_the_correctness_check_runs_a_few_rows_in_float64(fresh, monkeypatch):
+    calls = []
+    real = tuning.agrees
+    monkeypatch.setattr(tuning, "agrees", lambda got, want, dtype: calls.append((got, want)) or real(got, want, dtype))
+    x, w, mask, _ = _call(rows=200)
+    assert calls
+    for got, want in calls:
+        assert got[0].shape == (tuning.CHECK_ROWS, 96) and want[0].dtype == torch.float64
+        assert got[2].shape == w.shape  # dw: every kept weight is checked

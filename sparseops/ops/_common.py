@@ -109,31 +109,37 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
     return layout
 
 
-def trial(run, x, *args):
-    """`trial(impl, exact=False)` for sparseops.tuning: runs `run(impl, x, *args)` on detached copies
-    of the tensors (in float64 with `exact`, the reference a result is checked against), forward
-    and, where the call would train, backward with a fixed random output gradient (a private
-    generator: the global RNG is untouched). Returns the output and the gradients."""
+def trial(run, x, *args, batched: bool = True):
+    """`trial(impl, exact=False, rows=None)` for sparseops.tuning: runs `run(impl, x, *args)` on
+    detached copies of the tensors (in float64 with `exact`, the reference a result is checked
+    against), forward and, where the call would train, backward with a fixed random output gradient
+    (a private generator: the global RNG is untouched). Returns the output and the gradients.
+    `rows`: only the leading entries of a `batched` x that make about that many rows of the product
+    (one image of a convolution), for the correctness check, which needs every kept weight, not
+    every row."""
     tensors = [x, *args]
     train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-    grad_out = []
+    grad_out = {}
+    per_item = max(1, x[:1].numel() // max(1, x.shape[-1])) if batched and x.dim() > 1 else 0
 
-    def copy(t, exact):
+    def copy(t, exact, items=None):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             return t
+        t = t if items is None else t[:items]
         return (t.detach().double() if exact else t.detach()).requires_grad_(t.requires_grad)
 
-    def run_one(impl, exact=False):
-        copies = [copy(t, exact) for t in tensors]
+    def run_one(impl, exact=False, rows=None):
+        items = -(-rows // per_item) if rows and per_item else None
+        copies = [copy(x, exact, items), *(copy(t, exact) for t in args)]
         with torch.enable_grad() if train else torch.no_grad():
             y = run(impl, *copies)
             if not train:
                 return [y]
-            if not grad_out:
+            if y.shape not in grad_out:
                 gen = torch.Generator(device=y.device).manual_seed(0)
-                grad_out.append(torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype))
+                grad_out[y.shape] = torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype)
             wrt = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
-            return [y, *torch.autograd.grad(y, wrt, grad_out[0].to(y.dtype))]
+            return [y, *torch.autograd.grad(y, wrt, grad_out[y.shape].to(y.dtype))]
 
     run_one.train = train
     return run_one

@@ -41,7 +41,7 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float 
     checks.same_device("soft_mask", w=w, s=s)
     checks.like("soft_mask", "w", w, s=s)  # floating, one dtype: every path takes the call or none does
     impl = backend.choose("soft_mask", w.device, numel=w.numel(), dtype=w.dtype,
-                          trial=trial(_run_soft_mask, w, s, beta, scale))
+                          trial=trial(_run_soft_mask, w, s, beta, scale, batched=False))
     return _run_soft_mask(impl, w, s, beta, scale)
 
 
@@ -59,7 +59,7 @@ def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torc
     checks.same_device("soft_mask_l1", s=s)
     checks.like("soft_mask_l1", "s", s)
     impl = backend.choose("soft_mask_l1", s.device, numel=s.numel(), dtype=s.dtype,
-                          trial=trial(_run_soft_mask_l1, s, beta, scale))
+                          trial=trial(_run_soft_mask_l1, s, beta, scale, batched=False))
     return _run_soft_mask_l1(impl, s, beta, scale)
 
 
