@@ -120,7 +120,6 @@ def trial(run, x, *args, batched: bool = True):
     tensors = [x, *args]
     train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     grad_out = {}
-    per_item = max(1, x[:1].numel() // max(1, x.shape[-1])) if batched and x.dim() > 1 else 0
 
     def copy(t, exact, items=None):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
@@ -129,7 +128,8 @@ def trial(run, x, *args, batched: bool = True):
         return (t.detach().double() if exact else t.detach()).requires_grad_(t.requires_grad)
 
     def run_one(impl, exact=False, rows=None):
-        items = -(-rows // per_item) if rows and per_item else None
+        per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1  # rows of a linear: every dim but the last
+        items = -(-rows // per_item) if rows and batched and x.dim() > 1 else None
         copies = [copy(x, exact, items), *(copy(t, exact) for t in args)]
         with torch.enable_grad() if train else torch.no_grad():
             y = run(impl, *copies)
