@@ -57,19 +57,21 @@ def _cases():
     w, s = torch.randn(3072, 768, requires_grad=True), torch.randn(3072, 768, requires_grad=True)
     gw = torch.randn(3072, 768)
 
-    def soft(fused):
+    def soft(how):
         def run():
             w.grad = s.grad = None
-            if fused:
-                with sparseops.backend("cpu"):
-                    out, pen = sparseops.soft_mask(w, s, 4.0, 2.0), sparseops.soft_mask_l1(s, 4.0, 2.0)
-            else:
+            if how == "eager":
                 m = torch.sigmoid(4.0 * s)
                 out, pen = w * 2.0 * m, 2.0 * m.sum()
+            else:
+                with sparseops.backend("cpu"):
+                    out, pen = (sparseops.soft_mask_with_l1(w, s, 4.0, 2.0) if how == "pair" else
+                                (sparseops.soft_mask(w, s, 4.0, 2.0), sparseops.soft_mask_l1(s, 4.0, 2.0)))
             torch.autograd.backward([out, pen], [gw, torch.tensor(1e-3)])
         return run
 
-    yield "soft mask fwd+bwd+L1, 3072x768", {"eager torch": soft(False), "sparseops kernel": soft(True)}
+    yield "soft mask fwd+bwd+L1, 3072x768", {"eager torch": soft("eager"), "sparseops kernels": soft("two"),
+                                             "sparseops soft_mask_with_l1": soft("pair")}
     b, c, hw, co = CONV
     xc = torch.randn(b, c, hw, hw, generator=g, requires_grad=True)
     for sp in CONV_SPARSITIES:

@@ -10,6 +10,7 @@ from sparseops import reference
 
 SHAPE = (3072, 768)
 CONFIGS = [dict(what=w, provider=p) for w, p in itertools.product(["soft_mask", "soft_mask+l1"], ["eager", "sparseops"])]
+CONFIGS.append(dict(what="soft_mask+l1", provider="sparseops_with_l1"))  # both from one pass each way
 
 
 def make_step(what, provider):
@@ -25,6 +26,10 @@ def make_step(what, provider):
 
     def step():
         clear()
+        if provider == "sparseops_with_l1":
+            out, l1 = sparseops.soft_mask_with_l1(w, s, beta, scale)
+            torch.autograd.backward([out, 1e-8 * l1], [g, torch.tensor(1.0)])
+            return
         out = impl.soft_mask(w, s, beta, scale)
         if what == "soft_mask":
             out.backward(g)

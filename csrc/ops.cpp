@@ -25,6 +25,12 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("soft_mask_l1(Tensor s, float beta, float scale) -> Tensor");
   // ds = grad * scale * beta * m * (1 - m), grad a 0-dim tensor.
   m.def("soft_mask_l1_backward(Tensor grad, Tensor s, float beta, float scale) -> Tensor");
+  // Both in one pass: (soft_mask(w, s, beta, scale), soft_mask_l1(s, beta, scale)); its backward
+  // takes both incoming gradients (grad_l1 0-dim) in one pass:
+  // dw = g * scale * m, ds = (g * w + grad_l1) * scale * beta * m * (1 - m).
+  m.def("soft_mask_with_l1(Tensor w, Tensor s, float beta, float scale) -> (Tensor, Tensor)");
+  m.def("soft_mask_with_l1_backward(Tensor grad, Tensor grad_l1, Tensor w, Tensor s, float beta, float scale) "
+        "-> (Tensor, Tensor)");
 
   // y = x @ (w * mask)^T + bias with the mask given as CSR of W (row_ptr, col_idx) and of W^T
   // (t_row_ptr, t_col_idx); weight values are read from the dense w through the indices.

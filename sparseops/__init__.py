@@ -8,7 +8,7 @@ from . import backend  # the module, callable as the context manager: `with spar
 from .backend import get_backend
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
-from .ops.soft_mask import soft_mask, soft_mask_l1
+from .ops.soft_mask import soft_mask, soft_mask_l1, soft_mask_with_l1
 from .ops.soft_masked_conv2d import soft_masked_conv2d
 from .ops.soft_masked_linear import soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
@@ -41,6 +41,7 @@ __all__ = [
     "reference",
     "soft_mask",
     "soft_mask_l1",
+    "soft_mask_with_l1",
     "soft_masked_conv2d",
     "soft_masked_linear",
     "tickets",

@@ -27,7 +27,7 @@ except ImportError as exc:  # a CPU-only build, or CUDA libraries that cannot be
 
 lib = torch.ops.sparseops
 
-_COMPILED = ("soft_mask", "soft_mask_l1", "masked_linear", "masked_linear_dense", "masked_conv2d")
+_COMPILED = ("soft_mask", "soft_mask_l1", "soft_mask_with_l1", "masked_linear", "masked_linear_dense", "masked_conv2d")
 # Read once: a plain dict is cheap and torch.compile-friendly.
 _KERNELS = {(op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseops::{op}", key)
             for op in _COMPILED for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}

@@ -209,7 +209,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
     """The implementation (a name from this module's docstring) that runs `op` for a call on
     `device`, from the active backend and the facts of the call:
 
-      soft_mask, soft_mask_l1    numel
+      soft_mask(_l1, _with_l1)   numel
       masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x)
       masked_linear_block        tile_density
       masked_conv2d              density, shape (w as 2-D), full, supported (geometry the kernels
@@ -374,6 +374,7 @@ sys.modules[__name__].__class__ = _Module
 _CHOOSERS = {
     "soft_mask": _soft_mask,
     "soft_mask_l1": _soft_mask,
+    "soft_mask_with_l1": _soft_mask,
     "masked_linear": _masked_linear,
     "masked_linear_block": _block,
     "masked_conv2d": _masked_conv2d,

@@ -23,7 +23,7 @@ from torch import nn
 from .layout import as_bool_mask, csr_layout
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
-from .ops.soft_mask import soft_mask_l1
+from .ops.soft_mask import penalty_after_forward
 from .ops.soft_masked_conv2d import soft_masked_conv2d
 from .ops.soft_masked_linear import soft_masked_linear
 
@@ -158,8 +158,10 @@ class _SoftMaskedMixin:
         return self.weight_score.detach() > 0
 
     def penalty(self) -> torch.Tensor:
-        """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused."""
-        return soft_mask_l1(self.weight_score, self.beta, self.scale)
+        """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused; after a
+        forward on the CPU, the sum that forward's soft mask computed in its pass (one backward
+        pass then gives both gradients)."""
+        return penalty_after_forward(self.weight_score, self.beta, self.scale)
 
     @property
     def sparsity(self) -> float:

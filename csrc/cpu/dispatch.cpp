@@ -196,19 +196,31 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
   });
 }
 
+// Fixed chunks (not one per thread) so that sums do not depend on the thread count.
+constexpr int64_t kSumChunk = 32768;
+
 template <typename T>
-int64_t soft_mask_fwd(const SoftMaskArgs<T>& a) {
-  std::atomic<int64_t> nan{0};
-  parallel_range(a.n, [&](int64_t i0, int64_t i1) {
-    int64_t local = 0;
-    switch (active_isa()) {
-      case Isa::Avx512: local = isa_avx512::soft_mask_fwd(a, i0, i1); break;
-      case Isa::Avx2: local = isa_avx2::soft_mask_fwd(a, i0, i1); break;
-      default: local = isa_default::soft_mask_fwd(a, i0, i1);
+int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, double* total) {
+  const int64_t chunks = (a.n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> partial(chunks, 0.0);
+  std::vector<int64_t> nan(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * kSumChunk, i1 = std::min(a.n, i0 + kSumChunk);
+      switch (active_isa()) {
+        case Isa::Avx512: nan[c] = isa_avx512::soft_mask_fwd(a, i0, i1, &partial[c]); break;
+        case Isa::Avx2: nan[c] = isa_avx2::soft_mask_fwd(a, i0, i1, &partial[c]); break;
+        default: nan[c] = isa_default::soft_mask_fwd(a, i0, i1, &partial[c]);
+      }
     }
-    nan += local;
   });
-  return nan.load();
+  int64_t bad = 0;
+  *total = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    *total += partial[c];
+    bad += nan[c];
+  }
+  return bad;
 }
 
 template <typename T>
@@ -218,8 +230,7 @@ void soft_mask_bwd(const SoftMaskArgs<T>& a) {
 
 template <typename T>
 double soft_mask_sum(const T* s, T beta, int64_t n, int64_t* nan_count) {
-  // Fixed chunks (not one per thread) so the result does not depend on the thread count.
-  constexpr int64_t C = 32768;
+  constexpr int64_t C = kSumChunk;
   const int64_t chunks = (n + C - 1) / C;
   std::vector<double> partial(chunks, 0.0);
   std::vector<int64_t> nan(chunks, 0);
@@ -255,7 +266,7 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n) {
   SPARSEOPS_DISPATCH_TI(T, int32_t)                                                       \
   SPARSEOPS_DISPATCH_TI(T, int64_t)                                                       \
   template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*); \
-  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&);                              \
+  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, double*);                              \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&);                                 \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t*);                       \
   template void soft_mask_l1_bwd<T>(const T*, T, T, T*, int64_t);

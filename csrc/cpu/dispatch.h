@@ -16,7 +16,8 @@ template <typename I> int64_t count_invalid_csr(const I* row_ptr, const I* col, 
 // xt[k, m] = x[m, k], rows zero-padded to ldt; with rowmap, column k of x goes to row rowmap[k].
 template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt,
                                          const int64_t* rowmap = nullptr);
-template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>& a);  // returns the NaN count of s
+// returns the NaN count of s; *total: sum of sigmoid(beta * s) (the L1 penalty without its scale)
+template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, double* total);
 template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>& a);
 template <typename T> double soft_mask_sum(const T* s, T beta, int64_t n, int64_t* nan_count);
 template <typename T> void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n);

@@ -79,6 +79,7 @@ struct SoftMaskArgs {
   T beta, scale;
   T* out;  // forward output, or dw
   T* ds;   // backward only
+  T l1 = 0;  // backward: the gradient reaching the L1 penalty scale * sum(sigmoid(beta * s))
 };
 
 #define SPARSEOPS_DECLARE_ISA(ns)                                                         \
@@ -95,7 +96,8 @@ struct SoftMaskArgs {
                                            T* xt, int64_t ldt, int64_t k0, int64_t k1,    \
                                            const int64_t* rowmap);                        \
   /* forward; returns how many s in [i0, i1) are NaN */                                  \
-  template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \
+  template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1, \
+                                               double* total);                                \
   template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1); \
   /* returns sum of sigmoid(beta*s) over [i0, i1); adds the NaN count of s to *bad */         \
   template <typename T> double soft_mask_sum(const T* s, T beta, int64_t i0, int64_t i1,  \

@@ -464,19 +464,28 @@ static inline void store_tail(float* p, VF v, int64_t n) {
   for (int64_t l = 0; l < n; ++l) p[l] = v[l];
 }
 
+// Also sums the mask over [i0, i1) into *total (CS's L1 penalty in the same pass).
 template <typename T>
-int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
+int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1, double* total) {
   int64_t bad = 0;
   if constexpr (std::is_same_v<T, float>) {
     constexpr int W = Vec<float>::W;
     VI nan = {};
+    VF acc = {};
+    double sum = 0;
     int64_t i = i0;
-    for (; i + W <= i1; i += W) {
+    for (int64_t blk = 0; i + W <= i1; i += W) {
       const VF s = loadu<VF>(a.s + i);
       VF m, dm;
       vsigmoid(s * a.beta, m, dm);
       storeu(a.out + i, loadu<VF>(a.w + i) * a.scale * m);
+      acc += m;
       nan |= s != s;
+      if (++blk == 1024) {  // spill to double now and then: a float sum of millions drifts
+        sum += hsum<float>(acc);
+        acc = VF{};
+        blk = 0;
+      }
     }
     if (i < i1) {
       const int64_t n = i1 - i;
@@ -484,23 +493,29 @@ int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
       VF m, dm;
       vsigmoid(s * a.beta, m, dm);
       store_tail(a.out + i, load_tail(a.w + i, n) * a.scale * m, n);
+      for (int64_t l = 0; l < n; ++l) acc[l] += m[l];
       nan |= s != s;
     }
     for (int l = 0; l < W; ++l) bad -= nan[l];  // true lanes are -1
+    *total = sum + hsum<float>(acc);
   } else {
+    double sum = 0;
     for (int64_t i = i0; i < i1; ++i) {
       double m, dm;
       ssigmoid(a.beta * a.s[i], m, dm);
       a.out[i] = a.w[i] * a.scale * m;
+      sum += m;
       bad += std::isnan(a.s[i]);
     }
+    *total = sum;
   }
   return bad;
 }
 
+// ds also takes the L1 penalty's gradient, a.l1 * scale * beta * dm (0 when a.l1 is).
 template <typename T>
 void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
-  const T sb = a.scale * a.beta;
+  const T sb = a.scale * a.beta, c = a.l1 * sb;
   if constexpr (std::is_same_v<T, float>) {
     constexpr int W = Vec<float>::W;
     int64_t i = i0;
@@ -509,7 +524,7 @@ void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
       vsigmoid(loadu<VF>(a.s + i) * a.beta, m, dm);
       const VF g = loadu<VF>(a.g + i);
       storeu(a.out + i, g * a.scale * m);
-      storeu(a.ds + i, nz(dm, g * loadu<VF>(a.w + i) * sb * dm));
+      storeu(a.ds + i, nz(dm, (g * loadu<VF>(a.w + i) * sb + c) * dm));
     }
     if (i < i1) {
       const int64_t n = i1 - i;
@@ -517,14 +532,14 @@ void soft_mask_bwd(const SoftMaskArgs<T>& a, int64_t i0, int64_t i1) {
       vsigmoid(load_tail(a.s + i, n) * a.beta, m, dm);
       const VF g = load_tail(a.g + i, n);
       store_tail(a.out + i, g * a.scale * m, n);
-      store_tail(a.ds + i, nz(dm, g * load_tail(a.w + i, n) * sb * dm), n);
+      store_tail(a.ds + i, nz(dm, (g * load_tail(a.w + i, n) * sb + c) * dm), n);
     }
   } else {
     for (int64_t i = i0; i < i1; ++i) {
       double m, dm;
       ssigmoid(a.beta * a.s[i], m, dm);
       a.out[i] = a.g[i] * a.scale * m;
-      a.ds[i] = dm == 0 ? 0.0 : a.g[i] * a.w[i] * sb * dm;
+      a.ds[i] = dm == 0 ? 0.0 : (a.g[i] * a.w[i] * sb + c) * dm;
     }
   }
 }
@@ -606,7 +621,7 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t i0, int64_t i1)
   SPARSEOPS_INSTANTIATE_TI(T, int64_t)                                                  \
   template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t,      \
                                  int64_t, int64_t, const int64_t*);                     \
-  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);         \
+  template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t, double*);         \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);            \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t, int64_t*);           \
   template void soft_mask_l1_bwd<T>(const T*, T, T, T*, int64_t, int64_t);

@@ -179,7 +179,24 @@ TORCH_LIBRARY_FRAGMENT(sparseops, m) {
   m.def("_cuda_arch_list() -> str", [] { return std::string(SPARSEOPS_CUDA_ARCHS); });
 }
 
+// The fused pair (one pass each way on the CPU) is composed of the kernels above on GPUs: two
+// passes forward, two and an add backward, the cost of calling soft_mask and soft_mask_l1.
+std::tuple<at::Tensor, at::Tensor> soft_mask_with_l1_cuda(const at::Tensor& w, const at::Tensor& s, double beta,
+                                                           double scale) {
+  return {soft_mask_cuda(w, s, beta, scale), soft_mask_l1_cuda(s, beta, scale)};
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_mask_with_l1_backward_cuda(const at::Tensor& grad,
+                                                                    const at::Tensor& grad_l1, const at::Tensor& w,
+                                                                    const at::Tensor& s, double beta, double scale) {
+  auto [dw, ds] = soft_mask_backward_cuda(grad, w, s, beta, scale);
+  if (grad_l1.defined()) ds.add_(soft_mask_l1_backward_cuda(grad_l1, s, beta, scale));
+  return {dw, ds};
+}
+
 TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
+  m.impl("soft_mask_with_l1", &soft_mask_with_l1_cuda);
+  m.impl("soft_mask_with_l1_backward", &soft_mask_with_l1_backward_cuda);
   m.impl("soft_mask", &soft_mask_cuda);
   m.impl("soft_mask_backward", &soft_mask_backward_cuda);
   m.impl("soft_mask_l1", &soft_mask_l1_cuda);

@@ -113,7 +113,7 @@ def trial(run, x, *args, batched: bool = True):
     """`trial(impl, exact=False, rows=None)` for sparseops.tuning: runs `run(impl, x, *args)` on
     detached copies of the tensors (in float64 with `exact`, the reference a result is checked
     against), forward and, where the call would train, backward with a fixed random output gradient
-    (a private generator: the global RNG is untouched). Returns the output and the gradients.
+    (a private generator: the global RNG is untouched). Returns the output(s) and the gradients.
     `rows`: only the leading entries of a `batched` x that make about that many rows of the product
     (one image of a convolution), for the correctness check, which needs every kept weight, not
     every row."""
@@ -132,14 +132,16 @@ def trial(run, x, *args, batched: bool = True):
         items = -(-rows // per_item) if rows and batched and x.dim() > 1 else None
         copies = [copy(x, exact, items), *(copy(t, exact) for t in args)]
         with torch.enable_grad() if train else torch.no_grad():
-            y = run(impl, *copies)
+            ys = run(impl, *copies)
+            ys = list(ys) if isinstance(ys, (tuple, list)) else [ys]
             if not train:
-                return [y]
-            if y.shape not in grad_out:
-                gen = torch.Generator(device=y.device).manual_seed(0)
-                grad_out[y.shape] = torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype)
+                return ys
+            for y in ys:
+                if y.shape not in grad_out:
+                    gen = torch.Generator(device=y.device).manual_seed(0)
+                    grad_out[y.shape] = torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype)
             wrt = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
-            return [y, *torch.autograd.grad(y, wrt, grad_out[y.shape].to(y.dtype))]
+            return [*ys, *torch.autograd.grad(ys, wrt, [grad_out[y.shape].to(y.dtype) for y in ys])]
 
     run_one.train = train
     return run_one
