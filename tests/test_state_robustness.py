@@ -163,3 +163,32 @@ def test_soft_mask_gradients_past_float32_range(name, beta, scale):
     assert torch.equal(ds, torch.zeros_like(ds)) and torch.equal(ds_l1, torch.zeros_like(ds_l1))
     torch.testing.assert_close(y, w.detach() * scale * (s.detach() > 0))
     torch.testing.assert_close(dw, scale * (s.detach() > 0).float())
+
+
+# ---- item 11: random pruning resumes with the generator's state -------------------------------------
+
+
+def _random_search(checkpoint_dir, fail_at=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    data = (x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
+    trainer = tickets.Trainer(data, data, epochs=1, batch_size=16, lr=0.1)
+
+    def train_fn(m, level):
+        if level.index == fail_at:
+            raise KeyboardInterrupt
+        return trainer(m, level)
+
+    g = torch.Generator().manual_seed(1)
+    return tickets.imp(_model(), train_fn, levels=3, rate=0.5, pruning="random", generator=g,
+                       checkpoint_dir=checkpoint_dir, progress=False)
+
+
+def test_random_pruning_resumes_with_the_same_masks(tmp_path):
+    full = _random_search(None)
+    with pytest.raises(KeyboardInterrupt):
+        _random_search(tmp_path, fail_at=2)
+    resumed = _random_search(tmp_path)
+    for a, b in zip(full.levels, resumed.levels, strict=True):
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks), f"level {a.level}"
+        assert (a.metrics["accuracy"], a.metrics["train_loss"]) == (b.metrics["accuracy"], b.metrics["train_loss"])

@@ -164,7 +164,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     of each prunable layer (the random-pruning baseline).
 
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
-    metrics, torch and Python RNG states); calling imp again with the same directory and settings
+    metrics, torch's, Python's and `generator`'s RNG states); calling imp again with the same directory and settings
     resumes after the last finished level and gives the same result as an uninterrupted run.
     """
     check_model(model, "tickets.imp")
@@ -202,7 +202,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     start = 0
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        results, rewind_state, start_point = _resume(model, checkpoint_dir, config)
+        results, rewind_state, start_point = _resume(model, checkpoint_dir, config, generator)
         start = len(results)
 
     bar = None
@@ -247,7 +247,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
                    "wall_time": wall, "masks": result.masks, "state": _weights_state(model),
                    "rewind": rewind_state if index == 0 else None,
                    "rewind_point": list(start_point) if index == 0 else None, "torch_rng": torch.get_rng_state(),
-                   "python_rng": random.getstate()},
+                   "python_rng": random.getstate(),
+                   "generator_rng": None if generator is None else generator.get_state()},
                   os.path.join(checkpoint_dir, f"level_{index:03d}.pt"))
         if bar is not None:
             acc = result.metrics.get("accuracy")
@@ -258,7 +259,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     return SearchResult("imp" if pruning == "magnitude" else "random", results)
 
 
-def _resume(model, checkpoint_dir, config):
+def _resume(model, checkpoint_dir, config, generator):
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
     results, rewind_state, point, last = [], None, (0, 0, 0), None
     for i, path in enumerate(files):
@@ -278,6 +279,8 @@ def _resume(model, checkpoint_dir, config):
         model.load_state_dict(last["state"])
         torch.set_rng_state(last["torch_rng"])
         random.setstate(_as_tuple(last["python_rng"]))
+        if generator is not None and last.get("generator_rng") is not None:  # random pruning's draws go on
+            generator.set_state(last["generator_rng"])
     return results, rewind_state, point
 
 
