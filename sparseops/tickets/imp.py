@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..patch import check_model, patch
+from .files import TicketFileError, checksum, load_file, verify
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
 from .pruning import (SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks,
@@ -134,6 +135,7 @@ def _weights_state(model: nn.Module) -> dict:
 
 
 def _save(obj, path: str) -> None:
+    obj = {**obj, "checksum": checksum(obj)}  # finds bytes changed on disk, which torch.load does not
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a level file is either whole or absent, even if the process dies here
@@ -263,7 +265,7 @@ def _resume(model, checkpoint_dir, config, generator):
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
     results, rewind_state, point, last = [], None, (0, 0, 0), None
     for i, path in enumerate(files):
-        ck = torch.load(path, weights_only=True)
+        ck = _load_level(path, i, files)
         if ck["level"] != i:
             raise RuntimeError(f"sparseops.tickets.imp: {checkpoint_dir} lacks level {i}; it holds {files}")
         if ck["config"] != config:
@@ -282,6 +284,27 @@ def _resume(model, checkpoint_dir, config, generator):
         if generator is not None and last.get("generator_rng") is not None:  # random pruning's draws go on
             generator.set_state(last["generator_rng"])
     return results, rewind_state, point
+
+
+_KEYS = ("config", "level", "sparsity", "metrics", "wall_time", "masks", "state", "rewind", "rewind_point",
+         "torch_rng", "python_rng")
+
+
+def _load_level(path, i, files):
+    """Level i's checkpoint, or a RuntimeError naming the file and how to resume from the last good level."""
+    try:
+        ck = load_file(path, "imp", "IMP level checkpoint")
+        if not isinstance(ck, dict) or any(k not in ck for k in _KEYS):
+            what = f"lacks the keys {[k for k in _KEYS if k not in ck]}" if isinstance(ck, dict) else "is not a dict"
+            raise TicketFileError(f"sparseops.tickets.imp: {path} {what}")
+        if "checksum" in ck:  # checkpoints written before checksums load as they are
+            verify(ck, path, "imp")
+    except TicketFileError as exc:
+        later = [os.path.basename(f) for f in files[i:]]
+        how = (f"delete {later[0] if len(later) == 1 else later} to resume after level {i - 1}, the last good one"
+               if i else "delete the checkpoint directory's level files to start over")
+        raise RuntimeError(f"{exc}; {how}") from exc
+    return ck
 
 
 def _as_tuple(state):
