@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import check_masks, is_dtensor
 from ..patch import check_model, patch
 from .files import TicketFileError, checksum, load_file, verify
 from .masks import get_masks, set_masks, sparsity_report
@@ -203,6 +204,9 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     rewind_state, start_point = None, (0, 0, 0)
     start = 0
     if checkpoint_dir is not None:
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise NotImplementedError("sparseops.tickets.imp: checkpoint_dir on a model sharded by FSDP2 (DTensor "
+                                      "parameters) is not supported: each rank holds only its shards")
         os.makedirs(checkpoint_dir, exist_ok=True)
         results, rewind_state, start_point = _resume(model, checkpoint_dir, config, generator)
         start = len(results)
@@ -218,6 +222,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
                 masks = magnitude_masks(model, rate, scope=scope, exclude=exclude, budget=budget)
             else:
                 masks = random_masks(model, rate, exclude=exclude, generator=generator, budget=budget)
+            check_masks(masks, "tickets.imp")  # DDP/FSDP2: every rank must prune alike (nothing when alone)
             model.load_state_dict(rewind_state)  # masks are not in it: the current ones stay ...
             set_masks(model, masks)  # ... until this
         sparsity = sparsity_report(model).sparsity
