@@ -3,6 +3,7 @@
 that they change nothing), and masks that differ between ranks (FSDP2 and DDP)."""
 import copy
 import datetime
+import inspect
 import os
 import traceback
 
@@ -167,12 +168,21 @@ def test_fsdp2_refused_steps_change_nothing(tmp_path):
 # ---- masks that differ between ranks ----------------------------------------------------------------
 
 
+def _ddp(model):
+    """DDP that syncs buffers once, when it wraps (torch >= 2.14's forward_sync_buffers=False; before
+    it broadcast_buffers=False, which skips that too): as docs/integrations.md advises for masks."""
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        return ddp(model, forward_sync_buffers=False)
+    return ddp(model, broadcast_buffers=False)
+
+
 def _drift(rank, wrap):
     model = sparseops.patch(_model())
-    if rank == 1:
-        model[2].weight_mask[0, 0] = False  # this rank's mask drifted
-    model = _shard(model) if wrap == "fsdp" else nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    model = _shard(model) if wrap == "fsdp" else _ddp(model)
     inner = model if wrap == "fsdp" else model.module
+    if rank == 1:
+        inner[2].weight_mask[0, 0] = False  # this rank's mask drifted
     with pytest.raises(RuntimeError, match=r"differ between ranks.*'2'.*\[1\]"):
         sparseops.sync_masks(inner)
     with pytest.raises(RuntimeError, match="differ between ranks"):  # the pruning step checks too

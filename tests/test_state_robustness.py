@@ -305,3 +305,19 @@ def test_corrupt_imp_checkpoint_is_named_and_the_previous_level_resumes(tmp_path
     resumed = _search(tmp_path)
     for a, b in zip(full.levels, resumed.levels, strict=True):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks) and a.metrics == b.metrics
+
+
+def test_readme_example_loads_digits_in_a_fresh_interpreter():
+    """The README's example up to `tickets.zoo.load_digits()`, in a process that imported nothing
+    else first (the zoo is reached as an attribute of sparseops.tickets)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparseops.__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        block = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    head = block[: block.index("load_digits()")] + "load_digits()\nassert len(train[0]) > len(test[0]) > 0\n"
+    env = {**os.environ, "PYTHONPATH": root, "SPARSEOPS_TUNE": "0"}
+    done = subprocess.run([sys.executable, "-c", head], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
