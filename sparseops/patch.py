@@ -172,7 +172,7 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
     owners: dict[int, str] = {}
     candidates, sharded = [], []
     for name, m in modules:
-        if not is_patched(m) and is_sharded(m) and isinstance(m, tuple(twins)):
+        if _sharded_twin(m, twins) and (filter_fn is None or filter_fn(m, name)):
             sharded.append(name or "model")
             continue
         if is_patched(m):
@@ -194,7 +194,7 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
             owners.setdefault(id(p), name)
     if sharded:  # the mask would be a DTensor (or the layer an FSDP2 class): refused before any change
         raise TypeError(f"sparseops.patch: layers {sharded} are sharded (FSDP2's fully_shard, or DTensor "
-                        "weights); patch the model before fully_shard")
+                        "weights); patch the model before fully_shard (or leave them out with filter_fn)")
     if report.unsupported and on_unsupported == "raise":
         raise NotImplementedError(f"sparseops.patch: cannot patch every layer:\n{report}")
     shared_masks: dict[int, torch.Tensor] = {}  # one mask per weight tensor, for weights tied between layers
@@ -208,6 +208,14 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
         if apply:
             _patch_one(m, twins[type(m)][mode], mode, s0, shared_masks)
     return report
+
+
+def _sharded_twin(m: nn.Module, twins) -> bool:
+    """A layer patch would patch (exactly a supported type, or FSDP2's wrapper of one: FSDPLinear's
+    bases are FSDPModule and nn.Linear) whose weights are sharded."""
+    cls = type(m)
+    return (not is_patched(m) and (cls in twins or any(b in twins for b in cls.__bases__))
+            and is_sharded(m))
 
 
 def _patch_one(m: nn.Module, twin: type, mode: str, s0: float, shared_masks: dict) -> None:
@@ -266,7 +274,7 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
             if as_prune:
                 torch_prune.custom_from_mask(m, "weight", mask)
             else:
-                mask = mask.to(m.weight.dtype)
+                mask = mask.to(device=m.weight.device, dtype=m.weight.dtype)
                 m.weight.mul_(like(mask, m.weight) if is_dtensor(m.weight) else mask)
     return model
 

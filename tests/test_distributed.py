@@ -146,6 +146,17 @@ def _fsdp_refusals(rank, out_dir):
         with pytest.raises(TypeError, match="before fully_shard"):
             sparseops.patch(model)
         assert _buffers_and_types(model) == before
+    # patching again after fully_shard (imp does) is fine where patch would change nothing: layers
+    # left out by filter_fn, and subclasses it never patches
+    model = _model()
+    model[4] = type("Sub", (nn.Linear,), {})(16, 3).double()
+    sparseops.patch(model, filter_fn=lambda m, name: name != "2", on_unsupported="ignore")
+    _shard(model)
+    before = _buffers_and_types(model)
+    sparseops.patch(model, filter_fn=lambda m, name: name != "2", on_unsupported="ignore")
+    assert _buffers_and_types(model) == before
+    with pytest.raises(TypeError, match=r"\['2'\].*before fully_shard"):
+        sparseops.patch(model, on_unsupported="ignore")
     model = _shard(sparseops.patch(_model()))
     before = _buffers_and_types(model)
     with pytest.raises(NotImplementedError, match="as_prune"):
