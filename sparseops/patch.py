@@ -17,6 +17,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from . import nn as snn
+from .distributed import is_dtensor, is_sharded, like
 from .layout import as_bool_mask
 
 MODES = ("mask", "soft")
@@ -169,8 +170,11 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
     modules = list(OrderedDict((id(m), (n, m)) for n, m in model.named_modules(remove_duplicate=False)).values())
     # Weights owned by layers that stay unmasked: a layer tied to one of them cannot be masked alone.
     owners: dict[int, str] = {}
-    candidates = []
+    candidates, sharded = [], []
     for name, m in modules:
+        if _sharded_twin(m, twins) and (filter_fn is None or filter_fn(m, name)):
+            sharded.append(name or "model")
+            continue
         if is_patched(m):
             other = "soft" if isinstance(m, snn._SoftMaskedMixin) else "mask"
             if other != mode:
@@ -188,6 +192,9 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
             report.filtered_out.append(name)
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), name)
+    if sharded:  # the mask would be a DTensor (or the layer an FSDP2 class): refused before any change
+        raise TypeError(f"sparseops.patch: layers {sharded} are sharded (FSDP2's fully_shard, or DTensor "
+                        "weights); patch the model before fully_shard (or leave them out with filter_fn)")
     if report.unsupported and on_unsupported == "raise":
         raise NotImplementedError(f"sparseops.patch: cannot patch every layer:\n{report}")
     shared_masks: dict[int, torch.Tensor] = {}  # one mask per weight tensor, for weights tied between layers
@@ -201,6 +208,14 @@ def _walk(model, mode, filter_fn, s0, on_unsupported, apply) -> PatchReport:
         if apply:
             _patch_one(m, twins[type(m)][mode], mode, s0, shared_masks)
     return report
+
+
+def _sharded_twin(m: nn.Module, twins) -> bool:
+    """A layer patch would patch (exactly a supported type, or FSDP2's wrapper of one: FSDPLinear's
+    bases are FSDPModule and nn.Linear) whose weights are sharded."""
+    cls = type(m)
+    return (not is_patched(m) and (cls in twins or any(b in twins for b in cls.__bases__))
+            and is_sharded(m))
 
 
 def _patch_one(m: nn.Module, twin: type, mode: str, s0: float, shared_masks: dict) -> None:
@@ -227,10 +242,25 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
     objects stay). With `as_prune=True` the mask becomes a torch.nn.utils.prune reparametrisation
     instead (`weight_orig` and `weight_mask`), which keeps the pruned weights' values. Soft layers fold
     their current mask (soft, or the ticket's) including its scale.
+
+    Layers sharded by FSDP2 (`fully_shard` after `patch`) fold their masks into their shards and keep
+    FSDP2's wrapping (FSDPMaskedLinear becomes FSDPLinear); every rank must call it. Soft layers and
+    `as_prune` are refused there. Every layer is checked before any changes.
     """
     check_model(model, "unpatch")
-    for _, m in list(patched_layers(model)):
-        base = _base(m)
+    plan = []
+    for name, m in patched_layers(model):
+        base = _plain_class(m, name)
+        if is_sharded(m) or is_dtensor(m.weight):
+            what = ("as_prune=True" if as_prune else "soft layers" if isinstance(m, snn._SoftMaskedMixin) else None)
+            if what is not None:
+                raise NotImplementedError(f"sparseops.unpatch: {what} on layers sharded by FSDP2 ({name or 'model'}) "
+                                          "is not supported; unpatch before fully_shard")
+        plan.append((m, base))
+    for m in model.modules():
+        if is_sharded(m) and hasattr(m, "reshard"):  # sharded parameters registered, so edits reach the shards
+            m.reshard()
+    for m, base in plan:
         with torch.no_grad():
             if isinstance(m, snn._SoftMaskedMixin):
                 mask = m.soft_mask().detach()
@@ -244,5 +274,30 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
             if as_prune:
                 torch_prune.custom_from_mask(m, "weight", mask)
             else:
-                m.weight.mul_(mask.to(m.weight.dtype))
+                mask = mask.to(device=m.weight.device, dtype=m.weight.dtype)
+                m.weight.mul_(like(mask, m.weight) if is_dtensor(m.weight) else mask)
     return model
+
+
+def _plain_class(m: nn.Module, name: str) -> type:
+    """The class `m` gets back: its twin's base (MaskedLinear -> nn.Linear), or for a class a wrapper
+    made around the twin (FSDP2's FSDPMaskedLinear), the same wrapper around the base (FSDPLinear)."""
+    cls = type(m)
+    if cls.__module__ == snn.__name__:
+        return _base(m)
+    twins = [b for b in cls.__bases__ if b.__module__ == snn.__name__]
+    try:
+        from torch.distributed.fsdp._fully_shard._fully_shard import get_cls_to_fsdp_cls
+    except ImportError:
+        wrappers = {}
+    else:
+        wrappers = get_cls_to_fsdp_cls()
+    if len(twins) != 1 or wrappers.get(twins[0]) is not cls:
+        raise TypeError(f"sparseops.unpatch: {name or 'model'} is a {cls.__name__}, a subclass of a sparseops "
+                        "layer that unpatch does not know how to undo")
+    base = next(b for b in twins[0].__mro__ if b.__module__ != snn.__name__)
+    if base not in wrappers:  # as fully_shard makes it, so a later fully_shard(nn.Linear) gives the same class
+        wrappers[base] = type(cls.__name__.replace(twins[0].__name__, base.__name__),
+                              tuple(base if b is twins[0] else b for b in cls.__bases__),
+                              {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+    return wrappers[base]

@@ -1,5 +1,7 @@
 """Robustness of state (issue 14): masks and tickets applied all-or-nothing, checkpoints that refuse
 corrupt masks and keep a soft model's state, soft masks at extreme beta."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,159 @@ def test_soft_mask_gradients_past_float32_range(name, beta, scale):
     assert torch.equal(ds, torch.zeros_like(ds)) and torch.equal(ds_l1, torch.zeros_like(ds_l1))
     torch.testing.assert_close(y, w.detach() * scale * (s.detach() > 0))
     torch.testing.assert_close(dw, scale * (s.detach() > 0).float())
+
+
+# ---- item 11: random pruning resumes with the generator's state -------------------------------------
+
+
+def _random_search(checkpoint_dir, fail_at=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    data = (x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
+    trainer = tickets.Trainer(data, data, epochs=1, batch_size=16, lr=0.1)
+
+    def train_fn(m, level):
+        if level.index == fail_at:
+            raise KeyboardInterrupt
+        return trainer(m, level)
+
+    g = torch.Generator().manual_seed(1)
+    return tickets.imp(_model(), train_fn, levels=3, rate=0.5, pruning="random", generator=g,
+                       checkpoint_dir=checkpoint_dir, progress=False)
+
+
+def test_random_pruning_resumes_with_the_same_masks(tmp_path):
+    full = _random_search(None)
+    with pytest.raises(KeyboardInterrupt):
+        _random_search(tmp_path, fail_at=2)
+    resumed = _random_search(tmp_path)
+    for a, b in zip(full.levels, resumed.levels, strict=True):
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks), f"level {a.level}"
+        assert (a.metrics["accuracy"], a.metrics["train_loss"]) == (b.metrics["accuracy"], b.metrics["train_loss"])
+
+
+# ---- items 12 and 14: ticket files carry a checksum; every bad file is named with its problem --------
+
+
+def _ticket(tmp_path):
+    model = sparseops.patch(_model())
+    tickets.set_masks(model, tickets.random_masks(model, 0.5, generator=torch.Generator().manual_seed(0)))
+    ticket = Ticket.from_model(model, method="test", level=3)
+    path = tmp_path / "t.pt"
+    ticket.save(path)
+    return ticket, path
+
+
+def _bad_ticket_files(tmp_path, good):
+    data = good.read_bytes()
+    raw = torch.load(good, weights_only=True)
+    out = {"empty": b"", "truncated": data[: len(data) // 2], "random": bytes(range(256)) * 8,
+           "text": b'{"format": "sparseops.ticket"}'}
+    payloads = {
+        "not a ticket": {"something": 1},
+        "a state dict": _model().state_dict(),
+        "no masks": {k: v for k, v in raw.items() if k != "masks"},
+        "no bits": {**raw, "masks": {"0": {"shape": [16, 8]}}},
+        "bits too short": {**raw, "masks": {"0": {"shape": [16, 8], "bits": torch.zeros(3, dtype=torch.uint8)}}},
+        "bad shape": {**raw, "masks": {"0": {"shape": "16x8", "bits": raw["masks"]["0"]["bits"]}}},
+        "masks not a dict": {**raw, "masks": [1, 2]},
+    }
+    for name, payload in payloads.items():
+        torch.save(payload, tmp_path / "p.pt")
+        out[name] = (tmp_path / "p.pt").read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "random", "text", "not a ticket", "a state dict",
+                                  "no masks", "no bits", "bits too short", "bad shape", "masks not a dict"])
+def test_bad_ticket_files_raise_one_error_naming_the_file(tmp_path, case):
+    _, good = _ticket(tmp_path)
+    path = tmp_path / f"bad {case}.pt"
+    path.write_bytes(_bad_ticket_files(tmp_path, good)[case])
+    with pytest.raises(tickets.TicketFileError, match=re.escape(str(path))) as info:
+        Ticket.load(path)
+    assert isinstance(info.value, ValueError)
+
+
+def test_flipped_bytes_in_a_ticket_are_detected(tmp_path):
+    ticket, path = _ticket(tmp_path)
+    data = bytearray(path.read_bytes())
+    bits = bytes(tickets.masks.pack_bits(ticket.masks["2"]).tolist())
+    start = data.find(bits)
+    assert start > 0
+    for i in range(start, start + 32):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(tickets.TicketFileError, match="checksum"):
+        Ticket.load(path)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_byte_flips_load_the_same_ticket_or_raise(tmp_path, seed):
+    ticket, path = _ticket(tmp_path)
+    data = bytearray(path.read_bytes())
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randperm(len(data), generator=g)[:32].tolist():
+        data[i] ^= 1 + int(torch.randint(255, (), generator=g))
+    path.write_bytes(bytes(data))
+    try:
+        loaded = Ticket.load(path)
+    except tickets.TicketFileError:
+        return
+    assert loaded.metadata == ticket.metadata
+    assert set(loaded.masks) == set(ticket.masks)
+    assert all(torch.equal(loaded.masks[k], ticket.masks[k]) for k in ticket.masks)
+
+
+def test_ticket_files_without_a_checksum_still_load(tmp_path):
+    ticket, path = _ticket(tmp_path)
+    old = torch.load(path, weights_only=True)
+    old.pop("checksum", None)
+    old["version"] = 1
+    torch.save(old, path)
+    loaded = Ticket.load(path)
+    assert all(torch.equal(loaded.masks[k], ticket.masks[k]) for k in ticket.masks)
+
+
+def _search(checkpoint_dir, fail_at=None):
+    def train_fn(m, level):
+        if level.index == fail_at:
+            raise KeyboardInterrupt
+        with torch.no_grad():  # a deterministic "training" step that moves the weights
+            for p in m.parameters():
+                p.mul_(1.1).add_(0.01)
+        return {"accuracy": float(level.index)}
+
+    torch.manual_seed(0)
+    return tickets.imp(_model(), train_fn, levels=3, checkpoint_dir=checkpoint_dir, progress=False)
+
+
+def test_corrupt_imp_checkpoint_is_named_and_the_previous_level_resumes(tmp_path):
+    full = _search(None)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tmp_path, fail_at=3)
+    latest = tmp_path / "level_002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=re.escape(str(latest)) + r".*level 1") as info:
+        _search(tmp_path)
+    assert "delete" in str(info.value)
+    latest.unlink()  # as the error says: the search resumes after level 1
+    resumed = _search(tmp_path)
+    for a, b in zip(full.levels, resumed.levels, strict=True):
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks) and a.metrics == b.metrics
+
+
+def test_readme_example_loads_digits_in_a_fresh_interpreter():
+    """The README's example up to `tickets.zoo.load_digits()`, in a process that imported nothing
+    else first (the zoo is reached as an attribute of sparseops.tickets)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparseops.__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        block = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    head = block[: block.index("load_digits()")] + "load_digits()\nassert len(train[0]) > len(test[0]) > 0\n"
+    env = {**os.environ, "PYTHONPATH": root, "SPARSEOPS_TUNE": "0"}
+    done = subprocess.run([sys.executable, "-c", head], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import check_masks, is_dtensor
 from ..patch import check_model, patch
+from .files import TicketFileError, checksum, load_file, verify
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
 from .pruning import (SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks,
@@ -134,6 +136,7 @@ def _weights_state(model: nn.Module) -> dict:
 
 
 def _save(obj, path: str) -> None:
+    obj = {**obj, "checksum": checksum(obj)}  # finds bytes changed on disk, which torch.load does not
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a level file is either whole or absent, even if the process dies here
@@ -164,7 +167,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     of each prunable layer (the random-pruning baseline).
 
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
-    metrics, torch and Python RNG states); calling imp again with the same directory and settings
+    metrics, torch's, Python's and `generator`'s RNG states); calling imp again with the same directory and settings
     resumes after the last finished level and gives the same result as an uninterrupted run.
     """
     check_model(model, "tickets.imp")
@@ -201,8 +204,11 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     rewind_state, start_point = None, (0, 0, 0)
     start = 0
     if checkpoint_dir is not None:
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise NotImplementedError("sparseops.tickets.imp: checkpoint_dir on a model sharded by FSDP2 (DTensor "
+                                      "parameters) is not supported: each rank holds only its shards")
         os.makedirs(checkpoint_dir, exist_ok=True)
-        results, rewind_state, start_point = _resume(model, checkpoint_dir, config)
+        results, rewind_state, start_point = _resume(model, checkpoint_dir, config, generator)
         start = len(results)
 
     bar = None
@@ -216,6 +222,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
                 masks = magnitude_masks(model, rate, scope=scope, exclude=exclude, budget=budget)
             else:
                 masks = random_masks(model, rate, exclude=exclude, generator=generator, budget=budget)
+            check_masks(masks, "tickets.imp")  # DDP/FSDP2: every rank must prune alike (nothing when alone)
             model.load_state_dict(rewind_state)  # masks are not in it: the current ones stay ...
             set_masks(model, masks)  # ... until this
         sparsity = sparsity_report(model).sparsity
@@ -247,7 +254,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
                    "wall_time": wall, "masks": result.masks, "state": _weights_state(model),
                    "rewind": rewind_state if index == 0 else None,
                    "rewind_point": list(start_point) if index == 0 else None, "torch_rng": torch.get_rng_state(),
-                   "python_rng": random.getstate()},
+                   "python_rng": random.getstate(),
+                   "generator_rng": None if generator is None else generator.get_state()},
                   os.path.join(checkpoint_dir, f"level_{index:03d}.pt"))
         if bar is not None:
             acc = result.metrics.get("accuracy")
@@ -258,11 +266,11 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     return SearchResult("imp" if pruning == "magnitude" else "random", results)
 
 
-def _resume(model, checkpoint_dir, config):
+def _resume(model, checkpoint_dir, config, generator):
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
     results, rewind_state, point, last = [], None, (0, 0, 0), None
     for i, path in enumerate(files):
-        ck = torch.load(path, weights_only=True)
+        ck = _load_level(path, i, files)
         if ck["level"] != i:
             raise RuntimeError(f"sparseops.tickets.imp: {checkpoint_dir} lacks level {i}; it holds {files}")
         if ck["config"] != config:
@@ -278,7 +286,30 @@ def _resume(model, checkpoint_dir, config):
         model.load_state_dict(last["state"])
         torch.set_rng_state(last["torch_rng"])
         random.setstate(_as_tuple(last["python_rng"]))
+        if generator is not None and last.get("generator_rng") is not None:  # random pruning's draws go on
+            generator.set_state(last["generator_rng"])
     return results, rewind_state, point
+
+
+_KEYS = ("config", "level", "sparsity", "metrics", "wall_time", "masks", "state", "rewind", "rewind_point",
+         "torch_rng", "python_rng")
+
+
+def _load_level(path, i, files):
+    """Level i's checkpoint, or a RuntimeError naming the file and how to resume from the last good level."""
+    try:
+        ck = load_file(path, "imp", "IMP level checkpoint")
+        if not isinstance(ck, dict) or any(k not in ck for k in _KEYS):
+            what = f"lacks the keys {[k for k in _KEYS if k not in ck]}" if isinstance(ck, dict) else "is not a dict"
+            raise TicketFileError(f"sparseops.tickets.imp: {path} {what}")
+        if "checksum" in ck:  # checkpoints written before checksums load as they are
+            verify(ck, path, "imp")
+    except TicketFileError as exc:
+        later = [os.path.basename(f) for f in files[i:]]
+        how = (f"delete {later[0] if len(later) == 1 else later} to resume after level {i - 1}, the last good one"
+               if i else "delete the checkpoint directory's level files to start over")
+        raise RuntimeError(f"{exc}; {how}") from exc
+    return ck
 
 
 def _as_tuple(state):

@@ -13,9 +13,10 @@ from torch import nn
 from .. import nn as snn
 from ..layout import as_bool_mask
 from ..patch import check_model, patch, patch_report, patched_layers
+from .files import TicketFileError, checksum, load_file, verify
 
 FORMAT = "sparseops.ticket"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a checksum over masks and metadata (version 1 files, without it, still load)
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -207,6 +208,11 @@ class Ticket:
         masks = _as_masks(self.masks, "Ticket.save")
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": self.metadata,
                    "masks": {k: {"shape": list(m.shape), "bits": pack_bits(m)} for k, m in masks.items()}}
+        try:
+            payload["checksum"] = checksum(payload)
+        except TypeError as exc:
+            raise TypeError(f"sparseops.tickets.Ticket.save: metadata must hold plain values "
+                            f"(str, numbers, lists, dicts, tensors): {exc}") from None
         tmp = f"{os.fspath(path)}.tmp"
         torch.save(payload, tmp)
         try:  # fail now on metadata that weights_only loading would refuse, not when loading later
@@ -219,11 +225,32 @@ class Ticket:
 
     @classmethod
     def load(cls, path, *, map_location=None) -> Ticket:
-        payload = torch.load(path, weights_only=True, map_location=map_location)
+        """Reads a file `save` wrote. A file that is not a whole, unchanged ticket raises TicketFileError
+        (a ValueError) naming it and the problem; files of format version 1 (no checksum) load."""
+        payload = load_file(path, "Ticket.load", "torch file", map_location=map_location)
+
+        def bad(problem):
+            return TicketFileError(f"sparseops.tickets.Ticket.load: {os.fspath(path)} {problem}")
+
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"sparseops.tickets.Ticket.load: {os.fspath(path)} is not a sparseops ticket")
-        if payload.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"sparseops.tickets.Ticket.load: ticket format version {payload['version']} is newer "
-                             f"than this sparseops reads ({FORMAT_VERSION})")
-        masks = {k: unpack_bits(v["bits"], v["shape"]) for k, v in payload["masks"].items()}
-        return cls(masks, payload.get("metadata", {}))
+            raise bad("is not a sparseops ticket (no 'format': 'sparseops.ticket')")
+        version = payload.get("version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise bad(f"has ticket format version {version!r}; this sparseops reads up to {FORMAT_VERSION}")
+        if version >= 2 or "checksum" in payload:
+            verify(payload, path, "Ticket.load")
+        masks, metadata = payload.get("masks"), payload.get("metadata", {})
+        if not isinstance(masks, dict) or not isinstance(metadata, dict):
+            raise bad("lacks its masks or metadata (a dict each)")
+        out = {}
+        for k, v in masks.items():
+            shape = v.get("shape") if isinstance(v, dict) else None
+            bits = v.get("bits") if isinstance(v, dict) else None
+            if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+                    and isinstance(bits, torch.Tensor)):
+                raise bad(f"has a bad entry for layer {k!r} (want {{'shape': [ints], 'bits': uint8 tensor}})")
+            try:
+                out[k] = unpack_bits(bits, shape)
+            except ValueError as exc:
+                raise bad(f"has a bad entry for layer {k!r}: {exc}") from None
+        return cls(out, metadata)

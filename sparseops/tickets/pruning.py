@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import nn as snn
+from ..distributed import check_masks, full_tensor, is_dtensor
 from ..patch import check_model, patched_layers
 from .masks import get_masks
 
@@ -106,6 +107,10 @@ def score_masks(model: nn.Module, scores: Mapping[str, torch.Tensor], rate: floa
     unknown = sorted(set(scores) - set(layers))
     if unknown:
         raise ValueError(f"sparseops.tickets.{fn}: scores for {unknown}, which are not prunable layers")
+    # FSDP2's DTensor weights: every rank gathers the whole scores, so the threshold is the one over
+    # all ranks' shards and every rank computes the same masks (checked below).
+    sharded = any(is_dtensor(s) for s in scores.values()) or any(is_dtensor(m.weight) for m in layers.values())
+    scores = {k: full_tensor(s) for k, s in scores.items()}
     for k, s in scores.items():
         if not isinstance(s, torch.Tensor) or s.shape != layers[k].weight.shape:
             raise ValueError(f"sparseops.tickets.{fn}: scores[{k!r}] must be a tensor of shape "
@@ -125,6 +130,8 @@ def score_masks(model: nn.Module, scores: Mapping[str, torch.Tensor], rate: floa
                 layer_rate = min(1.0, rate * sum(int(m.sum()) for m in current.values()) / prunable_kept)
         for k in scores:
             new.update(_threshold_prune({k: scores[k]}, current, layer_rate))
+    if sharded:  # a collective already: a mask that differs between ranks is found here, not later
+        check_masks(new, f"tickets.{fn}")
     return new
 
 
