@@ -223,9 +223,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
     a key times them.
       soft_masked_linear/conv2d  supported (conv), nonzero: a function giving the MaskStats of
                                  `sigmoid(beta*s) != 0` when it is worth a look, else None
-
-    `traced=True` (masked_linear, masked_conv2d given a mask tensor while torch.compile or
-    torch.export traces): see `_traced`.
+    `traced=True`: masked_linear/conv2d given a mask tensor while torch.compile or export traces.
     """
     if facts.pop("traced", False):
         return _traced(op, _state.backend, device, **facts)
@@ -233,11 +231,10 @@ def choose(op: str, device: torch.device, **facts) -> str:
 
 
 def _traced(op, name, device, *, dtype=None, supported=True, symmetric=True):
-    """While a graph is traced the mask's values are unknown (and must stay so: a graph that baked in
-    a density or a layout would ignore later mask edits). The graph then holds `<op>_runtime`, which
-    takes the mask tensor and, each time it runs, finds (or builds) the mask's layout and asks
-    `choose` with that call's facts and the backend then in force. A forced kernel that cannot take
-    the call raises now; an asymmetric 'same' padding (no int pair for the op) is a mask multiply."""
+    """While a graph is traced the mask's values are unknown (a graph that baked in a density or layout
+    would ignore later mask edits): it holds `<op>_runtime`, which takes the mask and, each time it
+    runs, finds (or builds) its layout and asks `choose` with the facts and backend then in force.
+    A forced kernel that cannot take the call raises now; no int padding pair: a mask multiply."""
     if name in ("cpu", "cuda", "triton"):
         require(op, name, device, dtype)
         if not supported:
