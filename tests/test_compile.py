@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import sparseops
 from sparseops import MaskedConv2d, MaskedLinear, SoftMaskedConv2d, SoftMaskedLinear
 
-from conftest import random_mask
+from conftest import HAS_TRITON, TRITON_DEVICE, random_mask
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +184,85 @@ def test_training_under_compile_matches_eager(compiler):
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
     assert counter.frame_count == 1
+
+
+# ---- the runtime ops themselves (what a graph holds) -----------------------------------------
+
+def _f64(*shape, channels_last=False):
+    t = torch.randn(*shape, dtype=torch.float64)
+    return (t.to(memory_format=torch.channels_last) if channels_last else t).requires_grad_()
+
+
+def test_runtime_ops_opcheck():
+    """The runtime ops pass opcheck (schema, fake, autograd registration, aot dispatch)."""
+    ops = torch.ops.sparseops
+    torch.library.opcheck(ops.masked_linear_runtime.default, (_f64(3, 2, 20), _f64(12, 20),
+                                                               random_mask((12, 20), 0.5), _f64(12)))
+    torch.library.opcheck(ops.masked_conv2d_runtime.default, (_f64(2, 3, 6, 5, channels_last=True), _f64(4, 3, 3, 3),
+                                                               random_mask((4, 3, 3, 3), 0.5), _f64(4), [1, 2],
+                                                               [1, 0], [1, 1], 1))
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "cpu"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.05])
+def test_runtime_ops_gradcheck(density, backend_name):
+    """gradcheck in float64 of the runtime ops' forward and backward kernels, on masks that take each
+    route when they run (unmasked, the dense paths, the sparse kernels), grouped convolutions too."""
+    ops = torch.ops.sparseops
+    mask, cmask, gmask = (random_mask(s, 1 - density) for s in ((12, 20), (4, 3, 3, 3), (4, 1, 3, 3)))
+    with sparseops.backend(backend_name):
+        torch.autograd.gradcheck(lambda x, w, b: ops.masked_linear_runtime(x, w, mask, b),
+                                 (_f64(3, 2, 20), _f64(12, 20), _f64(12)))
+        torch.autograd.gradcheck(lambda x, w, b: ops.masked_conv2d_runtime(x, w, cmask, b, [1, 2], [1, 0], [1, 1], 1),
+                                 (_f64(2, 3, 6, 5, channels_last=True), _f64(4, 3, 3, 3), _f64(4)))
+    torch.autograd.gradcheck(lambda x, w: ops.masked_conv2d_runtime(x, w, gmask, None, [1, 1], [1, 1], [1, 1], 4),
+                             (_f64(2, 4, 5, 5), _f64(4, 1, 3, 3)))
+
+
+def test_the_sparse_kernel_runs_inside_the_graph(monkeypatch):
+    """The graph does not give up the sparse kernels: at 2% density in `auto` the run-time choice
+    (made by the runtime op's kernels when the compiled call runs, forward and backward) is the CPU
+    kernel. (The spy is on the kernels' chooser: dynamo replays a traced function's list appends.)"""
+    from sparseops.ops import masked_linear as module
+
+    seen = []
+    choose = module._choose
+    layer = MaskedLinear(1024, 1024)
+    layer.set_mask(random_mask(layer.weight.shape, 0.98))
+    f = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(64, 1024)
+    want = _outputs(layer, layer, x)
+    monkeypatch.setattr(module, "_choose", lambda *args: seen.append(choose(*args)) or seen[-1])
+    _close(_outputs(f, layer, x), want, torch.float32)
+    assert seen == ["cpu", "cpu"]
+
+
+def test_errors_under_compile():
+    """Bad masks get sparseops' errors under torch.compile too: a shape while tracing, values (not
+    0/1) when the graph runs, a forced kernel that cannot take the call while tracing."""
+    w, x = torch.randn(6, 8), torch.randn(2, 8)
+    f = torch.compile(sparseops.masked_linear, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"sparseops.masked_linear: the mask has shape \(8, 6\)"):
+        f(x, w, torch.ones(8, 6, dtype=torch.bool))
+    with pytest.raises(Exception, match="must hold only 0 and 1"):
+        f(x, w, torch.full((6, 8), 2.0))
+    torch.testing.assert_close(f(x, w, (torch.arange(48).view(6, 8) % 2).float()),
+                               x @ (w * (torch.arange(48).view(6, 8) % 2)).t())
+    conv = torch.compile(sparseops.masked_conv2d, backend="aot_eager", fullgraph=True)
+    cw = torch.randn(4, 1, 3, 3)
+    with sparseops.backend("cpu"), pytest.raises(Exception, match="the cpu kernel covers groups=1"):
+        conv(torch.randn(1, 4, 5, 5), cw, torch.ones_like(cw, dtype=torch.bool), None, 1, 1, 1, 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_forced_triton_under_compile():
+    """backend("triton") (Triton's interpreter on CPU tensors without a GPU): the run-time op runs
+    the Triton kernels, forward and backward, and follows mask edits."""
+    device = TRITON_DEVICE
+    layer = MaskedLinear(24, 16, device=device, dtype=torch.float64)
+    x = torch.randn(3, 24, device=device, dtype=torch.float64)
+    with sparseops.backend("triton"):
+        f = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        for density in (1.0, 0.3):
+            layer.set_mask(random_mask(layer.weight.shape, 1 - density).to(device))
+            _close(_outputs(f, layer, x), _outputs(layer, layer, x), torch.float64)
