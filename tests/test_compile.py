@@ -266,3 +266,39 @@ def test_forced_triton_under_compile():
         for density in (1.0, 0.3):
             layer.set_mask(random_mask(layer.weight.shape, 1 - density).to(device))
             _close(_outputs(f, layer, x), _outputs(layer, layer, x), torch.float64)
+
+
+def _imp(compiled: bool):
+    """Two IMP levels on a small MLP whose training runs through torch.compile(model) (one compiled
+    function for the whole search) or eagerly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)).double()
+    sparseops.patch(model)
+    fn = torch.compile(model, backend="aot_eager") if compiled else model
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 20, generator=gen, dtype=torch.float64), torch.randint(0, 5, (32,), generator=gen)
+
+    def train(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.2)
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(fn(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            return {"loss": float(torch.nn.functional.cross_entropy(fn(x), y))}
+
+    return sparseops.tickets.imp(model, train, levels=2, rate=0.5, progress=False), model
+
+
+def test_imp_on_a_compiled_model_prunes():
+    """The issue's symptom: IMP whose training calls a compiled model trains the pruned network at
+    every level, as eager IMP does (same losses, masks and weights)."""
+    (want, eager), (got, compiled) = _imp(False), _imp(True)
+    assert [r.sparsity for r in got.levels] == [r.sparsity for r in want.levels]
+    assert got.levels[-1].sparsity > 0.7
+    for a, b in zip(want.levels, got.levels, strict=True):
+        assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], rel=1e-9)
+        for name in a.masks:
+            assert torch.equal(a.masks[name], b.masks[name])
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
