@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
@@ -36,6 +37,19 @@ _KERNELS = {(op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseop
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether a compiled (C++ or CUDA C++) kernel of `op` is registered for `device_type`."""
     return _KERNELS.get((op, device_type), False)
+
+
+def tracing(*tensors) -> bool:
+    """Whether this call is being traced (torch.compile, torch.export, or any tracer running on fake
+    tensors) rather than run: then the mask's values are not known, and nothing may read them, nor
+    key a Python-side cache by a tensor's identity or data_ptr (a fake tensor has neither)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    # (plain tensors and parameters are never fake: skip is_fake's subclass walk, ~6 us a tensor)
+    return any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN and is_fake(t) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 _ISA = [None]

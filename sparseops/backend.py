@@ -33,7 +33,7 @@ import torch
 from . import checks, tuning
 from . import thresholds as _thresholds
 from .thresholds import measured_faster, thresholds  # noqa: F401  (part of this module's API)
-from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes
+from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes, tracing
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
 SMALL_WEIGHT = 1 << 18  # weights up to 512x512: the dense fallback is a plain mask multiply
@@ -223,8 +223,24 @@ def choose(op: str, device: torch.device, **facts) -> str:
     a key times them.
       soft_masked_linear/conv2d  supported (conv), nonzero: a function giving the MaskStats of
                                  `sigmoid(beta*s) != 0` when it is worth a look, else None
+    `traced=True`: masked_linear/conv2d given a mask tensor while torch.compile or export traces.
     """
+    if facts.pop("traced", False):
+        return _traced(op, _state.backend, device, **facts)
     return _CHOOSERS[op](op, _state.backend, device, **facts)
+
+
+def _traced(op, name, device, *, dtype=None, supported=True, symmetric=True):
+    """While a graph is traced the mask's values are unknown (a graph that baked in a density or layout
+    would ignore later mask edits): it holds `<op>_runtime`, which takes the mask and, each time it
+    runs, finds (or builds) its layout and asks `choose` with the facts and backend then in force.
+    A forced kernel that cannot take the call raises now; no int padding pair: a mask multiply."""
+    if name in ("cpu", "cuda", "triton"):
+        require(op, name, device, dtype)
+        if not supported:
+            raise NotImplementedError(f"sparseops.{op}: the {name} kernel covers groups=1 and symmetric "
+                                      "padding; use the auto or reference backend for this convolution")
+    return "runtime" if symmetric else "mask_multiply"
 
 
 def _soft_mask(op, name, device, *, numel=0, dtype=None, trial=None):
@@ -265,8 +281,8 @@ def _measured(op, device, dtype, problem, density, candidates, prior, dense, tri
     candidates = list(dict.fromkeys(c for c in candidates if c))
     if trial is None or dtype is None or len(candidates) < 2:
         return prior
-    if torch.compiler.is_compiling():
-        return prior  # nothing is measured or looked up while torch.compile traces: the prior
+    if tracing():
+        return prior  # nothing is measured or looked up while torch.compile or export traces: the prior
     key = tuning.key(op + ("" if trial.train else ":infer"), device, dtype, problem, density)
     return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 

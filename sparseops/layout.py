@@ -69,6 +69,19 @@ class CsrLayout(_MaskView):
                 f"index_dtype={self.row_ptr.dtype}, device={self.mask.device})")
 
 
+def _alias(mask: torch.Tensor) -> torch.Tensor:
+    """`mask.detach()`, sharing mask's version counter also inside a custom op's kernel: autograd runs
+    those with ADInplaceOrView excluded, where detach makes a tensor with a counter of its own (and a
+    layout built there would never turn stale)."""
+    key = torch._C.DispatchKey.ADInplaceOrView
+    excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        return mask.detach()
+    finally:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, excluded)
+
+
 def as_bool_mask(mask, *, name: str = "mask") -> torch.Tensor:
     """Validates a mask (bool, or numbers that are all 0 or 1) and returns it as bool."""
     if not isinstance(mask, torch.Tensor):
@@ -103,7 +116,7 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
     row_ptr, col_idx = _csr_indices(m, index_dtype)
     t_row_ptr, t_col_idx = _csr_indices(m.t(), index_dtype)
-    return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, mask.detach(), mask._version)
+    return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, _alias(mask), mask._version)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,16 +145,36 @@ def _key(mask: torch.Tensor):
     return (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)
 
 
+# Each cache maps the tensor that owns the memory (a view's base: Conv1D's `weight_mask.t()`, a view a
+# compiled graph makes of its input, is a new tensor every call) to {the view's _key: entry}. A view
+# shares its base's version counter, so the staleness rule holds for views too.
+def _get(cache: WeakIdKeyDictionary, mask: torch.Tensor, key):
+    hits = cache.get(mask if mask._base is None else mask._base)
+    return None if hits is None else hits.get(key)
+
+
+def _put(cache: WeakIdKeyDictionary, mask: torch.Tensor, key, value) -> None:
+    owner = mask if mask._base is None else mask._base
+    hits = cache.get(owner)
+    if hits is None:
+        hits = cache[owner] = {}
+    hits[key] = value
+
+
+def _current(cache, mask, key):
+    hit = _get(cache, mask, key)
+    return hit if hit is not None and not hit.stale and hit.built_version == mask._version else None
+
+
 def csr_layout(mask: torch.Tensor) -> CsrLayout:
     """The CsrLayout of `mask`, from the cache when the mask has not changed since it was built."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
     key = _key(mask)
-    hit = _cache.get(mask)
-    if hit is not None and hit[0] == key and not hit[1].stale:
-        return hit[1]
-    layout = build_csr_layout(mask)
-    _cache[mask] = (key, layout)
+    layout = _current(_cache, mask, key)
+    if layout is None:
+        layout = build_csr_layout(mask)
+        _put(_cache, mask, key, layout)
     return layout
 
 
@@ -151,13 +184,12 @@ def mask_stats(mask: torch.Tensor) -> CsrLayout | MaskStats:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
     key = _key(mask)
-    for cache in (_cache, _stats_cache):
-        hit = cache.get(mask)
-        if hit is not None and hit[0] == key and not hit[1].stale:
-            return hit[1]
+    hit = _current(_cache, mask, key) or _current(_stats_cache, mask, key)
+    if hit is not None:
+        return hit
     m = _bool_2d(mask)
-    stats = MaskStats(m.detach(), int(m.sum()), mask.detach(), mask._version)
-    _stats_cache[mask] = (key, stats)
+    stats = MaskStats(m.detach(), int(m.sum()), _alias(mask), mask._version)
+    _put(_stats_cache, mask, key, stats)
     return stats
 
 
@@ -225,7 +257,7 @@ def build_block_layout(mask: torch.Tensor, block: int) -> BlockLayout:
     row_ptr, col_idx = _csr_indices(kept, torch.int32)
     t_row_ptr, t_col_idx = _csr_indices(kept.t(), torch.int32)
     return BlockLayout(m.detach(), block, taps, row_ptr, col_idx, t_row_ptr, t_col_idx, int(counts.sum()),
-                       int(kept.sum()), mask.detach(), mask._version)
+                       int(kept.sum()), _alias(mask), mask._version)
 
 
 _block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -237,13 +269,10 @@ def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
     key = (_key(mask), block)
-    hits = _block_cache.get(mask) or {}
-    hit = hits.get(block)
-    if hit is not None and hit[0] == key and not hit[1].stale:
-        return hit[1]
-    layout = build_block_layout(mask, block)
-    hits[block] = (key, layout)
-    _block_cache[mask] = hits
+    layout = _current(_block_cache, mask, key)
+    if layout is None:
+        layout = build_block_layout(mask, block)
+        _put(_block_cache, mask, key, layout)
     return layout
 
 
@@ -253,12 +282,12 @@ _float_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def mask_as(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bool mask as 0/1 numbers of `dtype` (a multiply by it is several times faster than
     torch.where on the CPU), cached per mask version like the layouts."""
-    key = (_key(mask), mask._version, dtype)
-    hit = _float_cache.get(mask)
-    if hit is not None and hit[0] == key:
+    key = (_key(mask), dtype)
+    hit = _get(_float_cache, mask, key)
+    if hit is not None and hit[0] == mask._version:
         return hit[1]
     out = mask.detach().to(dtype)
-    _float_cache[mask] = (key, out)
+    _put(_float_cache, mask, key, (mask._version, out))  # one entry per mask and dtype, the newest
     return out
 
 
@@ -268,8 +297,8 @@ def as_csr(info: CsrLayout | BlockLayout | MaskStats) -> CsrLayout:
 
 
 def invalidate(mask: torch.Tensor) -> None:
-    """Forgets the cached layouts of `mask` (after writes the version counter does not see)."""
-    _cache.pop(mask, None)
-    _stats_cache.pop(mask, None)
-    _block_cache.pop(mask, None)
-    _float_cache.pop(mask, None)
+    """Forgets the cached layouts of `mask` and of its views (after writes the version counter does
+    not see)."""
+    owner = mask if mask._base is None else mask._base
+    for cache in (_cache, _stats_cache, _block_cache, _float_cache):
+        cache.pop(owner, None)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import as_bool_mask, csr_layout
+from .layout import as_bool_mask
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
 from .ops.soft_mask import penalty_after_forward
@@ -265,8 +265,9 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
 
 
 def _conv1d_masked(self, x, bias, mask):
-    layout = csr_layout(mask).t()  # the layout of W^T, [out, in], from the cached one of W
-    return masked_linear(x, self.weight.t(), layout, bias)
+    # W^T and its mask [out, in] as views: the layout is cached on the mask buffer (layout.py), and
+    # under torch.compile / export the mask stays a graph input.
+    return masked_linear(x, self.weight.t(), mask.t(), bias)
 
 
 def _make_conv1d_twins():

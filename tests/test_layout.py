@@ -112,3 +112,38 @@ def test_block_layout():
     with pytest.raises(ValueError, match="block must be one of"):
         block_layout(mask, 8)
 
+
+
+def test_a_view_is_cached_on_its_base_and_follows_its_edits():
+    """Conv1D passes `weight_mask.t()`, a new view every call (in a compiled graph too): one layout,
+    cached on the base, stale once the base is edited, freed with it."""
+    import gc
+    import weakref
+
+    mask = torch.rand(6, 9) < 0.5
+    first = csr_layout(mask.t())
+    assert csr_layout(mask.t()) is first
+    assert torch.equal(dense_from_csr(first.row_ptr, first.col_idx, (9, 6)), mask.t())
+    mask[0, :] = False
+    again = csr_layout(mask.t())
+    assert again is not first and again.nnz == int(mask.sum())
+    ref = weakref.ref(mask)
+    del mask, first, again
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_layout_built_inside_a_kernel_turns_stale():
+    """A compiled graph runs the runtime op's kernel below ADInplaceOrView, where a plain detach() has
+    a version counter of its own: the layout it caches must still go stale when the mask is edited,
+    or the eager calls after it would use the old mask."""
+    import sparseops
+
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    x, w = torch.randn(3, 5, requires_grad=True), torch.randn(8, 5, requires_grad=True)
+    f = torch.compile(lambda x, w, mask: sparseops.masked_linear(x, w, mask), backend="aot_eager", fullgraph=True)
+    f(x, w, mask).sum().backward()
+    with torch.no_grad():
+        mask[:, 1:] = False
+    torch.testing.assert_close(sparseops.masked_linear(x, w, mask), x @ (w * mask).t())
+    assert sparseops.layout.mask_stats(mask).nnz == csr_layout(mask).nnz == 8

@@ -9,6 +9,17 @@ from .. import checks
 from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats
 
 
+# Schemas of the ops that exist only on the Python side (the `<op>_runtime` ops a compiled graph holds),
+# in the namespace of csrc/ops.cpp's; sparseops/torch_sparse defines its variants the same way.
+SCHEMAS = torch.library.Library("sparseops", "FRAGMENT")
+
+
+def fresh(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy where it is a view (F.linear of a batched x returns one): an op's outputs must
+    be fresh tensors, or autograd refuses in-place edits of them (a following ReLU(inplace=True))."""
+    return t if t._base is None else t.clone()
+
+
 def format_of(x: torch.Tensor) -> torch.memory_format:
     """The conv ops' convention (csrc/checks.h format_of): outputs and dx take x's memory format."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

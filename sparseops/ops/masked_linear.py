@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
-from .._library import define, lib
+from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..reference import mask_grad_, masked_weight
-from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
+from ._common import SCHEMAS, as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -62,7 +62,8 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     cached until the mask changes, a CsrLayout (sparseops.layout.csr_layout(mask)) or a BlockLayout
     (sparseops.layout.block_layout(mask, 32): skips empty tiles, runs kept tiles on tensor cores;
     Triton on GPUs). `x` may have any leading dimensions. Gradients: dx through the transposed
-    layout, dw at kept entries only (zero elsewhere), dbias as usual.
+    layout, dw at kept entries only (zero elsewhere), dbias as usual. Under torch.compile and
+    torch.export a mask tensor stays a graph input, read when the graph runs (masked_linear_runtime).
     """
     # One set of checks for every path (the dense ones would broadcast a [1] bias, take int64, or
     # raise torch's own errors): shapes here, dtypes once autocast has had its say.
@@ -71,6 +72,16 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     if isinstance(layout, torch.Tensor) and layout.dim() != 2:
         raise ValueError(f"sparseops.masked_linear: mask must be 2-D [out_features, in_features], "
                          f"got shape {tuple(layout.shape)}")
+    if isinstance(layout, torch.Tensor) and tracing(x, w, layout):
+        # The mask's values are not known while tracing: checked (as_bool_mask) when the graph runs.
+        if tuple(w.shape) != tuple(layout.shape):
+            raise ValueError(f"sparseops.masked_linear: the mask has shape {tuple(layout.shape)} but w has "
+                             f"{tuple(w.shape)}")
+        checks.same_device("masked_linear", x=x, w=w, mask=layout, bias=bias)
+        x, w, bias = autocast_args(w.device, x, w, bias)
+        checks.like("masked_linear", "w", w, x=x, bias=bias)
+        backend.choose("masked_linear", w.device, traced=True, dtype=w.dtype)  # "runtime", or raises
+        return lib.masked_linear_runtime(x, w, layout, bias)
     info = as_layout("masked_linear", layout)
     if tuple(w.shape) != info.shape:
         raise ValueError(f"sparseops.masked_linear: the mask has shape {info.shape} but w has {tuple(w.shape)}")
@@ -84,11 +95,17 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         if impl == "triton":
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
-    full = info.nnz == info.mask.numel()
-    impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
-                          numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
-                          trial=trial(_run, x, w, info, bias))
-    return _run(impl, x, w, info, bias)
+    return _run(_choose(x, w, info, trial(_run, x, w, info, bias)), x, w, info, bias)
+
+
+def _choose(x, w, info, trial_fn):
+    return backend.choose("masked_linear", w.device, density=info.density, shape=info.shape,
+                          full=info.nnz == info.mask.numel(), numel=w.numel(),
+                          rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype, trial=trial_fn)
+
+
+_KERNELS = {"triton": "triton_masked_linear", "torch_sparse": "torch_sparse_masked_linear", "cpu": "masked_linear",
+            "cuda": "masked_linear"}
 
 
 def _run(impl: str, x, w, info, bias):
@@ -100,5 +117,31 @@ def _run(impl: str, x, w, info, bias):
         return F.linear(x, w, bias)
     if impl == "dense":
         return lib.masked_linear_dense(x, w, info.mask, bias)
-    kernel = {"triton": "triton_masked_linear", "torch_sparse": "torch_sparse_masked_linear"}.get(impl, "masked_linear")
-    return getattr(lib, kernel)(x, w, *as_csr(info).tensors(), bias)
+    return getattr(lib, _KERNELS[impl])(x, w, *as_csr(info).tensors(), bias)
+
+
+# What a compiled or exported graph holds: the mask as a tensor, read when the graph runs. Its kernels
+# find the mask's cached layout (or build it) and run what backend.choose names for that mask, by the
+# prior (nothing is measured inside a graph). autograd calls them below itself: no graph is recorded.
+SCHEMAS.define("masked_linear_runtime(Tensor x, Tensor w, Tensor mask, Tensor? bias) -> Tensor")
+SCHEMAS.define("masked_linear_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, bool[3] output_mask) "
+               "-> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_kernel("sparseops::masked_linear_runtime", ("cpu", "cuda"))
+def _(x, w, mask, bias):
+    info = as_layout("masked_linear", mask)
+    return fresh(_run(_choose(x, w, info, None), x, w, info, bias))
+
+
+@torch.library.register_kernel("sparseops::masked_linear_runtime_backward", ("cpu", "cuda"))
+def _(grad, x, w, mask, output_mask):
+    info = as_layout("masked_linear", mask)
+    impl = _choose(x, w, info, None)
+    if impl in _KERNELS:
+        return getattr(lib, _KERNELS[impl] + "_backward")(grad, x, w, *as_csr(info).tensors(), output_mask)
+    return dense_masked_grads(grad, x, w, info.mask, output_mask)  # the same gradients as every dense path
+
+
+define("masked_linear_runtime", lambda x, w, mask, bias: linear_fake("masked_linear", x, w), grads=("x", "w", "bias"))
+define("masked_linear_runtime_backward", lambda grad, x, w, mask, output_mask: grads_fake(x, w, output_mask))

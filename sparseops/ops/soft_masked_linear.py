@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend, checks, reference
-from .._library import define, lib
+from .._library import define, lib, tracing
 from ..layout import mask_stats
 from ._common import autocast_args, grads_fake, linear_fake, linear_out
 from .masked_linear import masked_linear
@@ -61,7 +61,7 @@ def check_soft(op: str, x, w, s, beta, scale, bias, groups=1):
 def nonzero_stats(s: torch.Tensor, beta: float):
     """The MaskStats of `sigmoid(beta*s) != 0` (its `source` is that mask), or None while no entry
     can have underflowed: fp32 sigmoid(z) is exactly 0 only below z = -88.7."""
-    if s.numel() == 0:
+    if s.numel() == 0 or tracing(s):  # (while tracing the values are unknown: the soft mask, then the dense op)
         return None
     with torch.no_grad():
         if not beta * float(-s.min()) > 80.0:
