@@ -74,8 +74,8 @@ def _check_pair(op, w, s, beta, scale):
     checks.like(op, "w", w, s=s)  # floating, one dtype: every path takes the call or none does
     if w.shape != s.shape:
         raise ValueError(f"sparseops.{op}: s must have the shape of w {list(w.shape)}, got {list(s.shape)}")
-    for name, v in (("beta", beta), ("scale", scale)):
-        if not math.isfinite(v):
+    for name, v in (("beta", beta), ("scale", scale)):  # (while tracing, the kernels check: a traced float has no value)
+        if not torch.compiler.is_compiling() and not math.isfinite(v):
             raise ValueError(f"sparseops.{op}: {name} must be finite, got {v}")
     return beta, scale
 
