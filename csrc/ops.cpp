@@ -87,6 +87,17 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("soft_masked_conv2d_backward(Tensor grad, Tensor x, Tensor w, Tensor s, float beta, float scale, "
         "int[2] stride, int[2] padding, int[2] dilation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // What a compiled or exported graph holds: the mask itself, a graph input read when the graph runs.
+  // Their kernels (sparseops/ops/<op>.py) find or build the mask's layout and run what
+  // backend.choose names for it then; nothing of the mask is baked into the graph.
+  m.def("masked_linear_runtime(Tensor x, Tensor w, Tensor mask, Tensor? bias) -> Tensor");
+  m.def("masked_linear_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("masked_conv2d_runtime(Tensor x, Tensor w, Tensor mask, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("masked_conv2d_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

@@ -9,9 +9,6 @@ from .. import checks
 from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats
 
 
-# Schemas of the ops that exist only on the Python side (the `<op>_runtime` ops a compiled graph holds),
-# in the namespace of csrc/ops.cpp's; sparseops/torch_sparse defines its variants the same way.
-SCHEMAS = torch.library.Library("sparseops", "FRAGMENT")
 
 
 def fresh(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .. import backend, checks, reference, tuning
 from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..reference import mask_grad_, masked_weight
-from ._common import SCHEMAS, as_layout, autocast_args, conv_fake, conv_geometry, conv_out, format_of, grads_fake, plane, trial
+from ._common import as_layout, autocast_args, conv_fake, conv_geometry, conv_out, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
        lambda x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, bias, stride, padding, dilation:
@@ -132,10 +132,6 @@ def _run(impl: str, x, w, info, bias, geometry):
 
 # What a compiled or exported graph holds (see masked_linear_runtime): padding as the pair the layer's
 # geometry resolves to, groups as given (grouped convolutions run the mask multiply when the graph runs).
-SCHEMAS.define("masked_conv2d_runtime(Tensor x, Tensor w, Tensor mask, Tensor? bias, int[2] stride, int[2] padding, "
-               "int[2] dilation, int groups) -> Tensor")
-SCHEMAS.define("masked_conv2d_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, int[2] stride, "
-               "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
 
 def _runtime_args(x, w, mask, stride, padding, dilation, groups):

@@ -10,7 +10,7 @@ from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sp
 from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..reference import mask_grad_, masked_weight
-from ._common import SCHEMAS, as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
+from ._common import as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
 
 
 def dense_masked_grads(grad, x, w, mask, output_mask):
@@ -123,9 +123,6 @@ def _run(impl: str, x, w, info, bias):
 # What a compiled or exported graph holds: the mask as a tensor, read when the graph runs. Its kernels
 # find the mask's cached layout (or build it) and run what backend.choose names for that mask, by the
 # prior (nothing is measured inside a graph). autograd calls them below itself: no graph is recorded.
-SCHEMAS.define("masked_linear_runtime(Tensor x, Tensor w, Tensor mask, Tensor? bias) -> Tensor")
-SCHEMAS.define("masked_linear_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, bool[3] output_mask) "
-               "-> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_kernel("sparseops::masked_linear_runtime", ("cpu", "cuda"))
