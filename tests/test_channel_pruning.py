@@ -1,13 +1,16 @@
 """Channel-level IMP (Li et al.'s filter pruning by L1/L2 norm), the random channel baseline, and
 resuming a channel search from its checkpoints."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import sparseops
-from sparseops.tickets import Trainer, channel_masks, imp, random_channel_masks
+from sparseops.tickets import Ticket, Trainer, channel_masks, imp, random_channel_masks
 from sparseops.tickets.zoo import build_model, load_digits
 
 
@@ -125,3 +128,14 @@ def test_random_channel_imp_is_the_baseline():
     rows = result.levels[1].masks["0"].any(1)
     assert int(rows.sum()) == 256 - math.ceil(0.2 * 256)
     assert result.method == "random"
+
+
+def test_cli_runs_channel_imp(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "imp", "--granularity", "channel",
+                    "--norm", "l2", "--model", "mlp", "--levels", "1", "--epochs", "1", "--no-progress",
+                    "--save-ticket", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True, cwd=root,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    masks = Ticket.load(tmp_path / "t.pt").masks
+    assert int(masks["0"].any(1).sum()) == 256 - math.ceil(0.2 * 256)  # layerwise: 20% of each layer's filters
+    assert int(masks["2"].any(1).sum()) == 128 - math.ceil(0.2 * 128) and masks["4"].all()

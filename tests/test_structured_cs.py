@@ -3,6 +3,10 @@ without changing any value or gradient (float64), gradients through the channel 
 the schedule, the random channel baseline, and a search on scikit-learn's digits."""
 import contextlib
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,3 +244,20 @@ def test_a_structured_search_gates_resnet_blocks():
     blocks[0][1].conv1.register_forward_hook(lambda *a: calls.append(1))
     model(data[0][:2])
     assert not calls
+
+
+def test_cli_runs_a_structured_search(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "structured-cs", "--model", "mlp",
+                          "--epochs", "3", "--rounds", "1", "--rewind-epoch", "1", "--flops-weighted",
+                          "--temperature", "per_unit", "--no-progress", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Structured Continuous Sparsification on digits with mlp" in out.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["args"]["lmbda"] == 1e-3  # structured-cs's own default, not CS's 1e-8
+    ticket = result["levels"][-1]
+    assert set(ticket["gates"]["channels"]) == {"0", "2"} and 0 < ticket["kept_channels"] <= 1
+    bad = subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "structured-cs", "--preset",
+                          "cs_resnet_20"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode != 0 and "has no preset" in bad.stderr
