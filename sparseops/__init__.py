@@ -33,6 +33,7 @@ __all__ = [
     "backend",
     "block_layout",
     "csr_layout",
+    "gates",
     "get_backend",
     "layout",
     "masked_conv2d",

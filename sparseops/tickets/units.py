@@ -177,7 +177,7 @@ def find_units(model: nn.Module, example: torch.Tensor, names) -> list[Unit]:
 def block_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
     """{gated block name: multiply-accumulates per sample of its residual branch F} (its layers outside
     the shortcut: the modules named downsample or shortcut)."""
-    gm, nodes = trace(model, example)
+    _, nodes = trace(model, example)
     shapes = {n.target: _shape(n) for n in nodes.values()}
     out = {}
     for bname, block in gates.gated_blocks(model):
