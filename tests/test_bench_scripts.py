@@ -28,7 +28,7 @@ def test_bench_structured_search_runs(tmp_path):
     out = tmp_path / "structured.json"
     args = ["--images", "8", "--batch", "4", "--epochs", "2", "--levels", "1", "--steps", "1", "--out", str(out)]
     run = subprocess.run([sys.executable, "benchmarks/bench_structured_search.py", *args], capture_output=True,
-                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["scs"]["same_gates"] and data["imp"]["same_masks"]

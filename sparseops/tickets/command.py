@@ -137,8 +137,9 @@ def search(args: argparse.Namespace, out=print):
                                                progress=progress, **kw)
         elif args.method == "structured-cs":
             kw = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "momentum", "weight_decay", "s0",
-                                                 "lmbda", "final_temp", "rewind_epoch", "flops_weighted",
-                                                 "temperature")}
+                                                 "lmbda", "final_temp", "rewind_epoch")}
+            kw.update(flops_weighted=getattr(args, "flops_weighted", False),
+                      temperature=getattr(args, "temperature", "global"))
             result = structured_cs(model, train, test, epochs=args.epochs, progress=progress, **kw)
         else:
             overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
@@ -152,7 +153,7 @@ def search(args: argparse.Namespace, out=print):
             result = imp(model, trainer, levels=args.levels, rate=args.rate, rewind=rewind, scope=args.scope,
                          budget=args.budget, exclude=args.exclude,
                          pruning="magnitude" if args.method == "imp" else "random", preset=preset,
-                         granularity=args.granularity, norm=args.norm,
+                         granularity=getattr(args, "granularity", "weight"), norm=getattr(args, "norm", "l1"),
                          checkpoint_dir=args.checkpoint_dir, generator=torch.Generator().manual_seed(args.seed),
                          progress=progress)
     return result, model
