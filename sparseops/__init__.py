@@ -13,6 +13,7 @@ from .ops.soft_masked_conv2d import soft_masked_conv2d
 from .ops.soft_masked_linear import soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
 from .distributed import sync_masks
+from . import gates  # noqa: E402  (layer and channel gates)
 from .tuning import tune
 from . import tuning  # noqa: E402
 from . import tickets  # noqa: E402  (needs patch)
@@ -33,6 +34,7 @@ __all__ = [
     "backend",
     "block_layout",
     "csr_layout",
+    "gates",
     "get_backend",
     "layout",
     "masked_conv2d",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from . import gates
 from . import nn as snn
 from .distributed import is_dtensor, is_sharded, like
 from .layout import as_bool_mask
@@ -130,7 +131,7 @@ def _unsupported_reason(module: nn.Module, twins) -> str | None:
 
 
 def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Module, str], bool] | None = None,
-          s0: float = 0.0, on_unsupported: str = "warn") -> nn.Module:
+          s0: float = 0.0, on_unsupported: str = "warn", layer_gates=None) -> nn.Module:
     """Swaps every supported layer of `model` for its sparseops twin, in place, and returns `model`.
 
     Supported: nn.Linear, nn.Conv2d, transformers' Conv1D (when transformers is installed), and
@@ -142,8 +143,19 @@ def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Modul
     Layers holding weights that cannot be masked (other layer types, subclasses, nn.MultiheadAttention,
     a weight tied to such a layer) are left as they are and reported: `on_unsupported` is "warn",
     "raise" or "ignore"; `patch_report(model)` returns the same information.
+
+    `layer_gates=True` also gates every residual block it knows (torchvision's BasicBlock and
+    Bottleneck, the zoo's ResNet-20 blocks; a callable `layer_gates(module, fqn)` picks blocks, or
+    residual branches of other models): `post(shortcut(x) + gate * F(x))`, F skipped where the
+    block's `gate` is 0 (sparseops.gates).
     """
+    blocks = None
+    if layer_gates is not None and layer_gates is not False:
+        check_model(model, "patch")
+        blocks = gates.find_blocks(model, None if layer_gates is True else layer_gates)  # checked before any change
     report = _walk(model, mode, filter_fn, s0, on_unsupported, apply=True)
+    if blocks is not None:
+        gates.gate(blocks)
     if report.unsupported and on_unsupported == "warn":
         warnings.warn(f"sparseops.patch: {len(report.unsupported)} layer(s) left unpatched:\n{report}", stacklevel=2)
     return model

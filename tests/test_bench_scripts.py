@@ -24,6 +24,18 @@ def test_bench_search_and_plot_run(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000 and "whole search" in out.with_suffix(".md").read_text()
 
 
+def test_bench_structured_search_runs(tmp_path):
+    out = tmp_path / "structured.json"
+    args = ["--images", "8", "--batch", "4", "--epochs", "2", "--levels", "1", "--steps", "1", "--out", str(out)]
+    run = subprocess.run([sys.executable, "benchmarks/bench_structured_search.py", *args], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["scs"]["same_gates"] and data["imp"]["same_masks"]
+    assert [r["round"] for r in data["scs"]["sparseops"]["rounds"]] == [0, 1]
+    assert [r["level"] for r in data["imp"]["mask_multiply"]["levels"]] == [0, 1]
+
+
 def test_gpu_thresholds_from_measurements():
     """bench_gpu.py's GPU-free part: measurements -> the `auto` backend's data for CUDA."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -12,10 +12,11 @@ from . import presets
 from .cs import continuous_sparsification, default_milestones
 from .imp import imp
 from .masks import Ticket, sparsity_report
+from .structured_cs import TEMPERATURES, structured_cs
 from .train import Trainer
 from .zoo import DATASETS, MODELS, build_model, load_data, open_lth_init
 
-METHODS = ("imp", "cs", "random")
+METHODS = ("imp", "cs", "random", "structured-cs")
 
 
 # The command's own defaults where no preset is given (a quick search on digits).
@@ -30,7 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CS cs_resnet_20): its model, hyperparameters and pruning setup; --epochs scales it down "
                         "(schedule scaled), other flags override single values")
     p.add_argument("--method", choices=METHODS, default=None, help="imp: IMP with rewinding; random: the same "
-                   "levels with random pruning; cs: Continuous Sparsification (default: imp, or the preset's)")
+                   "levels with random pruning; cs: Continuous Sparsification; structured-cs: its structured "
+                   "variant (channel and block gates) (default: imp, or the preset's)")
+    p.add_argument("--granularity", choices=("weight", "channel"), default="weight",
+                   help="IMP/random: prune single weights or whole filters (channel IMP, by --norm)")
+    p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="IMP --granularity channel: filter norm")
+    p.add_argument("--flops-weighted", action="store_true", help="structured-cs: weight each unit's gate by its "
+                   "multiply-accumulates")
+    p.add_argument("--temperature", choices=TEMPERATURES, default="global", help="structured-cs: one beta schedule "
+                   "for all gates, or per unit (a gate's beta rises only while its s > 0 holds)")
     p.add_argument("--model", choices=MODELS, default=None, help="default: lenet300, or the preset's")
     p.add_argument("--data", choices=DATASETS, default=None,
                    help="default: digits; synthetic-cifar for the CIFAR presets")
@@ -39,9 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "level (0.2)")
     p.add_argument("--rewind", default=None, help="IMP/random: rewind point, 0 (init), '<N>it' or '<N>ep'; later "
                    "levels train from it to the end (open_lth)")
-    p.add_argument("--scope", choices=("global", "layerwise"), default="global", help="IMP: magnitude threshold scope")
-    p.add_argument("--budget", choices=("all", "prunable"), default="all", help="IMP: prune rate of all kept "
-                   "weights, excluded layers' included (open_lth), or of the prunable layers' only")
+    p.add_argument("--scope", choices=("global", "layerwise"), default=None, help="IMP: magnitude threshold scope "
+                   "(global; with --granularity channel: layerwise, as Li et al.)")
+    p.add_argument("--budget", choices=("all", "prunable"), default=None, help="IMP: prune rate of all kept "
+                   "weights, excluded layers' included (open_lth, the default), or of the prunable layers' only "
+                   "(--granularity channel: rate of each layer's filters)")
     p.add_argument("--exclude", nargs="*", default=None, help="layer names never pruned ('output': the output "
                    "layer); default: open_lth's for the model (the output layer, except for ResNets); "
                    "--exclude alone prunes every layer")
@@ -53,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--rounds", type=int, default=None, help="CS: rounds before the ticket is trained")
     p.add_argument("--s0", type=float, default=None, help="CS: initial score (lower gives sparser tickets)")
-    p.add_argument("--lmbda", type=float, default=None, help="CS: mask penalty weight")
+    p.add_argument("--lmbda", type=float, default=None, help="CS: mask penalty weight (1e-8; structured-cs: 1e-3)")
     p.add_argument("--final-temp", type=float, default=None, help="CS: beta at the end of each round")
     p.add_argument("--rewind-epoch", type=int, default=None, help="CS: epoch of round 0 the ticket rewinds to")
     p.add_argument("--hidden", type=int, default=2048, help="wide-mlp: hidden width")
@@ -75,6 +86,10 @@ def resolve(args: argparse.Namespace):
     """(preset or None, a line saying what runs): fills args' unset values from the preset (scaled to
     --epochs) or the command's defaults."""
     preset = presets.get(args.preset) if getattr(args, "preset", None) else None
+    if getattr(args, "method", None) == "structured-cs":
+        if preset is not None:
+            raise SystemExit("--method structured-cs has no preset (no upstream run to copy)")
+        args.lmbda = 1e-3 if args.lmbda is None else args.lmbda
     if preset is None:
         for k, v in DEFAULTS.items():
             if getattr(args, k, None) is None:
@@ -120,6 +135,12 @@ def search(args: argparse.Namespace, out=print):
                 kw.update(lr_milestones=default_milestones(args.epochs), mask_lr=args.lr)
             result = continuous_sparsification(model, train, test, epochs=args.epochs, preset=preset,
                                                progress=progress, **kw)
+        elif args.method == "structured-cs":
+            kw = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "momentum", "weight_decay", "s0",
+                                                 "lmbda", "final_temp", "rewind_epoch")}
+            kw.update(flops_weighted=getattr(args, "flops_weighted", False),
+                      temperature=getattr(args, "temperature", "global"))
+            result = structured_cs(model, train, test, epochs=args.epochs, progress=progress, **kw)
         else:
             overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                                            ("momentum", args.momentum), ("weight_decay", args.weight_decay))
@@ -132,6 +153,7 @@ def search(args: argparse.Namespace, out=print):
             result = imp(model, trainer, levels=args.levels, rate=args.rate, rewind=rewind, scope=args.scope,
                          budget=args.budget, exclude=args.exclude,
                          pruning="magnitude" if args.method == "imp" else "random", preset=preset,
+                         granularity=getattr(args, "granularity", "weight"), norm=getattr(args, "norm", "l1"),
                          checkpoint_dir=args.checkpoint_dir, generator=torch.Generator().manual_seed(args.seed),
                          progress=progress)
     return result, model
@@ -139,10 +161,15 @@ def search(args: argparse.Namespace, out=print):
 
 def run(args: argparse.Namespace, out=print) -> int:
     result, model = search(args, out)
-    label = {"imp": "IMP with rewinding", "random": "random pruning", "cs": "Continuous Sparsification"}[args.method]
+    label = {"imp": "IMP with rewinding", "random": "random pruning", "cs": "Continuous Sparsification",
+             "structured-cs": "Structured Continuous Sparsification"}[args.method]
     out(f"{label} on {args.data} with {args.model} ({torch.get_num_threads()} threads, backend "
         f"{args.backend or backend.get_backend()})")
     out(result.table())
+    if args.method == "structured-cs":
+        out("(levels 0..{0}: rounds, sparsity = the units' channels with s <= 0; level {1}: the ticket, retrained "
+            "from the rewind point; kept MACs {2:.1%})".format(args.rounds - 1, args.rounds,
+                                                                result.levels[-1].metrics["macs_kept"]))
     if args.method == "cs":
         out("(levels 0..{0}: CS rounds with the soft mask, sparsity of s > 0; level {1}: the ticket, "
             "retrained from the rewind point)".format(args.rounds - 1, args.rounds))

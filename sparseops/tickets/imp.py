@@ -26,8 +26,8 @@ from ..patch import check_model, patch
 from .files import TicketFileError, checksum, load_file, verify
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
-from .pruning import (SCOPES, check_budget, check_rate, magnitude_masks, prunable_layers, random_masks,
-                      resolve_exclude)
+from .pruning import (GRANULARITIES, SCOPES, channel_masks, check_budget, check_rate, magnitude_masks,
+                      prunable_layers, random_channel_masks, random_masks, resolve_exclude)
 
 PRUNINGS = ("magnitude", "random")
 
@@ -146,7 +146,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         scope: str | None = None, exclude: Iterable[str] | str | None = None, budget: str | None = None,
         pruning: str = "magnitude", filter_fn: Callable | None = None,
         checkpoint_dir: str | os.PathLike | None = None, generator: torch.Generator | None = None,
-        progress: bool = True, preset=None) -> SearchResult:
+        progress: bool = True, preset=None, granularity: str = "weight", norm: str = "l1") -> SearchResult:
     """Runs `levels` pruning levels after a dense level 0 and returns every level's result.
 
     train_fn(model, level) trains the model in place for one level (building its own optimiser) and
@@ -166,6 +166,11 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     they are None. `pruning="random"` removes as many weights at random instead, the same fraction
     of each prunable layer (the random-pruning baseline).
 
+    `granularity="channel"` prunes whole filters (rows of the weight) instead, by their `norm` ("l1" or
+    "l2", Li et al.'s filter pruning; `pruning="random"`: random filters, the baseline): `rate` of each
+    prunable layer's kept filters (`scope` None means "layerwise", as Li et al.; "global" one threshold
+    over all filters); `budget` does not apply (it counts weights) and must be None or "prunable".
+
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
     metrics, torch's, Python's and `generator`'s RNG states); calling imp again with the same directory and settings
     resumes after the last finished level and gives the same result as an uninterrupted run.
@@ -182,9 +187,20 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
                             f"got {type(preset).__name__}")
         rate = preset.rate if rate is None else rate
         rewind = preset.rewind if rewind is None else rewind
-        scope = preset.scope if scope is None else scope
-        budget = preset.budget if budget is None else budget
+        if granularity == "weight":
+            scope = preset.scope if scope is None else scope
+            budget = preset.budget if budget is None else budget
         exclude = preset.exclude if exclude is None else exclude
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"sparseops.tickets.imp: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "channel":
+        if budget not in (None, "prunable"):
+            raise ValueError(f"sparseops.tickets.imp: budget={budget!r} counts weights; granularity='channel' prunes "
+                             "rate of each layer's filters (budget None or 'prunable')")
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"sparseops.tickets.imp: norm must be 'l1' or 'l2', got {norm!r}")
+        scope = "layerwise" if scope is None else scope
+        budget = "prunable"
     rate = check_rate(0.2 if rate is None else rate, "imp")
     rewind = 0 if rewind is None else rewind
     rewind_point = parse_rewind(rewind)
@@ -199,6 +215,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training
     config = {"levels": levels, "rate": rate, "rewind": list(rewind_point), "scope": scope,
               "exclude": sorted(exclude), "budget": budget, "pruning": pruning, "layers": sorted(get_masks(model))}
+    if granularity != "weight":  # (absent for weights: checkpoints written before the option still resume)
+        config.update(granularity=granularity, norm=norm)
 
     results: list[LevelResult] = []
     rewind_state, start_point = None, (0, 0, 0)
@@ -218,7 +236,10 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         bar = tqdm(total=levels + 1, initial=start, desc=f"IMP ({pruning})", unit="level")
     for index in range(start, levels + 1):
         if index > 0:
-            if pruning == "magnitude":
+            if granularity == "channel":
+                masks = (channel_masks(model, rate, norm=norm, scope=scope, exclude=exclude) if pruning == "magnitude"
+                         else random_channel_masks(model, rate, exclude=exclude, generator=generator))
+            elif pruning == "magnitude":
                 masks = magnitude_masks(model, rate, scope=scope, exclude=exclude, budget=budget)
             else:
                 masks = random_masks(model, rate, exclude=exclude, generator=generator, budget=budget)

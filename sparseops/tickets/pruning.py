@@ -151,3 +151,75 @@ def random_masks(model: nn.Module, rate: float = 0.2, *, exclude: Iterable[str] 
     layers = prunable_layers(model, exclude, "random_masks")
     scores = {k: torch.rand(m.weight.shape, generator=generator, dtype=torch.float64) for k, m in layers.items()}
     return score_masks(model, scores, rate, scope="layerwise", exclude=exclude, budget=budget, fn="random_masks")
+
+
+
+GRANULARITIES = ("weight", "channel")
+NORMS = ("l1", "l2")
+
+
+def _filter_scores(layers, norm, fn, generator=None) -> dict[str, torch.Tensor]:
+    """One score per filter (output channel, row of the weight): its L1 or L2 norm over the kept
+    weights, or with `generator` a uniform random number."""
+    if norm not in NORMS:
+        raise ValueError(f"sparseops.tickets.{fn}: norm must be one of {NORMS}, got {norm!r}")
+    scores = {}
+    for k, m in layers.items():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"sparseops.tickets.{fn}: channel pruning needs Conv2d or Linear layers (output "
+                             f"channel = dim 0 of the weight); exclude {k} ({type(m).__name__})")
+        w = torch.where(m.weight_mask, m.weight.detach(), 0).flatten(1).double().cpu()
+        if generator is not None:
+            scores[k] = torch.rand(w.shape[0], generator=generator, dtype=torch.float64)
+        else:
+            scores[k] = w.abs().sum(1) if norm == "l1" else w.pow(2).sum(1).sqrt()
+    return scores
+
+
+def _prune_filters(model, layers, scores, rate, scope, fn) -> dict[str, torch.Tensor]:
+    """Removes ceil(rate * kept filters) filters with the lowest scores, per layer or over all layers
+    (ties broken by position); a layer left without a filter is an error."""
+    current = get_masks(model)
+    kept = {k: current[k].flatten(1).any(1).cpu() for k in layers}
+    drop = {k: torch.zeros_like(kept[k]) for k in layers}
+    groups = [[k] for k in layers] if scope == "layerwise" else [list(layers)]
+    for group in groups:
+        names = [k for k in group for _ in range(int(kept[k].sum()))]
+        index = torch.cat([kept[k].nonzero().view(-1) for k in group])
+        values = torch.cat([scores[k][kept[k]] for k in group])
+        n = math.ceil(rate * len(values))
+        for i in torch.sort(values, stable=True).indices[:n].tolist():
+            drop[names[i]][index[i]] = True
+    empty = sorted(k for k in layers if not bool((kept[k] & ~drop[k]).any()))
+    if empty:
+        raise ValueError(f"sparseops.tickets.{fn}: this step would prune every filter of {empty}; use a smaller "
+                         "rate or fewer levels")
+    new = dict(current)
+    for k, m in layers.items():
+        rows = (~drop[k]).to(current[k].device).view(-1, *([1] * (m.weight.dim() - 1)))
+        new[k] = current[k] & rows
+    return new
+
+
+def channel_masks(model: nn.Module, rate: float = 0.2, *, norm: str = "l1", scope: str = "layerwise",
+                  exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Filter pruning (Li et al., 2017): removes ceil(rate * kept filters) filters (whole output
+    channels: rows of the weight) with the smallest L1 or L2 norm, in every prunable layer
+    ("layerwise", Li et al.'s) or over all of them ("global"). A layer never loses its last filter (an
+    error). Only the rows are masked: a batch norm after a pruned filter still emits its shift."""
+    rate = check_rate(rate, "channel_masks")
+    if scope not in SCOPES:
+        raise ValueError(f"sparseops.tickets.channel_masks: scope must be one of {SCOPES}, got {scope!r}")
+    layers = prunable_layers(model, exclude, "channel_masks")
+    return _prune_filters(model, layers, _filter_scores(layers, norm, "channel_masks"), rate, scope, "channel_masks")
+
+
+def random_channel_masks(model: nn.Module, rate: float = 0.2, *, exclude: Iterable[str] | None = None,
+                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The random channel baseline: as many filters of each prunable layer as `channel_masks` removes
+    in layerwise scope, chosen uniformly at random."""
+    rate = check_rate(rate, "random_channel_masks")
+    layers = prunable_layers(model, exclude, "random_channel_masks")
+    scores = _filter_scores(layers, "l1", "random_channel_masks",
+                            generator=generator if generator is not None else torch.default_generator)
+    return _prune_filters(model, layers, scores, rate, "layerwise", "random_channel_masks")
