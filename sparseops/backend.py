@@ -10,6 +10,7 @@ module's public functions. Implementations, by name:
   dense            the same math through dense GEMMs in one op (masked_linear_dense)
   mask_multiply    plain autograd over `where(mask, w, 0)` (torch.nn.utils.prune's `w * mask`, exact)
   unmasked         nothing is pruned: exactly the dense layer (F.linear, F.conv2d)
+  channels         whole channels pruned: one dense product of the kept channels (channel_masked_*)
   unfused          soft-masked ops: sparseops.soft_mask, then the dense op
   skip_zeros       soft-masked ops late in CS: the masked op over the entries whose mask is not 0
   reference        sparseops.reference, the plain-torch ground truth
@@ -210,11 +211,12 @@ def choose(op: str, device: torch.device, **facts) -> str:
     `device`, from the active backend and the facts of the call:
 
       soft_mask, soft_mask_l1    numel
-      masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x)
+      masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x),
+                                 channels (ChannelLayout.work of a mask with whole pruned channels)
       masked_linear_block        tile_density
       masked_conv2d              density, shape (w as 2-D), full, supported (geometry the kernels
                                  cover), unit_stride, reduction (C_in*kh*kw), plane, problem (the
-                                 call's sizes); block and tile_density for a BlockLayout
+                                 call's sizes), channels; block and tile_density for a BlockLayout
 
     and `dtype` (of w; every op): in `auto` a kernel that lacks it (kernel_dtypes: the C++ CPU
     kernels take float32/float64) is never chosen, the dense path runs; a forced backend whose
@@ -271,11 +273,14 @@ def _measured(op, device, dtype, problem, density, candidates, prior, dense, tri
     return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 
 
-def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, trial=None):
+def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, channels=None,
+                   trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device, dtype)
+    if _channels(name, full, channels):
+        return "channels"
     dense = _dense_fallback(name, full, numel)
     kernel = _kernel_here(op, device, dtype) if name == "auto" else None
     if kernel is not None and kernel != "cpu":
@@ -292,6 +297,17 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
                      prior, dense, trial)
 
 
+# A mask that prunes whole channels runs one dense product of the kept size (channel_masked_*): in
+# `auto` wherever that product is at most this fraction of the dense one (benchmarks/bench_structured.py
+# measures the crossover: the gathers and the write of the pruned outputs cost little beside the GEMM).
+CHANNEL_MAX_WORK = 0.95
+
+
+def _channels(name: str, full: bool, channels: float | None) -> bool:
+    """Whether `auto` runs a channel-structured mask (`channels`: its kept work fraction) as such."""
+    return name == "auto" and not full and channels is not None and channels <= CHANNEL_MAX_WORK
+
+
 def _block(op, name, device, *, tile_density, dtype=None):
     if name == "reference":
         return "reference"
@@ -302,7 +318,7 @@ def _block(op, name, device, *, tile_density, dtype=None):
 
 
 def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_stride, reduction, plane,
-                   block=False, tile_density=1.0, problem=None, dtype=None, trial=None):
+                   block=False, tile_density=1.0, problem=None, dtype=None, channels=None, trial=None):
     if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density,
                                       dtype=dtype) == "triton":
         return "triton_block"
@@ -314,6 +330,8 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         return name
     if name == "reference":
         return "reference"
+    if supported and _channels(name, full, channels):
+        return "channels"
     dense = "unmasked" if full else "mask_multiply"
     if name != "auto" or not supported:
         return dense

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, tuning
 from .._library import define, lib
-from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
 from ..reference import mask_grad_, masked_weight
+from . import channel_masked_conv2d
 from ._common import as_layout, autocast_args, conv_fake, conv_geometry, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
@@ -79,13 +80,19 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     stride_, pad, dilation_, supported = conv_geometry(op, x, w, stride, padding, dilation, groups)
     block = isinstance(info, BlockLayout)
     geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
+    full = info.nnz == info.mask.numel()
+    # Whole pruned filters or input channels (a channel mask, ln_structured): read once per mask version.
+    channels = channel_layout(layout) if isinstance(layout, torch.Tensor) and not full and supported else None
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
-    impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=info.nnz == info.mask.numel(),
+    impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=full,
+                          channels=None if channels is None else channels.work,
                           supported=supported, unit_stride=stride_ == (1, 1), reduction=reduction,
                           plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
                           tile_density=info.tile_density if block else 1.0, problem=problem, dtype=w.dtype,
                           trial=trial(_run, x, w, info, bias, geometry))
+    if impl == "channels":
+        return channel_masked_conv2d.run(masked_conv2d, x, w, channels, bias, stride_, pad, dilation_)
     if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
         raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
                          "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")

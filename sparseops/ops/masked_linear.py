@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib
-from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
 from ..reference import mask_grad_, masked_weight
+from . import channel_masked_linear
 from ._common import as_layout, autocast_args, grads_fake, linear_fake, linear_out, trial
 
 
@@ -85,9 +86,13 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
     full = info.nnz == info.mask.numel()
+    # Whole pruned rows or columns (a channel mask, ln_structured): read once per mask version.
+    channels = channel_layout(layout) if isinstance(layout, torch.Tensor) and not full else None
     impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
                           numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
-                          trial=trial(_run, x, w, info, bias))
+                          channels=None if channels is None else channels.work, trial=trial(_run, x, w, info, bias))
+    if impl == "channels":
+        return channel_masked_linear.run(masked_linear, x, w, channels, bias)
     return _run(impl, x, w, info, bias)
 
 
