@@ -12,6 +12,7 @@ from .ops.soft_mask import soft_mask, soft_mask_l1
 from .ops.soft_masked_conv2d import soft_masked_conv2d
 from .ops.soft_masked_linear import soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
+from .shrink import shrink
 from .tuning import tune
 from . import tuning  # noqa: E402
 from . import tickets  # noqa: E402  (needs patch)
@@ -43,6 +44,7 @@ __all__ = [
     "soft_mask_l1",
     "soft_masked_conv2d",
     "soft_masked_linear",
+    "shrink",
     "tickets",
     "tune",
     "tuning",
