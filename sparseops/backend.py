@@ -279,13 +279,13 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device, dtype)
-    if _channels(name, full, channels):
-        return "channels"
+    channel = _channels(name, full, channels)
     dense = _dense_fallback(name, full, numel)
     kernel = _kernel_here(op, device, dtype) if name == "auto" else None
     if kernel is not None and kernel != "cpu":
         kernel = gpu_kernel(op, device, shape, density)
     prior = dense if kernel is None or density > max_density(op, device.type, shape) else kernel
+    prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
     if name != "auto" or full:
         return prior
     other = "torch_sparse" if _torch_sparse_here(device, dtype) else None
@@ -293,19 +293,31 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"
     sparse = [kernel, other] if density <= MEASURE_MAX_DENSITY else []  # denser: only the dense paths race
-    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, alt, *sparse],
-                     prior, dense, trial)
+    problem = (tuning.rows_bucket(rows), *shape, *_channel_key(channels))
+    return _measured(op, device, dtype, problem, density, [dense, alt, *sparse, channel], prior, dense, trial)
 
 
-# A mask that prunes whole channels runs one dense product of the kept size (channel_masked_*): in
-# `auto` wherever that product is at most this fraction of the dense one (benchmarks/bench_structured.py
-# measures the crossover: the gathers and the write of the pruned outputs cost little beside the GEMM).
-CHANNEL_MAX_WORK = 0.95
+# A mask that prunes whole channels can run one dense product of the kept size (channel_masked_*).
+# In `auto` it is a candidate the first call measures (and the correctness guard checks) where the
+# kept product is at most CHANNEL_MEASURE_MAX_WORK of the dense one; the prior (measuring off) takes
+# it where that is at most CHANNEL_MAX_WORK. benchmarks/bench_structured.py measured the channel path
+# slower than the full dense layer with 2-10% of the channels removed (the gathers and the writes of
+# the pruned outputs cost more than the GEMM saves) and faster from 50% on, on convolutions.
+CHANNEL_MAX_WORK = 0.5
+CHANNEL_MEASURE_MAX_WORK = 0.9  # (an unstructured sparse mask with a few empty rows stays as it was)
 
 
-def _channels(name: str, full: bool, channels: float | None) -> bool:
-    """Whether `auto` runs a channel-structured mask (`channels`: its kept work fraction) as such."""
-    return name == "auto" and not full and channels is not None and channels <= CHANNEL_MAX_WORK
+def _channels(name: str, full: bool, channels: float | None) -> str | None:
+    """"channels" where `auto` may run a channel-structured mask (`channels`: its kept work fraction)
+    as such (a measured candidate; the prior where channels <= CHANNEL_MAX_WORK)."""
+    return ("channels" if name == "auto" and not full and channels is not None
+            and channels <= CHANNEL_MEASURE_MAX_WORK else None)
+
+
+def _channel_key(channels: float | None) -> tuple[int, ...]:
+    """The kept work fraction in the tuning key (percent), so that a channel mask and an unstructured
+    mask of the same density do not share a measured winner."""
+    return (round(100 * channels),) if channels is not None and channels <= CHANNEL_MEASURE_MAX_WORK else ()
 
 
 def _block(op, name, device, *, tile_density, dtype=None):
@@ -330,8 +342,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         return name
     if name == "reference":
         return "reference"
-    if supported and _channels(name, full, channels):
-        return "channels"
+    channel = _channels(name, full, channels) if supported else None
     dense = "unmasked" if full else "mask_multiply"
     if name != "auto" or not supported:
         return dense
@@ -346,9 +357,12 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         # (dx works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
         # input layer); the prior keeps both dense, measuring may still find them faster.
         prior = kernel if device.type != "cpu" or (unit_stride and reduction >= 64) else dense
-    if full or density > MEASURE_MAX_DENSITY:
+    prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
+    if full:
         return prior
-    return _measured(op, device, dtype, problem or (), density, [dense, kernel], prior, dense, trial)
+    problem = (*(problem or ()), *_channel_key(channels))
+    candidates = [dense, kernel if density <= MEASURE_MAX_DENSITY else None, channel]
+    return _measured(op, device, dtype, problem, density, candidates, prior, dense, trial)
 
 
 def _fused(op, name, device, supported, dtype=None):

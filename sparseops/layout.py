@@ -166,9 +166,9 @@ class ChannelLayout:
     """The whole channels a mask keeps: the output channels (dim 0) with any kept entry, `out_idx`,
     and the input channels (dim 1) with any kept entry, `in_idx` (sorted int64). Where the mask is
     exactly those channels (mask == outer(rows, cols), over every tap of a conv), `inner` is None
-    and the product is one dense GEMM of the kept size; else `inner` is the mask at the kept
-    channels (bool, [len(out_idx), len(in_idx), ...]: elementwise inside), for the masked op on the
-    smaller problem. Same staleness rule as CsrLayout."""
+    and the product is one dense GEMM of the kept size; else `in_idx` is every input channel and
+    `inner` the mask at the kept rows (bool, [len(out_idx), ...]: elementwise inside), for the
+    masked op on the smaller problem. Same staleness rule as CsrLayout."""
 
     out_idx: torch.Tensor
     in_idx: torch.Tensor
@@ -200,10 +200,13 @@ def build_channel_layout(mask: torch.Tensor) -> ChannelLayout:
     rows = m.flatten(1).any(1)
     cols = m.transpose(0, 1).flatten(1).any(1)
     out_idx, in_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
-    inner = m.index_select(0, out_idx).index_select(1, in_idx)
-    # A kept row has a kept entry, whose column is kept: `inner` has no empty row or column.
-    inner = None if bool(inner.all()) else inner.contiguous()
-    return ChannelLayout(out_idx, in_idx, inner, tuple(m.shape), mask.detach(), mask._version)
+    if bool(m.index_select(0, out_idx).index_select(1, in_idx).all()):
+        return ChannelLayout(out_idx, in_idx, None, tuple(m.shape), mask.detach(), mask._version)
+    # Elementwise inside: only the pruned rows count. (A sparse unstructured mask on a narrow layer has
+    # many empty columns by chance; the masked op's own kernels skip those.)
+    in_idx = torch.arange(m.shape[1], device=m.device)
+    return ChannelLayout(out_idx, in_idx, m.index_select(0, out_idx).contiguous(), tuple(m.shape), mask.detach(),
+                         mask._version)
 
 
 _channel_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()

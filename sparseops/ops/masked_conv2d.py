@@ -82,7 +82,7 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
     full = info.nnz == info.mask.numel()
     # Whole pruned filters or input channels (a channel mask, ln_structured): read once per mask version.
-    channels = channel_layout(layout) if isinstance(layout, torch.Tensor) and not full and supported else None
+    channels = channel_layout(info.source) if isinstance(layout, torch.Tensor) and not full and supported else None
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
     impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=full,
@@ -91,8 +91,6 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
                           plane=plane(x, w, stride_, pad, dilation_) if supported else None, block=block,
                           tile_density=info.tile_density if block else 1.0, problem=problem, dtype=w.dtype,
                           trial=trial(_run, x, w, info, bias, geometry))
-    if impl == "channels":
-        return channel_masked_conv2d.run(masked_conv2d, x, w, channels, bias, stride_, pad, dilation_)
     if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
         raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
                          "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
@@ -101,6 +99,9 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
 
 def _run(impl: str, x, w, info, bias, geometry):
     stride, padding, dilation, groups, stride_, pad, dilation_ = geometry
+    if impl == "channels":  # (cached per mask version on the alias the stats hold)
+        return channel_masked_conv2d.run(masked_conv2d, x, w, channel_layout(info.source), bias, stride_, pad,
+                                         dilation_)
     if impl == "triton_block":
         return lib.triton_masked_conv2d_block(x, w, info.mask.view(w.shape), *info.tensors(), info.block, bias,
                                               stride_, pad, dilation_)

@@ -87,16 +87,17 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         return masked_linear(x, w, info.mask, bias)  # the element path
     full = info.nnz == info.mask.numel()
     # Whole pruned rows or columns (a channel mask, ln_structured): read once per mask version.
-    channels = channel_layout(layout) if isinstance(layout, torch.Tensor) and not full else None
+    channels = channel_layout(info.source) if isinstance(layout, torch.Tensor) and not full else None
     impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
                           numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
-                          channels=None if channels is None else channels.work, trial=trial(_run, x, w, info, bias))
-    if impl == "channels":
-        return channel_masked_linear.run(masked_linear, x, w, channels, bias)
+                          channels=None if channels is None else channels.work,
+                          trial=trial(_run, x, w, info, bias))
     return _run(impl, x, w, info, bias)
 
 
 def _run(impl: str, x, w, info, bias):
+    if impl == "channels":  # (cached per mask version on the alias the stats hold)
+        return channel_masked_linear.run(masked_linear, x, w, channel_layout(info.source), bias)
     if impl == "reference":
         return reference.masked_linear(x, w, info.mask, bias)
     if impl == "mask_multiply":  # plain autograd over the masked weight, as torch.nn.utils.prune
