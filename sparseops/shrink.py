@@ -15,8 +15,8 @@ which still carries a constant (a BatchNorm bias, a layer bias) is kept, with a 
 it would change the outputs.
 
 Gated-off blocks: a module with an attribute `gate` (a number, buffer or parameter) that is all 0
-computes the identity of its input (the layer-gate contract: out = x where the gate is off), and
-is replaced by nn.Identity.
+is replaced by what it computes then: `module.gated_off()` (a module) where it has that method,
+else nn.Identity (the contract without it: out = x where the gate is off).
 
 Kept layers whose remaining mask prunes nothing become plain nn.Conv2d / nn.Linear; the others stay
 sparseops layers with the mask cut to their new shape.
@@ -105,7 +105,8 @@ def _remove_gated_blocks(model: nn.Module) -> None:
         gate = getattr(m, "gate", None)
         if name and gate is not None and not bool(torch.as_tensor(gate).ne(0).any()):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+            off = m.gated_off() if hasattr(m, "gated_off") else nn.Identity()
+            setattr(model.get_submodule(parent) if parent else model, child, off)
 
 
 def _dead_channels(tp, group) -> tuple[torch.Tensor, bool]:

@@ -132,19 +132,32 @@ class Gated(nn.Module):
         return x if self.gate == 0 else self.block(x)
 
 
+class GatedDownsample(Gated):
+    """A gated block whose off state is not the identity says what it is instead (`gated_off`)."""
+
+    def forward(self, x):
+        return torch.relu(self.block.shortcut(x)) if self.gate == 0 else self.block(x)
+
+    def gated_off(self):
+        return nn.Sequential(self.block.shortcut, nn.ReLU())
+
+
 def test_zoo_resnet20_with_a_gated_off_block():
     model = zoo.resnet20().double()
     model[4] = Gated(model[4])  # the second block of the first stage (shape-preserving)
+    model[6] = GatedDownsample(model[6])  # the first block of the second stage (strided, a conv shortcut)
     sparseops.patch(model)
     model[4].gate.zero_()
-    for i in (3, 5, 7, 10):
+    model[6].gate.zero_()
+    for i in (3, 5, 8, 10):
         block = model[i]
         kill(model, f"{i}.conv1", list(range(0, block.conv1.out_channels, 2)), f"{i}.bn1")
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     shrunk = sparseops.shrink(model, x)
     check_same(model, shrunk, x)
     assert isinstance(shrunk[4], nn.Identity) and shrunk[3].conv1.out_channels == 8
-    assert params(shrunk) < params(model) - params(model[4])
+    assert isinstance(shrunk[6], nn.Sequential) and shrunk[8].conv1.out_channels == 16
+    assert params(shrunk) < params(model) - params(model[4]) - params(model[6].block.conv1)
 
 
 def test_zoo_vgg16():
