@@ -33,6 +33,7 @@ import torch
 
 from . import checks, tuning
 from . import thresholds as _thresholds
+from .thresholds import CHANNEL_MAX_WORK, CHANNEL_MEASURE_MAX_WORK
 from .thresholds import measured_faster, thresholds  # noqa: F401  (part of this module's API)
 from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes
 
@@ -273,13 +274,12 @@ def _measured(op, device, dtype, problem, density, candidates, prior, dense, tri
     return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 
 
-def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, channels=None,
-                   trial=None):
+def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, channels=None, trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device, dtype)
-    channel = _channels(name, full, channels)
+    channel, channel_key = _channels(name, full, channels)
     dense = _dense_fallback(name, full, numel)
     kernel = _kernel_here(op, device, dtype) if name == "auto" else None
     if kernel is not None and kernel != "cpu":
@@ -293,31 +293,17 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"
     sparse = [kernel, other] if density <= MEASURE_MAX_DENSITY else []  # denser: only the dense paths race
-    problem = (tuning.rows_bucket(rows), *shape, *_channel_key(channels))
+    problem = (tuning.rows_bucket(rows), *shape, *channel_key)
     return _measured(op, device, dtype, problem, density, [dense, alt, *sparse, channel], prior, dense, trial)
 
 
-# A mask that prunes whole channels can run one dense product of the kept size (channel_masked_*).
-# In `auto` it is a candidate the first call measures (and the correctness guard checks) where the
-# kept product is at most CHANNEL_MEASURE_MAX_WORK of the dense one; the prior (measuring off) takes
-# it where that is at most CHANNEL_MAX_WORK. benchmarks/bench_structured.py measured the channel path
-# slower than the full dense layer with 2-10% of the channels removed (the gathers and the writes of
-# the pruned outputs cost more than the GEMM saves) and faster from 50% on, on convolutions.
-CHANNEL_MAX_WORK = 0.5
-CHANNEL_MEASURE_MAX_WORK = 0.9  # (an unstructured sparse mask with a few empty rows stays as it was)
-
-
-def _channels(name: str, full: bool, channels: float | None) -> str | None:
-    """"channels" where `auto` may run a channel-structured mask (`channels`: its kept work fraction)
-    as such (a measured candidate; the prior where channels <= CHANNEL_MAX_WORK)."""
-    return ("channels" if name == "auto" and not full and channels is not None
-            and channels <= CHANNEL_MEASURE_MAX_WORK else None)
-
-
-def _channel_key(channels: float | None) -> tuple[int, ...]:
-    """The kept work fraction in the tuning key (percent), so that a channel mask and an unstructured
-    mask of the same density do not share a measured winner."""
-    return (round(100 * channels),) if channels is not None and channels <= CHANNEL_MEASURE_MAX_WORK else ()
+def _channels(name: str, full: bool, channels: float | None):
+    """("channels" where `auto` may run a mask of kept work fraction `channels` so (thresholds.py:
+    measured up to CHANNEL_MEASURE_MAX_WORK, the prior up to CHANNEL_MAX_WORK), else None; that fraction
+    in percent for the tuning key, so that a channel mask shares no winner with others)."""
+    if name != "auto" or full or channels is None or channels > CHANNEL_MEASURE_MAX_WORK:
+        return None, ()
+    return "channels", (round(100 * channels),)
 
 
 def _block(op, name, device, *, tile_density, dtype=None):
@@ -342,7 +328,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         return name
     if name == "reference":
         return "reference"
-    channel = _channels(name, full, channels) if supported else None
+    channel, channel_key = _channels(name, full, channels if supported else None)
     dense = "unmasked" if full else "mask_multiply"
     if name != "auto" or not supported:
         return dense
@@ -360,7 +346,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
     prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
     if full:
         return prior
-    problem = (*(problem or ()), *_channel_key(channels))
+    problem = (*(problem or ()), *channel_key)
     candidates = [dense, kernel if density <= MEASURE_MAX_DENSITY else None, channel]
     return _measured(op, device, dtype, problem, density, candidates, prior, dense, trial)
 
