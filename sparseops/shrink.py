@@ -34,7 +34,7 @@ from .patch import check_model, patch, patched_layers, unpatch
 
 # Autograd nodes (torch-pruning's op nodes) that map zero inputs to zero outputs channel by channel.
 _ZERO_PRESERVING = ("Relu", "LeakyRelu", "Hardtanh", "Gelu", "Silu", "Elu", "Hardswish", "Tanh", "AddBackward0",
-                    "SubBackward0", "MulBackward0", "Mean", "Sum", "MaxPool", "AvgPool", "AdaptiveAvgPool",
+                    "SubBackward0", "MulBackward", "DivBackward1", "Mean", "Sum", "MaxPool", "AvgPool", "AdaptiveAvgPool",
                     "AdaptiveMaxPool", "NativeDropout", "Clone", "TBackward", "Transpose", "Permute", "View",
                     "Reshape", "UnsafeView", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Cat", "Split", "Slice")
 
@@ -119,13 +119,15 @@ def _dead_channels(tp, group) -> tuple[torch.Tensor, bool]:
     for item in group.items:
         dep, m = item.dep, item.dep.target.module
         idx, root_idx = torch.tensor(item.idxs, dtype=torch.long), torch.tensor(item.root_idxs, dtype=torch.long)
-        here = _dead_here(tp, m, dep.handler, idx)
+        tensors = [*m.parameters(recurse=False), *m.buffers(recurse=False)] if isinstance(m, nn.Module) else []
+        device_idx = idx.to(tensors[0].device) if tensors else idx  # (the model may live on a GPU)
+        here = _dead_here(tp, m, dep.handler, device_idx)
         consumed |= dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
         if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
             with torch.no_grad():
-                pruned[root_idx[~(m.weight.index_select(0, idx).flatten(1) != 0).any(1)]] = True
+                pruned[root_idx[~(m.weight.index_select(0, device_idx).flatten(1) != 0).any(1).cpu()]] = True
         if here is not None:
-            dead[root_idx[~here]] = False
+            dead[root_idx[~here.cpu()]] = False
     return dead, pruned, consumed
 
 
@@ -136,8 +138,9 @@ def _dead_here(tp, m, handler, idx) -> torch.Tensor | None:
             dead = ~(m.weight.index_select(0, idx).flatten(1) != 0).any(1)
             return dead if m.bias is None else dead & (m.bias[idx] == 0)
         if handler == tp.prune_batchnorm_out_channels:
-            gamma_zero = m.weight[idx] == 0 if m.affine else torch.zeros(idx.numel(), dtype=torch.bool)
-            dead = m.bias[idx] == 0 if m.affine else torch.ones(idx.numel(), dtype=torch.bool)
+            none = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+            gamma_zero = m.weight[idx] == 0 if m.affine else none
+            dead = m.bias[idx] == 0 if m.affine else ~none
             if m.running_mean is not None:
                 dead &= gamma_zero | (m.running_mean[idx] == 0)
             return dead
