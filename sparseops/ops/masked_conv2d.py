@@ -82,7 +82,9 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     geometry = (stride, padding, dilation, groups, stride_, pad, dilation_)
     full = info.nnz == info.mask.numel()
     # Whole pruned filters or input channels (a channel mask, ln_structured): read once per mask version.
-    channels = channel_layout(info.source) if isinstance(layout, torch.Tensor) and not full and supported else None
+    # (An empty mask stays on the sparse kernels, which do no work for it.)
+    structured = isinstance(layout, torch.Tensor) and not full and supported and info.nnz
+    channels = channel_layout(info.source) if structured else None
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
     impl = backend.choose(op, w.device, density=info.density, shape=info.shape, full=full,

@@ -86,8 +86,9 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
     full = info.nnz == info.mask.numel()
-    # Whole pruned rows or columns (a channel mask, ln_structured): read once per mask version.
-    channels = channel_layout(info.source) if isinstance(layout, torch.Tensor) and not full else None
+    # Whole pruned rows or columns (a channel mask, ln_structured): read once per mask version. (An
+    # empty mask stays on the sparse kernels, which do no work for it.)
+    channels = channel_layout(info.source) if isinstance(layout, torch.Tensor) and not full and info.nnz else None
     impl = backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
                           numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
                           channels=None if channels is None else channels.work,
