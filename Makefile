@@ -15,7 +15,7 @@ BENCH_TIME := $(shell date +%Y%m%d-%H%M%S)
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy "setuptools>=64" ninja packaging
-	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples,hf]"
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test,examples,hf,structured]"
 	touch $(STAMP)
 
 install: $(STAMP)

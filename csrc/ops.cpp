@@ -98,6 +98,21 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("masked_conv2d_runtime_backward(Tensor grad, Tensor x, Tensor w, Tensor mask, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // A mask that keeps whole channels: y[..., out_idx] = x[..., in_idx] @ w[out_idx][:, in_idx]^T + bias[out_idx],
+  // y = bias (or 0) at the other outputs. out_idx / in_idx: sorted distinct int64 indices of the kept
+  // output / input channels (all of them: no gather). One dense GEMM of the kept size.
+  m.def("channel_masked_linear(Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, Tensor? bias) -> Tensor");
+  // Backward: dx (zero at pruned input channels), dw only at kept rows x kept columns (zero elsewhere),
+  // dbias = grad summed over rows (every output gets the bias); empties where not asked for.
+  m.def("channel_masked_linear_backward(Tensor grad, Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The same for conv2d (groups = 1) with kept output channels out_idx and input channels in_idx:
+  // one dense convolution of the kept size, the pruned output channels get bias (or 0).
+  m.def("channel_masked_conv2d(Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
+  m.def("channel_masked_conv2d_backward(Tensor grad, Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

@@ -14,6 +14,7 @@ from .ops.soft_masked_linear import soft_masked_linear
 from .patch import PatchReport, patch, patch_report, unpatch
 from .distributed import sync_masks
 from . import gates  # noqa: E402  (layer and channel gates)
+from .shrink import shrink
 from .tuning import tune
 from . import tuning  # noqa: E402
 from . import tickets  # noqa: E402  (needs patch)
@@ -48,6 +49,7 @@ __all__ = [
     "soft_masked_conv2d",
     "soft_masked_linear",
     "sync_masks",
+    "shrink",
     "tickets",
     "tune",
     "tuning",

@@ -10,6 +10,7 @@ module's public functions. Implementations, by name:
   dense            the same math through dense GEMMs in one op (masked_linear_dense)
   mask_multiply    plain autograd over `where(mask, w, 0)` (torch.nn.utils.prune's `w * mask`, exact)
   unmasked         nothing is pruned: exactly the dense layer (F.linear, F.conv2d)
+  channels         whole channels pruned: one dense product of the kept channels (channel_masked_*)
   unfused          soft-masked ops: sparseops.soft_mask, then the dense op
   skip_zeros       soft-masked ops late in CS: the masked op over the entries whose mask is not 0
   reference        sparseops.reference, the plain-torch ground truth
@@ -32,6 +33,7 @@ import torch
 
 from . import checks, tuning
 from . import thresholds as _thresholds
+from .thresholds import CHANNEL_MAX_WORK, CHANNEL_MEASURE_MAX_WORK
 from .thresholds import measured_faster, thresholds  # noqa: F401  (part of this module's API)
 from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes, tracing
 
@@ -210,11 +212,12 @@ def choose(op: str, device: torch.device, **facts) -> str:
     `device`, from the active backend and the facts of the call:
 
       soft_mask(_l1, _with_l1)   numel
-      masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x)
+      masked_linear              density, shape (of w), full (nothing pruned), numel, rows (of x),
+                                 channels (ChannelLayout.work of a mask with whole pruned channels)
       masked_linear_block        tile_density
       masked_conv2d              density, shape (w as 2-D), full, supported (geometry the kernels
                                  cover), unit_stride, reduction (C_in*kh*kw), plane, problem (the
-                                 call's sizes); block and tile_density for a BlockLayout
+                                 call's sizes), channels; block and tile_density for a BlockLayout
 
     and `dtype` (of w; every op): in `auto` a kernel that lacks it (kernel_dtypes: the C++ CPU
     kernels take float32/float64) is never chosen, the dense path runs; a forced backend whose
@@ -287,16 +290,18 @@ def _measured(op, device, dtype, problem, density, candidates, prior, dense, tri
     return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 
 
-def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, trial=None):
+def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, channels=None, trial=None):
     if name == "reference":
         return "reference"
     if name in ("cpu", "cuda", "triton"):
         return require(op, name, device, dtype)
+    channel, channel_key = _channels(name, full, channels)
     dense = _dense_fallback(name, full, numel)
     kernel = _kernel_here(op, device, dtype) if name == "auto" else None
     if kernel is not None and kernel != "cpu":
         kernel = gpu_kernel(op, device, shape, density)
     prior = dense if kernel is None or density > max_density(op, device.type, shape) else kernel
+    prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
     if name != "auto" or full:
         return prior
     other = "torch_sparse" if _torch_sparse_here(device, dtype) else None
@@ -304,8 +309,17 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"
     sparse = [kernel, other] if density <= MEASURE_MAX_DENSITY else []  # denser: only the dense paths race
-    return _measured(op, device, dtype, (tuning.rows_bucket(rows), *shape), density, [dense, alt, *sparse],
-                     prior, dense, trial)
+    problem = (tuning.rows_bucket(rows), *shape, *channel_key)
+    return _measured(op, device, dtype, problem, density, [dense, alt, *sparse, channel], prior, dense, trial)
+
+
+def _channels(name: str, full: bool, channels: float | None):
+    """("channels" where `auto` may run a mask of kept work fraction `channels` so (thresholds.py:
+    measured up to CHANNEL_MEASURE_MAX_WORK, the prior up to CHANNEL_MAX_WORK), else None; that fraction
+    in percent for the tuning key, so that a channel mask shares no winner with others)."""
+    if name != "auto" or full or channels is None or channels > CHANNEL_MEASURE_MAX_WORK:
+        return None, ()
+    return "channels", (round(100 * channels),)
 
 
 def _block(op, name, device, *, tile_density, dtype=None):
@@ -318,7 +332,7 @@ def _block(op, name, device, *, tile_density, dtype=None):
 
 
 def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_stride, reduction, plane,
-                   block=False, tile_density=1.0, problem=None, dtype=None, trial=None):
+                   block=False, tile_density=1.0, problem=None, dtype=None, channels=None, trial=None):
     if block and supported and _block("masked_conv2d_block", name, device, tile_density=tile_density,
                                       dtype=dtype) == "triton":
         return "triton_block"
@@ -330,6 +344,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         return name
     if name == "reference":
         return "reference"
+    channel, channel_key = _channels(name, full, channels if supported else None)
     dense = "unmasked" if full else "mask_multiply"
     if name != "auto" or not supported:
         return dense
@@ -344,9 +359,12 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
         # (dx works on the stride-dilated grad) and so do layers with tiny C_in*kh*kw (a 3-channel
         # input layer); the prior keeps both dense, measuring may still find them faster.
         prior = kernel if device.type != "cpu" or (unit_stride and reduction >= 64) else dense
-    if full or density > MEASURE_MAX_DENSITY:
+    prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
+    if full:
         return prior
-    return _measured(op, device, dtype, problem or (), density, [dense, kernel], prior, dense, trial)
+    problem = (*(problem or ()), *channel_key)
+    candidates = [dense, kernel if density <= MEASURE_MAX_DENSITY else None, channel]
+    return _measured(op, device, dtype, problem, density, candidates, prior, dense, trial)
 
 
 def _fused(op, name, device, supported, dtype=None):

@@ -38,11 +38,17 @@ class _MaskedMixin:
     weight_mask: torch.Tensor
 
     def _as_mask(self, mask) -> torch.Tensor:
+        """The mask at the weight's full shape. A channel mask ([N, 1] / [1, K] for a linear
+        layer, [C_out, 1, 1, 1] / [1, C_in, 1, 1] for a convolution: any shape with the weight's
+        dimensions, each 1 or the weight's size) is expanded to it: `weight_mask` stays full-shape."""
         m = as_bool_mask(mask, name="mask")
-        if m.shape != self.weight.shape:
-            raise ValueError(f"{type(self).__name__}: mask must have the weight's shape "
-                             f"{tuple(self.weight.shape)}, got {tuple(m.shape)}")
-        return m.to(self.weight.device).clone()
+        shape = tuple(self.weight.shape)
+        if m.shape != shape:
+            if m.dim() != len(shape) or any(a not in (1, b) for a, b in zip(m.shape, shape)):
+                raise ValueError(f"{type(self).__name__}: mask must have the weight's shape {shape} or broadcast "
+                                 f"to it along whole channels (each dimension 1 or the weight's), got {tuple(m.shape)}")
+            m = m.expand(shape)
+        return m.to(self.weight.device).clone(memory_format=torch.contiguous_format)
 
     def _attach_mask(self, mask=None) -> None:
         if mask is None:

@@ -101,3 +101,22 @@ def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
                        bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1):
     """conv2d(x, w * scale * sigmoid(beta * s)) + bias: a convolution under CS's soft mask."""
     return F.conv2d(x, soft_mask(w, s, beta, scale), bias, stride, padding, dilation, groups)
+
+
+def channel_mask(w: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor) -> torch.Tensor:
+    """The full-shape bool mask that keeps output channels `out_idx` x input channels `in_idx` of w."""
+    m = torch.zeros(w.shape[:2], dtype=torch.bool, device=w.device)
+    m[out_idx[:, None], in_idx[None, :]] = True
+    return m.view(*m.shape, *([1] * (w.dim() - 2))).expand(w.shape)
+
+
+def channel_masked_linear(x: torch.Tensor, w: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
+                          bias: torch.Tensor | None = None):
+    """masked_linear under the mask of kept channels (channel_mask): pruned outputs get the bias."""
+    return masked_linear(x, w, channel_mask(w, out_idx, in_idx), bias)
+
+
+def channel_masked_conv2d(x: torch.Tensor, w: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
+                          bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1):
+    """masked_conv2d under the mask of kept channels (channel_mask): pruned outputs get the bias."""
+    return masked_conv2d(x, w, channel_mask(w, out_idx, in_idx), bias, stride, padding, dilation)

@@ -102,7 +102,10 @@ def test_no_python_file_over_400_lines():
     assert not long, long
 
 
-OPS = ("soft_mask", "masked_linear", "masked_conv2d", "soft_masked_linear", "soft_masked_conv2d")
+OPS = ("soft_mask", "masked_linear", "masked_conv2d", "soft_masked_linear", "soft_masked_conv2d",
+       "channel_masked_linear", "channel_masked_conv2d")
+# Dense products of the kept channels (torch's own GEMM / convolution on every device): no Triton kernel.
+DENSE_OPS = ("channel_masked_linear", "channel_masked_conv2d")
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -111,10 +114,11 @@ def test_each_op_is_found_from_its_name(op):
     assert f'm.def("{op}(' in schema
     assert hasattr(__import__("sparseops").reference, op)
     assert (PKG / "ops" / f"{op}.py").exists()
-    assert (PKG / "triton" / f"{op}.py").exists()
+    assert (PKG / "triton" / f"{op}.py").exists() or op in DENSE_OPS
     assert (ROOT / "tests" / f"test_{op}.py").exists()
     bench = ROOT / "benchmarks" / f"bench_{op}.py"
-    assert bench.exists() or op in (ROOT / "benchmarks" / "bench_gpu.py").read_text()
+    assert bench.exists() or any(op in (ROOT / "benchmarks" / name).read_text()
+                                 for name in ("bench_gpu.py", "bench_structured.py"))
     design = (ROOT / "docs" / "design.md").read_text()
     assert f"`{op}`" in design
     assert torch.ops.sparseops.__getattr__(op) is not None

@@ -153,3 +153,37 @@ def trial(run, x, *args, batched: bool = True):
 
     run_one.train = train
     return run_one
+
+
+def check_channel_index(op: str, name: str, idx: torch.Tensor, size: int) -> None:
+    """The channel ops' index contract, checked before any read: 1-D int64, sorted and distinct, in
+    [0, size) (what layout.channel_layout builds; all `size` of them means no gather)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or idx.numel() > size:
+        what = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"sparseops.{op}: {name} must be 1-D int64 with at most {size} entries, got {what}")
+    if idx.numel() == 0:
+        return
+    ok = (idx[0] >= 0) & (idx[-1] < size) & (idx[1:] > idx[:-1]).all()
+    message = f"sparseops.{op}: {name} must hold sorted, distinct channel indices in [0, {size})"
+    if idx.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:  # no host sync on a GPU (nor under CUDA graph capture): the device asserts it
+        torch._assert_async(ok, message)
+
+
+def take_channels(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` at the channels `idx` along `dim`; `t` itself where idx keeps them all (sorted, distinct)."""
+    return t if idx.numel() == t.shape[dim] else t.index_select(dim, idx)
+
+
+def put_channels(full: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Writes `kept` (the tensor at rows out_idx x columns in_idx of dims 0 and 1) into `full`, in place."""
+    rows, cols = out_idx.numel() < full.shape[0], in_idx.numel() < full.shape[1]
+    if rows and cols:
+        return full.index_put_((out_idx[:, None], in_idx[None, :]), kept)
+    if rows:
+        return full.index_copy_(0, out_idx, kept)
+    if cols:
+        return full.index_copy_(1, in_idx, kept)
+    return full.copy_(kept)

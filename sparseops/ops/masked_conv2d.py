@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, tuning
 from .._library import define, lib, tracing
-from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
 from ..reference import mask_grad_, masked_weight
+from . import channel_masked_conv2d
 from ._common import as_layout, autocast_args, conv_fake, conv_geometry, conv_out, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
@@ -95,21 +96,26 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
     checks.like(op, "w", w, x=x, bias=bias)
     geometry = (stride, padding, dilation, groups, *conv_geometry(op, x, w, stride, padding, dilation, groups)[:3])
-    impl = _choose(x, w, info, geometry, trial(_run, x, w, info, bias, geometry))
+    impl = _choose(x, w, info, geometry, trial(_run, x, w, info, bias, geometry), isinstance(layout, torch.Tensor))
     if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
         raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
                          "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
     return _run(impl, x, w, info, bias, geometry)
 
 
-def _choose(x, w, info, geometry, trial_fn):
+def _choose(x, w, info, geometry, trial_fn, from_mask=True):
     stride, padding, dilation, groups, stride_, pad, dilation_ = geometry
     supported = groups == 1 and pad is not None and x.dim() == 4
     block = isinstance(info, BlockLayout)
+    full = info.nnz == info.mask.numel()
+    # Whole pruned filters or input channels (a channel mask, ln_structured): read once per mask version.
+    # (An empty mask stays on the sparse kernels, which do no work for it.)
+    channels = channel_layout(info.source) if from_mask and not full and supported and info.nnz else None
     problem = (tuning.rows_bucket(x.shape[0]) if x.dim() == 4 else 1, *x.shape[-3:], *w.shape[:1], *w.shape[2:],
                *stride_, *(pad or (-1, -1)), *dilation_)
-    return backend.choose("masked_conv2d", w.device, density=info.density, shape=info.shape,
-                          full=info.nnz == info.mask.numel(), supported=supported, unit_stride=stride_ == (1, 1),
+    return backend.choose("masked_conv2d", w.device, density=info.density, shape=info.shape, full=full,
+                          channels=None if channels is None else channels.work, supported=supported,
+                          unit_stride=stride_ == (1, 1),
                           reduction=math.prod(w.shape[1:]), plane=plane(x, w, stride_, pad, dilation_) if supported
                           else None, block=block, tile_density=info.tile_density if block else 1.0, problem=problem,
                           dtype=w.dtype, trial=trial_fn)
@@ -117,6 +123,9 @@ def _choose(x, w, info, geometry, trial_fn):
 
 def _run(impl: str, x, w, info, bias, geometry):
     stride, padding, dilation, groups, stride_, pad, dilation_ = geometry
+    if impl == "channels":  # (cached per mask version on the alias the stats hold)
+        return channel_masked_conv2d.run(masked_conv2d, x, w, channel_layout(info.source), bias, stride_, pad,
+                                         dilation_)
     if impl == "triton_block":
         return lib.triton_masked_conv2d_block(x, w, info.mask.view(w.shape), *info.tensors(), info.block, bias,
                                               stride_, pad, dilation_)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib, tracing
-from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
 from ..reference import mask_grad_, masked_weight
+from . import channel_masked_linear
 from ._common import as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
 
 
@@ -95,13 +96,17 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         if impl == "triton":
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
-    return _run(_choose(x, w, info, trial(_run, x, w, info, bias)), x, w, info, bias)
+    return _run(_choose(x, w, info, trial(_run, x, w, info, bias), isinstance(layout, torch.Tensor)), x, w, info, bias)
 
 
-def _choose(x, w, info, trial_fn):
-    return backend.choose("masked_linear", w.device, density=info.density, shape=info.shape,
-                          full=info.nnz == info.mask.numel(), numel=w.numel(),
-                          rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype, trial=trial_fn)
+def _choose(x, w, info, trial_fn, from_mask=True):
+    full = info.nnz == info.mask.numel()
+    # Whole pruned rows or columns (a channel mask, ln_structured): read once per mask version. (An
+    # empty mask stays on the sparse kernels, which do no work for it.)
+    channels = channel_layout(info.source) if from_mask and not full and info.nnz else None
+    return backend.choose("masked_linear", w.device, density=info.density, shape=info.shape, full=full,
+                          numel=w.numel(), rows=x.numel() // max(x.shape[-1], 1) if x.dim() else 1, dtype=w.dtype,
+                          channels=None if channels is None else channels.work, trial=trial_fn)
 
 
 _KERNELS = {"triton": "triton_masked_linear", "torch_sparse": "torch_sparse_masked_linear", "cpu": "masked_linear",
@@ -109,6 +114,8 @@ _KERNELS = {"triton": "triton_masked_linear", "torch_sparse": "torch_sparse_mask
 
 
 def _run(impl: str, x, w, info, bias):
+    if impl == "channels":  # (cached per mask version on the alias the stats hold)
+        return channel_masked_linear.run(masked_linear, x, w, channel_layout(info.source), bias)
     if impl == "reference":
         return reference.masked_linear(x, w, info.mask, bias)
     if impl == "mask_multiply":  # plain autograd over the masked weight, as torch.nn.utils.prune

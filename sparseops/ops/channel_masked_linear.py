@@ -1,0 +1,96 @@
+"""channel_masked_linear: masked_linear for a mask that keeps whole channels (rows and/or columns of
+w), as one dense GEMM of the kept size (oneDNN/MKL on the CPU, cuBLAS on GPUs): the kept rows and
+columns of w gathered, the pruned outputs written as bias (or 0). masked_linear routes such masks
+here (backend.choose), and a mask with pruned channels and an elementwise pattern inside the kept
+ones to the masked op on the smaller problem (`run`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import checks
+from .._library import define, lib
+from ..layout import ChannelLayout
+from ._common import check_channel_index, grads_fake, linear_fake, put_channels, take_channels
+
+OP = "channel_masked_linear"
+
+
+def _check(x, w, out_idx, in_idx, bias):
+    checks.linear(OP, x, w, bias)
+    checks.like(OP, "w", w, x=x, bias=bias)
+    check_channel_index(OP, "out_idx", out_idx, w.shape[0])
+    check_channel_index(OP, "in_idx", in_idx, w.shape[1])
+
+
+def _kept_weight(w, out_idx, in_idx):
+    return take_channels(take_channels(w, out_idx, 0), in_idx, 1)
+
+
+@torch.library.register_kernel(f"sparseops::{OP}", ("cpu", "cuda"))
+def _(x, w, out_idx, in_idx, bias):
+    _check(x, w, out_idx, in_idx, bias)
+    n, k = w.shape
+    m = math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], n))
+    y = out.view(m, n)
+    if out_idx.numel() == 0 or in_idx.numel() == 0:  # nothing kept: every output is the bias (or 0)
+        return y.zero_().add_(bias).view(out.shape) if bias is not None else out.zero_()
+    xk = take_channels(x.reshape(m, k), in_idx, 1)
+    wk = _kept_weight(w, out_idx, in_idx)
+    if out_idx.numel() == n:  # straight into the output
+        return (torch.mm(xk, wk.t(), out=y) if bias is None else torch.addmm(bias, xk, wk.t(), out=y)).view(out.shape)
+    kept = torch.mm(xk, wk.t()) if bias is None else torch.addmm(bias.index_select(0, out_idx), xk, wk.t())
+    if bias is None:
+        y.zero_()
+    else:
+        y.copy_(bias.expand(m, n))
+    y.index_copy_(1, out_idx, kept)
+    return out
+
+
+@torch.library.register_kernel(f"sparseops::{OP}_backward", ("cpu", "cuda"))
+def _(grad, x, w, out_idx, in_idx, output_mask):
+    _check(x, w, out_idx, in_idx, None)
+    n, k = w.shape
+    checks.grad_shape(f"{OP}_backward", grad, (*x.shape[:-1], n))
+    need_x, need_w, need_b = output_mask
+    m = math.prod(x.shape[:-1])
+    g2 = grad.reshape(m, n)
+    empty = out_idx.numel() == 0 or in_idx.numel() == 0
+    gk = None if empty else take_channels(g2, out_idx, 1)
+    dx = dw = w.new_empty(0)
+    if need_x:  # zero at the pruned input channels
+        dx = x.new_zeros(x.shape) if empty else x.new_empty(x.shape)
+        if not empty:
+            d2, wk = dx.view(m, k), _kept_weight(w, out_idx, in_idx)
+            if in_idx.numel() == k:
+                torch.mm(gk, wk, out=d2)
+            else:
+                d2.zero_().index_copy_(1, in_idx, gk @ wk)
+    if need_w:
+        dw = w.new_zeros(w.shape)
+        if not empty:  # dw only at the kept rows x columns
+            put_channels(dw, out_idx, in_idx, gk.t() @ take_channels(x.reshape(m, k), in_idx, 1))
+    db = g2.sum(0) if need_b else w.new_empty(0)
+    return dx, dw, db
+
+
+define(OP, lambda x, w, out_idx, in_idx, bias: linear_fake(OP, x, w), grads=("x", "w", "bias"))
+define(f"{OP}_backward", lambda grad, x, w, out_idx, in_idx, output_mask: grads_fake(x, w, output_mask))
+
+
+def run(masked_linear, x, w, ch: ChannelLayout, bias):
+    """masked_linear(x, w, mask, bias) for a mask with pruned channels (`ch` its channel layout):
+    the channel op, or, with an elementwise pattern inside the kept channels, `masked_linear` (which
+    chooses again) on the kept rows and columns, its outputs written into the full ones."""
+    if ch.inner is None:
+        return lib.channel_masked_linear(x, w, ch.out_idx, ch.in_idx, bias)
+    n = w.shape[0]
+    kept = masked_linear(take_channels(x, ch.in_idx, x.dim() - 1), _kept_weight(w, ch.out_idx, ch.in_idx), ch.inner,
+                         None if bias is None else take_channels(bias, ch.out_idx, 0))
+    if ch.out_idx.numel() == n:
+        return kept
+    base = x.new_zeros((*x.shape[:-1], n)) if bias is None else bias.expand(*x.shape[:-1], n)
+    return base.index_copy(x.dim() - 1, ch.out_idx, kept)
