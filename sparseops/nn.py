@@ -67,8 +67,11 @@ class _MaskedMixin:
         if orig in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(orig)
         key = prefix + "weight_mask"
-        state_dict.setdefault(key, self.weight_mask)
-        mask = state_dict[key]
+        # No mask but the weight: the unpatched model's checkpoint, whose mask is not missing. Neither:
+        # the weight is not in this state dict (a tied copy that safetensors saved once), so the mask
+        # is missing like the weight, as safetensors.torch.load_model expects of a tied duplicate.
+        no_mask = key not in state_dict and prefix + "weight" in state_dict
+        mask = state_dict.get(key)
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             # A copy into the bool buffer would make any non-zero value (2, NaN) True: refuse what
             # is not a mask, keep the current one, and let load_state_dict report it by key.
@@ -79,6 +82,8 @@ class _MaskedMixin:
                 state_dict[key] = self.weight_mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if no_mask and key in missing_keys:
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}"

@@ -20,6 +20,15 @@ from . import nn as snn
 from .layout import as_bool_mask
 
 MODES = ("mask", "soft")
+# A patched transformers model records its mode in `model.config.sparseops`: save_pretrained writes
+# it to config.json, so a folder says it holds masks even to a loader that drops them (sparseops.hf).
+CONFIG_KEY = "sparseops"
+
+
+def _hf_config(model: nn.Module):
+    """The transformers config of `model` (one that save_pretrained writes), or None."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_json_string") and hasattr(config, "save_pretrained") else None
 
 
 def _conv1d_type():
@@ -142,7 +151,17 @@ def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Modul
     a weight tied to such a layer) are left as they are and reported: `on_unsupported` is "warn",
     "raise" or "ignore"; `patch_report(model)` returns the same information.
     """
+    config = _hf_config(model) if isinstance(model, nn.Module) else None
+    record = getattr(config, CONFIG_KEY, None)
+    if record is not None and not any(True for _ in patched_layers(model)):
+        raise ValueError(
+            f"sparseops.patch: model.config.{CONFIG_KEY} = {record!r} says this model was saved patched, but it has "
+            f"no sparseops layer: the plain from_pretrained (or a load into an unpatched model) dropped its masks "
+            f"and kept the pruned weights' values. Load the folder with sparseops.hf.from_pretrained(cls, folder); "
+            f"to patch this dense model anyway, delete model.config.{CONFIG_KEY} first")
     report = _walk(model, mode, filter_fn, s0, on_unsupported, apply=True)
+    if config is not None and report.patched + report.already_patched:
+        setattr(config, CONFIG_KEY, {"mode": mode})
     if report.unsupported and on_unsupported == "warn":
         warnings.warn(f"sparseops.patch: {len(report.unsupported)} layer(s) left unpatched:\n{report}", stacklevel=2)
     return model
@@ -245,4 +264,7 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
                 torch_prune.custom_from_mask(m, "weight", mask)
             else:
                 m.weight.mul_(mask.to(m.weight.dtype))
+    config = _hf_config(model)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)  # dense again (folded, or torch.nn.utils.prune's own keys)
     return model
