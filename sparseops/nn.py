@@ -32,10 +32,26 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
+def _refuse_torch_prune(layer, name: str) -> None:
+    """torch.nn.utils.prune starts by registering `<name>_orig`: refuse there, before it changes anything.
+    On a patched layer it would compute its mask over all the weights (the pruned ones come back) and
+    replace `weight_mask` with it; sparseops.as_torch_prune composes instead."""
+    if name == "weight_orig":
+        kind = "soft layer (its mask is its scores)" if isinstance(layer, _SoftMaskedMixin) else "patched layer"
+        raise NotImplementedError(
+            f"sparseops: torch.nn.utils.prune on a {kind} {type(layer).__name__} would replace its mask by one over "
+            f"all the weights; prune inside `with sparseops.as_torch_prune(model):` (composes like torch: the new "
+            f"mask over the remaining weights), or use sparseops.tickets (magnitude_masks, set_masks)")
+
+
 class _MaskedMixin:
     """A boolean `weight_mask` buffer the layer's forward applies through the sparse kernels."""
 
     weight_mask: torch.Tensor
+
+    def register_parameter(self, name, param) -> None:
+        _refuse_torch_prune(self, name)
+        super().register_parameter(name, param)
 
     def _as_mask(self, mask) -> torch.Tensor:
         m = as_bool_mask(mask, name="mask")
@@ -137,6 +153,10 @@ class _SoftMaskedMixin:
     """Continuous Sparsification's soft mask on the weight, fused by sparseops.soft_mask."""
 
     weight_score: nn.Parameter
+
+    def register_parameter(self, name, param) -> None:
+        _refuse_torch_prune(self, name)
+        super().register_parameter(name, param)
 
     def _attach_score(self, s0: float = 0.0) -> None:
         s0 = float(s0)

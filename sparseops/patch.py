@@ -7,6 +7,7 @@ patching still hold the right tensors, and `state_dict()` keys only gain the mas
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -268,3 +269,24 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)  # dense again (folded, or torch.nn.utils.prune's own keys)
     return model
+
+
+@contextlib.contextmanager
+def as_torch_prune(model: nn.Module):
+    """Within the block, the patched layers of `model` are torch.nn.utils.prune layers holding their
+    masks (`unpatch(as_prune=True)`), so `prune.*` composes with them as torch composes two prunings:
+    a PruningContainer, the new method's mask computed over the remaining weights. On exit they are
+    patched back (the same Parameter objects) with the composed masks; `prune.remove` in the block
+    makes a layer's pruning permanent in its weight, as in torch."""
+    check_model(model, "as_torch_prune")
+    layers = dict(patched_layers(model))
+    soft = [n or "model" for n, m in layers.items() if isinstance(m, snn._SoftMaskedMixin)]
+    if soft:
+        raise TypeError(f"sparseops.as_torch_prune: soft layers {soft[:3]} have scores, not a mask torch.nn.utils.prune "
+                        f"can compose with (set_ticket, then tickets.get_masks / set_masks on a masked model)")
+    was = {id(m) for m in layers.values()}
+    unpatch(model, as_prune=True)
+    try:
+        yield model
+    finally:
+        patch(model, filter_fn=lambda m, _: id(m) in was, on_unsupported="ignore")
