@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import as_bool_mask, csr_layout
+from .layout import as_bool_mask, checks_writes, csr_layout, refresh, same_content
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
 from .ops.soft_mask import soft_mask_l1
@@ -196,6 +196,28 @@ class _SoftMaskedMixin:
         """Hard mask `s > 0` (on the sparse kernels) or back to the soft mask."""
         self.ticket = bool(ticket)
         self._hard_mask = self.ticket_mask() if self.ticket else None
+        self._hard_key = self._score_key()
+
+    def _score_key(self):
+        s = self.weight_score
+        return s._version, s.data_ptr()
+
+    @torch.no_grad()
+    def _current_hard_mask(self) -> torch.Tensor:
+        """`s > 0` of the scores as they are now, in one tensor updated in place only when it changes
+        (so its cached layout lives as long as the scores keep their signs). Edits that move the
+        scores' version are seen on every device; on the CPU also those through `.data` or numpy."""
+        hard = self._hard_mask
+        if hard is None or hard.shape != self.weight_score.shape or hard.device != self.weight_score.device:
+            self.set_ticket(True)
+            return self._hard_mask
+        key = self._score_key()
+        if key != getattr(self, "_hard_key", None) or checks_writes(hard):
+            new = self.ticket_mask()
+            if not same_content(new, hard):
+                hard.copy_(new)
+            self._hard_key = key
+        return hard
 
     # beta, ticket mode and s0 travel in the state dict's per-module metadata (state_dict._metadata,
     # beside torch's "version"), not as a key: the keys stay those of the layer's parameters. torch.save
@@ -232,9 +254,7 @@ class _SoftMaskedMixin:
         if self.ticket:
             # Official CS: weight * (s > 0) / sigmoid(s0). The scale goes on the output so the sparse
             # kernel reads the weight itself and dw is scale * (the masked gradient), as there.
-            if self._hard_mask is None:  # `ticket` was set directly rather than by set_ticket
-                self.set_ticket(True)
-            y = self._masked_by(x, self._hard_mask) * self.scale
+            y = self._masked_by(x, self._current_hard_mask()) * self.scale
             return y if self.bias is None else y + self._bias_view()
         # The op chooses: the mask fused into the GEMM (Triton), soft_mask then the dense op, or, once
         # most of the mask is exactly 0, the masked op over the rest (exact).
@@ -288,6 +308,7 @@ class SoftMaskedConv2d(_SoftMaskedMixin, nn.Conv2d):
 
 
 def _conv1d_masked(self, x, bias, mask):
+    refresh(mask)  # as the ops do for a mask they are given
     layout = csr_layout(mask).t()  # the layout of W^T, [out, in], from the cached one of W
     return masked_linear(x, self.weight.t(), layout, bias)
 

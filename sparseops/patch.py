@@ -256,7 +256,7 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
                 mask = m.soft_mask().detach()
                 del m._parameters["weight_score"]
                 m._buffers.pop("_hard_mask", None)
-                for attr in ("s0", "beta", "ticket"):
+                for attr in ("s0", "beta", "ticket", "_hard_key"):
                     m.__dict__.pop(attr, None)
             else:
                 mask = m._buffers.pop("weight_mask")
