@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import as_bool_mask, checks_writes, csr_layout, refresh, same_content
+from .layout import as_bool_mask, csr_layout, refresh, same_content
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
 from .ops.soft_mask import soft_mask_l1
@@ -179,8 +179,8 @@ class _SoftMaskedMixin:
         return torch.sigmoid(self.beta * self.weight_score) * self.scale
 
     def ticket_mask(self) -> torch.Tensor:
-        """The hard mask CS keeps: s > 0."""
-        return self.weight_score.detach() > 0
+        """The hard mask CS keeps: s > 0 (in ticket mode, the one the forward computes with)."""
+        return self._current_hard_mask() if self.ticket else self.weight_score.detach() > 0
 
     def penalty(self) -> torch.Tensor:
         """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused."""
@@ -195,7 +195,7 @@ class _SoftMaskedMixin:
     def set_ticket(self, ticket: bool = True) -> None:
         """Hard mask `s > 0` (on the sparse kernels) or back to the soft mask."""
         self.ticket = bool(ticket)
-        self._hard_mask = self.ticket_mask() if self.ticket else None
+        self._hard_mask = self.weight_score.detach() > 0 if self.ticket else None
         self._hard_key = self._score_key()
 
     def _score_key(self):
@@ -204,16 +204,18 @@ class _SoftMaskedMixin:
 
     @torch.no_grad()
     def _current_hard_mask(self) -> torch.Tensor:
-        """`s > 0` of the scores as they are now, in one tensor updated in place only when it changes
-        (so its cached layout lives as long as the scores keep their signs). Edits that move the
-        scores' version are seen on every device; on the CPU also those through `.data` or numpy."""
+        """`s > 0` of the scores at their current version, in one tensor updated in place only when it
+        changes (so its cached layout lives while the scores keep their signs). Every torch write to
+        the scores moves their version (optimizer steps, in-place ops under no_grad); writes through
+        `.data` or numpy do not, and are taken at the next one or at set_ticket: comparing s > 0 on
+        every call would cost more than the sparse op it guards (docs/integrations.md)."""
         hard = self._hard_mask
         if hard is None or hard.shape != self.weight_score.shape or hard.device != self.weight_score.device:
             self.set_ticket(True)
             return self._hard_mask
         key = self._score_key()
-        if key != getattr(self, "_hard_key", None) or checks_writes(hard):
-            new = self.ticket_mask()
+        if key != getattr(self, "_hard_key", None):
+            new = self.weight_score.detach() > 0
             if not same_content(new, hard):
                 hard.copy_(new)
             self._hard_key = key
