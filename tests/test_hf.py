@@ -103,7 +103,11 @@ def test_plain_from_pretrained_then_patch_refuses(tmp_path, kind):
     model.save_pretrained(tmp_path)
     plain = type(model).from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="sparseops.hf.from_pretrained"):
+        tickets.set_masks(plain, tickets.get_masks(model))
+    with pytest.raises(ValueError, match="sparseops.hf.from_pretrained"):
         sparseops.patch(plain, on_unsupported="ignore")
+    del plain.config.sparseops  # the documented way to patch the dense model anyway
+    sparseops.patch(plain, on_unsupported="ignore")
 
 
 def test_unpatched_model_saves_a_plain_folder(tmp_path):

@@ -106,6 +106,25 @@ def test_as_torch_prune_composes_like_torch(kind, method):
     torch.testing.assert_close(layer(x).detach(), y)
 
 
+def test_global_unstructured_inside_as_torch_prune():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)).double()
+    olds = [random_mask(m.weight.shape, 0.7, torch.Generator().manual_seed(i)) for i, m in enumerate(model)]
+    ref = copy.deepcopy(model)
+    for m, old in zip(ref, olds):
+        prune.custom_from_mask(m, "weight", old)
+    sparseops.patch(model)
+    for m, old in zip(model, olds):
+        m.set_mask(old)
+    for net in (ref, model):
+        with sparseops.as_torch_prune(model) if net is model else torch.no_grad():
+            prune.global_unstructured([(net[0], "weight"), (net[1], "weight")], prune.L1Unstructured, amount=0.4)
+    for a, b in zip(model, ref):
+        assert type(a) is snn.MaskedLinear and torch.equal(a.weight_mask, b.weight_mask.bool())
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x))
+
+
 def test_prune_remove_inside_as_torch_prune():
     layer, ref, _, x = _patched("linear")
     with sparseops.as_torch_prune(layer):
