@@ -61,7 +61,8 @@ def from_pretrained(cls, folder, *, mode: str | None = None, on_unsupported: str
     """
     ours = saved_masks(folder)
     # Only our keys are silenced in transformers' load report (it lists them as unexpected otherwise);
-    # a subclass for the call because transformers reads the patterns from the class at construction.
+    # a subclass for the call because transformers reads the patterns from the class at construction
+    # (an Auto class builds another class: the report then lists them, and the load is the same).
     ignore = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []), r"\.weight_mask$", r"\.weight_score$"]
     quiet = type(cls.__name__, (cls,), {"_keys_to_ignore_on_load_unexpected": ignore, "__module__": cls.__module__})
     model = quiet.from_pretrained(folder, **kwargs)
@@ -76,8 +77,7 @@ def from_pretrained(cls, folder, *, mode: str | None = None, on_unsupported: str
         saved_mode = record.get("mode") if isinstance(record, dict) else None
         mode = saved_mode or ("soft" if any(k.endswith(".weight_score") for k in ours) else "mask")
     patch(model, mode=mode, on_unsupported=on_unsupported)
-    device = next(model.parameters()).device
-    result = model.load_state_dict({k: v.to(device) for k, v in ours.items()}, strict=False)
+    result = model.load_state_dict(ours, strict=False)  # copied onto each layer's device
     if result.unexpected_keys:
         raise ValueError(f"sparseops.hf.from_pretrained: {folder} holds masks for layers this model does not patch "
                          f"in mode {mode!r}: {sorted(result.unexpected_keys)[:5]}")

@@ -59,6 +59,14 @@ def test_from_pretrained_restores_masks(tmp_path, kind):
     _assert_same(loaded, model)
 
 
+def test_from_pretrained_with_an_auto_class(tmp_path):
+    model = _pruned("gpt2")
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path).eval()
+    assert type(loaded) is type(model)
+    _assert_same(loaded, model)
+
+
 def test_from_pretrained_reads_pytorch_model_bin(tmp_path):
     model = _pruned("gpt2")
     model.save_pretrained(tmp_path)
