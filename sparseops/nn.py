@@ -213,6 +213,8 @@ class _SoftMaskedMixin:
         if hard is None or hard.shape != self.weight_score.shape or hard.device != self.weight_score.device:
             self.set_ticket(True)
             return self._hard_mask
+        if torch.compiler.is_compiling():  # version counters and data pointers are not traceable
+            return hard
         key = self._score_key()
         if key != getattr(self, "_hard_key", None):
             new = self.weight_score.detach() > 0
