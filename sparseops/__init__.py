@@ -11,7 +11,7 @@ from .ops.masked_linear import masked_linear
 from .ops.soft_mask import soft_mask, soft_mask_l1, soft_mask_with_l1
 from .ops.soft_masked_conv2d import soft_masked_conv2d
 from .ops.soft_masked_linear import soft_masked_linear
-from .patch import PatchReport, patch, patch_report, unpatch
+from .patch import PatchReport, as_torch_prune, patch, patch_report, unpatch
 from .distributed import sync_masks
 from . import gates  # noqa: E402  (layer and channel gates)
 from .shrink import shrink
@@ -30,6 +30,7 @@ __all__ = [
     "MaskedConv2d",
     "MaskedLinear",
     "PatchReport",
+    "as_torch_prune",
     "SoftMaskedConv2d",
     "SoftMaskedLinear",
     "backend",

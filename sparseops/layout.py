@@ -8,11 +8,14 @@ optimiser step while masks change only when pruning.
 `csr_layout(mask)` caches the layout per mask tensor and rebuilds it when the mask's version
 counter moves, so a mask edited in place (`mask[...] = 0`, `mask.copy_(...)`, `mask.mul_(...)`)
 is never served stale. Writes that bypass the version counter (through `mask.data`, or from
-outside torch, e.g. a numpy view) are not seen: call `invalidate(mask)` after those.
+outside torch, e.g. a numpy view) are caught by `refresh(mask)`, which the ops call on every mask
+they are given: it compares the mask with a copy of what the caches were built from (CPU tensors;
+on CUDA it would cost a device sync per call, so there call `invalidate(mask)` after such writes).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -361,9 +364,52 @@ def as_csr(info: CsrLayout | BlockLayout | MaskStats) -> CsrLayout:
     return info if isinstance(info, CsrLayout) else csr_layout(info.source)
 
 
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as int64 words where they divide evenly (torch.equal on them runs
+    about 8x faster than on bool), else the tensor itself."""
+    if t.is_contiguous() and t.numel() and (t.numel() * t.element_size()) % 8 == 0:
+        return t.reshape(-1).view(torch.uint8).view(torch.int64)
+    return t
+
+
+def same_content(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bytes (as int64 words from 64K
+    entries on, where that pays for the views' dispatch)."""
+    if a.numel() < 65536:
+        return torch.equal(a, b)
+    return torch.equal(_words(a), _words(b))
+
+
+_snapshots: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# SPARSEOPS_CHECK_WRITES=0 turns the content checks off, for code that never writes masks (or ticket
+# scores) behind the version counter: they cost a pass over the mask per call (docs/integrations.md).
+CHECK_WRITES = os.environ.get("SPARSEOPS_CHECK_WRITES", "1") != "0"
+
+
+def checks_writes(t: torch.Tensor) -> bool:
+    """Whether writes to `t` that bypass its version counter are looked for (CPU tensors, outside
+    torch.compile tracing, unless SPARSEOPS_CHECK_WRITES=0)."""
+    return CHECK_WRITES and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def refresh(mask: torch.Tensor) -> None:
+    """Forgets the cached layouts of a CPU `mask` whose content changed while its version counter did
+    not (writes through `mask.data` or a numpy view): a copy of the content at each version is
+    compared with the mask, one pass over its bytes (docs/integrations.md gives the cost)."""
+    if not checks_writes(mask):
+        return
+    key = _key(mask)  # (keyed on the base, as every cache: a view is a new tensor every call)
+    hit = _get(_snapshots, mask, key)
+    if hit is not None and hit[0] == mask._version:
+        if same_content(hit[1], mask):
+            return
+        invalidate(mask)
+    _put(_snapshots, mask, key, (mask._version, mask.detach().clone()))
+
+
 def invalidate(mask: torch.Tensor) -> None:
     """Forgets the cached layouts of `mask` and of its views (after writes the version counter does
     not see)."""
     owner = mask if mask._base is None else mask._base
-    for cache in (_cache, _stats_cache, _block_cache, _channel_cache, _float_cache):
+    for cache in (_cache, _stats_cache, _block_cache, _channel_cache, _float_cache, _snapshots):
         cache.pop(owner, None)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import as_bool_mask
+from .layout import as_bool_mask, same_content
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
 from .ops.soft_mask import penalty_after_forward
@@ -32,10 +32,26 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
+def _refuse_torch_prune(layer, name: str) -> None:
+    """torch.nn.utils.prune starts by registering `<name>_orig`: refuse there, before it changes anything.
+    On a patched layer it would compute its mask over all the weights (the pruned ones come back) and
+    replace `weight_mask` with it; sparseops.as_torch_prune composes instead."""
+    if name == "weight_orig":
+        kind = "soft layer (its mask is its scores)" if isinstance(layer, _SoftMaskedMixin) else "patched layer"
+        raise NotImplementedError(
+            f"sparseops: torch.nn.utils.prune on a {kind} {type(layer).__name__} would replace its mask by one over "
+            f"all the weights; prune inside `with sparseops.as_torch_prune(model):` (composes like torch: the new "
+            f"mask over the remaining weights), or use sparseops.tickets (magnitude_masks, set_masks)")
+
+
 class _MaskedMixin:
     """A boolean `weight_mask` buffer the layer's forward applies through the sparse kernels."""
 
     weight_mask: torch.Tensor
+
+    def register_parameter(self, name, param) -> None:
+        _refuse_torch_prune(self, name)
+        super().register_parameter(name, param)
 
     def _as_mask(self, mask) -> torch.Tensor:
         """The mask at the weight's full shape. A channel mask ([N, 1] / [1, K] for a linear
@@ -73,8 +89,11 @@ class _MaskedMixin:
         if orig in state_dict and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(orig)
         key = prefix + "weight_mask"
-        state_dict.setdefault(key, self.weight_mask)
-        mask = state_dict[key]
+        # No mask but the weight: the unpatched model's checkpoint, whose mask is not missing. Neither:
+        # the weight is not in this state dict (a tied copy that safetensors saved once), so the mask
+        # is missing like the weight, as safetensors.torch.load_model expects of a tied duplicate.
+        no_mask = key not in state_dict and prefix + "weight" in state_dict
+        mask = state_dict.get(key)
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             # A copy into the bool buffer would make any non-zero value (2, NaN) True: refuse what
             # is not a mask, keep the current one, and let load_state_dict report it by key.
@@ -85,6 +104,8 @@ class _MaskedMixin:
                 state_dict[key] = self.weight_mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if no_mask and key in missing_keys:
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}"
@@ -139,6 +160,10 @@ class _SoftMaskedMixin:
 
     weight_score: nn.Parameter
 
+    def register_parameter(self, name, param) -> None:
+        _refuse_torch_prune(self, name)
+        super().register_parameter(name, param)
+
     def _attach_score(self, s0: float = 0.0) -> None:
         s0 = float(s0)
         if not math.isfinite(s0):
@@ -160,8 +185,8 @@ class _SoftMaskedMixin:
         return torch.sigmoid(self.beta * self.weight_score) * self.scale
 
     def ticket_mask(self) -> torch.Tensor:
-        """The hard mask CS keeps: s > 0."""
-        return self.weight_score.detach() > 0
+        """The hard mask CS keeps: s > 0 (in ticket mode, the one the forward computes with)."""
+        return self._current_hard_mask() if self.ticket else self.weight_score.detach() > 0
 
     def penalty(self) -> torch.Tensor:
         """CS's L0 surrogate for this layer: sum of the soft mask (with its scale), fused; after a
@@ -178,7 +203,33 @@ class _SoftMaskedMixin:
     def set_ticket(self, ticket: bool = True) -> None:
         """Hard mask `s > 0` (on the sparse kernels) or back to the soft mask."""
         self.ticket = bool(ticket)
-        self._hard_mask = self.ticket_mask() if self.ticket else None
+        self._hard_mask = self.weight_score.detach() > 0 if self.ticket else None
+        self._hard_key = self._score_key()
+
+    def _score_key(self):
+        s = self.weight_score
+        return s._version, s.data_ptr()
+
+    @torch.no_grad()
+    def _current_hard_mask(self) -> torch.Tensor:
+        """`s > 0` of the scores at their current version, in one tensor updated in place only when it
+        changes (so its cached layout lives while the scores keep their signs). Every torch write to
+        the scores moves their version (optimizer steps, in-place ops under no_grad); writes through
+        `.data` or numpy do not, and are taken at the next one or at set_ticket: comparing s > 0 on
+        every call would cost more than the sparse op it guards (docs/integrations.md)."""
+        hard = self._hard_mask
+        if hard is None or hard.shape != self.weight_score.shape or hard.device != self.weight_score.device:
+            self.set_ticket(True)
+            return self._hard_mask
+        if torch.compiler.is_compiling():  # version counters and data pointers are not traceable
+            return hard
+        key = self._score_key()
+        if key != getattr(self, "_hard_key", None):
+            new = self.weight_score.detach() > 0
+            if not same_content(new, hard):
+                hard.copy_(new)
+            self._hard_key = key
+        return hard
 
     # beta, ticket mode and s0 travel in the state dict's per-module metadata (state_dict._metadata,
     # beside torch's "version"), not as a key: the keys stay those of the layer's parameters. torch.save
@@ -215,9 +266,7 @@ class _SoftMaskedMixin:
         if self.ticket:
             # Official CS: weight * (s > 0) / sigmoid(s0). The scale goes on the output so the sparse
             # kernel reads the weight itself and dw is scale * (the masked gradient), as there.
-            if self._hard_mask is None:  # `ticket` was set directly rather than by set_ticket
-                self.set_ticket(True)
-            y = self._masked_by(x, self._hard_mask) * self.scale
+            y = self._masked_by(x, self._current_hard_mask()) * self.scale
             return y if self.bias is None else y + self._bias_view()
         # The op chooses: the mask fused into the GEMM (Triton), soft_mask then the dense op, or, once
         # most of the mask is exactly 0, the masked op over the rest (exact).

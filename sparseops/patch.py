@@ -7,6 +7,7 @@ patching still hold the right tensors, and `state_dict()` keys only gain the mas
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ from .distributed import is_dtensor, is_sharded, like
 from .layout import as_bool_mask
 
 MODES = ("mask", "soft")
+# A patched transformers model records its mode in `model.config.sparseops`: save_pretrained writes
+# it to config.json, so a folder says it holds masks even to a loader that drops them (sparseops.hf).
+CONFIG_KEY = "sparseops"
+
+
+def _hf_config(model: nn.Module):
+    """The transformers config of `model` (one that save_pretrained writes), or None."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_json_string") and hasattr(config, "save_pretrained") else None
 
 
 def _conv1d_type():
@@ -149,6 +159,14 @@ def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Modul
     residual branches of other models): `post(shortcut(x) + gate * F(x))`, F skipped where the
     block's `gate` is 0 (sparseops.gates).
     """
+    config = _hf_config(model) if isinstance(model, nn.Module) else None
+    record = getattr(config, CONFIG_KEY, None)
+    if record is not None and not any(True for _ in patched_layers(model)):
+        raise ValueError(
+            f"sparseops.patch: model.config.{CONFIG_KEY} = {record!r} says this model was saved patched, but it has "
+            f"no sparseops layer: the plain from_pretrained (or a load into an unpatched model) dropped its masks "
+            f"and kept the pruned weights' values. Load the folder with sparseops.hf.from_pretrained(cls, folder); "
+            f"to patch this dense model anyway, delete model.config.{CONFIG_KEY} first")
     blocks = None
     if layer_gates is not None and layer_gates is not False:
         check_model(model, "patch")
@@ -156,6 +174,8 @@ def patch(model: nn.Module, *, mode: str = "mask", filter_fn: Callable[[nn.Modul
     report = _walk(model, mode, filter_fn, s0, on_unsupported, apply=True)
     if blocks is not None:
         gates.gate(blocks)
+    if config is not None and report.patched + report.already_patched:
+        setattr(config, CONFIG_KEY, {"mode": mode})
     if report.unsupported and on_unsupported == "warn":
         warnings.warn(f"sparseops.patch: {len(report.unsupported)} layer(s) left unpatched:\n{report}", stacklevel=2)
     return model
@@ -278,7 +298,7 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
                 mask = m.soft_mask().detach()
                 del m._parameters["weight_score"]
                 m._buffers.pop("_hard_mask", None)
-                for attr in ("s0", "beta", "ticket"):
+                for attr in ("s0", "beta", "ticket", "_hard_key"):
                     m.__dict__.pop(attr, None)
             else:
                 mask = m._buffers.pop("weight_mask")
@@ -288,6 +308,9 @@ def unpatch(model: nn.Module, *, as_prune: bool = False) -> nn.Module:
             else:
                 mask = mask.to(device=m.weight.device, dtype=m.weight.dtype)
                 m.weight.mul_(like(mask, m.weight) if is_dtensor(m.weight) else mask)
+    config = _hf_config(model)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)  # dense again (folded, or torch.nn.utils.prune's own keys)
     return model
 
 
@@ -313,3 +336,24 @@ def _plain_class(m: nn.Module, name: str) -> type:
                               tuple(base if b is twins[0] else b for b in cls.__bases__),
                               {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
     return wrappers[base]
+
+
+@contextlib.contextmanager
+def as_torch_prune(model: nn.Module):
+    """Within the block, the patched layers of `model` are torch.nn.utils.prune layers holding their
+    masks (`unpatch(as_prune=True)`), so `prune.*` composes with them as torch composes two prunings:
+    a PruningContainer, the new method's mask computed over the remaining weights. On exit they are
+    patched back (the same Parameter objects) with the composed masks; `prune.remove` in the block
+    makes a layer's pruning permanent in its weight, as in torch."""
+    check_model(model, "as_torch_prune")
+    layers = dict(patched_layers(model))
+    soft = [n or "model" for n, m in layers.items() if isinstance(m, snn._SoftMaskedMixin)]
+    if soft:
+        raise TypeError(f"sparseops.as_torch_prune: soft layers {soft[:3]} have scores, not a mask torch.nn.utils.prune "
+                        f"can compose with (set_ticket, then tickets.get_masks / set_masks on a masked model)")
+    was = {id(m) for m in layers.values()}
+    unpatch(model, as_prune=True)
+    try:
+        yield model
+    finally:
+        patch(model, filter_fn=lambda m, _: id(m) in was, on_unsupported="ignore")

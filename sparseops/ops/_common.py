@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import checks
-from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats
+from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats, refresh
 
 
 
@@ -107,6 +107,7 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
     """For a mask tensor, its cached layout or (cheaper) its MaskStats; a given layout once it is
     known not to be stale. `layout.as_csr` turns the result into a CsrLayout when a kernel runs."""
     if isinstance(layout, torch.Tensor):
+        refresh(layout)  # writes the version counter does not see (mask.data, numpy) drop the caches
         return mask_stats(layout)
     if not isinstance(layout, (CsrLayout, BlockLayout)):
         raise TypeError(f"sparseops.{op}: layout must be a mask tensor, a CsrLayout or a BlockLayout, "
