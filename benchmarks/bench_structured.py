@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import sparseops
-from sparseops.layout import channel_layout
+from sparseops.layout_channels import channel_layout
 
 CONVS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, H = W), batch 128, C -> C
 LINEAR = (512, 768, 3072)  # rows, in, out

@@ -33,8 +33,7 @@ import torch
 
 from . import checks, tuning
 from . import thresholds as _thresholds
-from .thresholds import CHANNEL_MAX_WORK, CHANNEL_MEASURE_MAX_WORK
-from .thresholds import measured_faster, thresholds  # noqa: F401  (part of this module's API)
+from .thresholds import CHANNEL_MAX_WORK, CHANNEL_MEASURE_MAX_WORK, measured_faster, thresholds  # noqa: F401 (API)
 from ._library import CUDA_EXTENSION_ERROR, has_kernel, kernel_dtypes, tracing
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference", "dense")
@@ -164,28 +163,12 @@ def _kernel_here(op: str, device: torch.device, dtype: torch.dtype | None = None
 
 def max_density(op: str, device_type: str, shape: tuple[int, int] | None = None, *,
                 plane: int | None = None) -> float:
-    """The density above which `op` runs its dense fallback on `device_type`.
-
-    For a weight of `shape` [N, K] it also follows the measured break-even by layer width
-    h = N*K/(N+K) (thresholds.json, "<op>_by_width": [[h, density], ...], interpolated): the sparse
-    kernels' fixed cost grows like M*(N+K) while the dense GEMM's grows like M*N*K, so narrow layers
-    need sparser masks before the sparse path pays, and the narrowest never do. For a convolution,
-    `plane` (output positions) selects "<op>_by_plane" the same way: its fixed cost (transposing the
-    input, writing the output) weighs more against small planes.
-    """
+    """The density above which `op` runs its dense fallback on `device_type`: the measured
+    break-even (thresholds.break_even: by layer width for a weight of `shape`, by output positions
+    `plane` for a convolution), unless `backend(max_density=...)` or SPARSEOPS_MAX_DENSITY set it."""
     if _state.max_density is not None:
         return _state.max_density
-    table = _thresholds.table(device_type)
-    cap = float(table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
-    if plane is not None:
-        points = table.get(f"{op}_by_plane")
-        return min(cap, _thresholds.interpolate(points, plane)) if points else cap
-    points = table.get(f"{op}_by_width")
-    if shape is None or not points:
-        return cap
-    n, k = shape
-    h = n * k / (n + k) if n + k else 0.0
-    return min(cap, _thresholds.interpolate(points, h))
+    return _thresholds.break_even(op, device_type, shape, plane=plane)
 
 
 def gpu_kernel(op: str, device: torch.device, shape: tuple[int, int], density: float) -> str | None:

@@ -196,71 +196,6 @@ def mask_stats(mask: torch.Tensor) -> CsrLayout | MaskStats:
     return stats
 
 
-@dataclass(frozen=True, eq=False)
-class ChannelLayout:
-    """The whole channels a mask keeps: the output channels (dim 0) with any kept entry, `out_idx`,
-    and the input channels (dim 1) with any kept entry, `in_idx` (sorted int64). Where the mask is
-    exactly those channels (mask == outer(rows, cols), over every tap of a conv), `inner` is None
-    and the product is one dense GEMM of the kept size; else `in_idx` is every input channel and
-    `inner` the mask at the kept rows (bool, [len(out_idx), ...]: elementwise inside), for the
-    masked op on the smaller problem. Same staleness rule as CsrLayout."""
-
-    out_idx: torch.Tensor
-    in_idx: torch.Tensor
-    inner: torch.Tensor | None
-    shape: tuple[int, ...]  # the mask's own shape
-    source: torch.Tensor
-    built_version: int
-
-    @property
-    def stale(self) -> bool:
-        return self.source._version != self.built_version
-
-    @property
-    def work(self) -> float:
-        """The kept product's size over the dense one's: len(out_idx) * len(in_idx) / (N * K)."""
-        total = self.shape[0] * self.shape[1]
-        return self.out_idx.numel() * self.in_idx.numel() / total if total else 1.0
-
-    def __repr__(self):
-        return (f"ChannelLayout(shape={self.shape}, out={self.out_idx.numel()}/{self.shape[0]}, "
-                f"in={self.in_idx.numel()}/{self.shape[1]}, elementwise_inside={self.inner is not None})")
-
-
-def build_channel_layout(mask: torch.Tensor) -> ChannelLayout:
-    """Builds a ChannelLayout of a 2-D or 4-D mask without caching."""
-    m = as_bool_mask(mask).detach()
-    if m.dim() < 2:
-        raise ValueError(f"sparseops: mask must be at least 2-D [out_features, ...], got shape {tuple(m.shape)}")
-    rows = m.flatten(1).any(1)
-    cols = m.transpose(0, 1).flatten(1).any(1)
-    out_idx, in_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
-    if bool(m.index_select(0, out_idx).index_select(1, in_idx).all()):
-        return ChannelLayout(out_idx, in_idx, None, tuple(m.shape), mask.detach(), mask._version)
-    # Elementwise inside: only the pruned rows count. (A sparse unstructured mask on a narrow layer has
-    # many empty columns by chance; the masked op's own kernels skip those.)
-    in_idx = torch.arange(m.shape[1], device=m.device)
-    return ChannelLayout(out_idx, in_idx, m.index_select(0, out_idx).contiguous(), tuple(m.shape), mask.detach(),
-                         mask._version)
-
-
-_channel_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def channel_layout(mask: torch.Tensor) -> ChannelLayout:
-    """The ChannelLayout of `mask` (a linear [N, K] or conv [C_out, C_in, kh, kw] mask), cached
-    like csr_layout: the mask's structure is read once per mask version."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"sparseops: mask must be a torch.Tensor, got {type(mask).__name__}")
-    key = _key(mask)
-    hit = _channel_cache.get(mask)
-    if hit is not None and hit[0] == key and not hit[1].stale:
-        return hit[1]
-    layout = build_channel_layout(mask)
-    _channel_cache[mask] = (key, layout)
-    return layout
-
-
 BLOCK_SIZES = (16, 32, 64)
 
 
@@ -381,6 +316,7 @@ def same_content(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 _snapshots: WeakIdKeyDictionary = WeakIdKeyDictionary()
+EXTRA_CACHES: list[WeakIdKeyDictionary] = []  # other modules' caches of layouts (layout_channels)
 # SPARSEOPS_CHECK_WRITES=0 turns the content checks off, for code that never writes masks (or ticket
 # scores) behind the version counter: they cost a pass over the mask per call (docs/integrations.md).
 CHECK_WRITES = os.environ.get("SPARSEOPS_CHECK_WRITES", "1") != "0"
@@ -411,5 +347,5 @@ def invalidate(mask: torch.Tensor) -> None:
     """Forgets the cached layouts of `mask` and of its views (after writes the version counter does
     not see)."""
     owner = mask if mask._base is None else mask._base
-    for cache in (_cache, _stats_cache, _block_cache, _channel_cache, _float_cache, _snapshots):
+    for cache in (_cache, _stats_cache, _block_cache, _float_cache, _snapshots, *EXTRA_CACHES):
         cache.pop(owner, None)

@@ -50,3 +50,27 @@ def measured_faster(op: str, device_type: str) -> bool:
 # 2-10% of the channels removed, faster from 50% on (convolutions). A sparse mask with a few empty rows
 # (work above 0.9) stays on the paths it had.
 CHANNEL_MAX_WORK, CHANNEL_MEASURE_MAX_WORK = 0.5, 0.9
+
+
+def break_even(op: str, device_type: str, shape: tuple[int, int] | None = None, *,
+               plane: int | None = None) -> float:
+    """The measured density above which `op`'s sparse kernel loses to its dense fallback.
+
+    For a weight of `shape` [N, K] it also follows the break-even by layer width h = N*K/(N+K)
+    ("<op>_by_width": [[h, density], ...], interpolated): the sparse kernels' fixed cost grows like
+    M*(N+K) while the dense GEMM's grows like M*N*K, so narrow layers need sparser masks before the
+    sparse path pays, and the narrowest never do. For a convolution, `plane` (output positions)
+    selects "<op>_by_plane" the same way: its fixed cost (transposing the input, writing the output)
+    weighs more against small planes.
+    """
+    points_table = table(device_type)
+    cap = float(points_table.get(op, 0.0))  # not measured on this device: the dense fallback (never slower)
+    if plane is not None:
+        points = points_table.get(f"{op}_by_plane")
+        return min(cap, interpolate(points, plane)) if points else cap
+    points = points_table.get(f"{op}_by_width")
+    if shape is None or not points:
+        return cap
+    n, k = shape
+    h = n * k / (n + k) if n + k else 0.0
+    return min(cap, interpolate(points, h))

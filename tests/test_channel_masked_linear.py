@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 import sparseops
 from sparseops import backend, reference
-from sparseops.layout import channel_layout
+from sparseops.layout_channels import channel_layout
 from sparseops.ops import channel_masked_linear as channel_module
 
 lib = torch.ops.sparseops

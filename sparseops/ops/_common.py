@@ -158,7 +158,7 @@ def trial(run, x, *args, batched: bool = True):
 
 def check_channel_index(op: str, name: str, idx: torch.Tensor, size: int) -> None:
     """The channel ops' index contract, checked before any read: 1-D int64, sorted and distinct, in
-    [0, size) (what layout.channel_layout builds; all `size` of them means no gather)."""
+    [0, size) (what layout_channels.channel_layout builds; all `size` of them means no gather)."""
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or idx.numel() > size:
         what = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"sparseops.{op}: {name} must be 1-D int64 with at most {size} entries, got {what}")

@@ -10,7 +10,7 @@ import torch
 
 from .. import checks
 from .._library import define, lib
-from ..layout import ChannelLayout
+from ..layout_channels import ChannelLayout
 from ._common import check_channel_index, conv_fake, format_of, grads_fake, put_channels, take_channels
 
 OP = "channel_masked_conv2d"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, tuning
 from .._library import define, lib, tracing
-from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
+from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout_channels import channel_layout
 from ..reference import mask_grad_, masked_weight
 from . import channel_masked_conv2d
 from ._common import as_layout, autocast_args, conv_fake, conv_geometry, conv_out, format_of, grads_fake, plane, trial

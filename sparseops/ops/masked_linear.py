@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib, tracing
-from ..layout import BlockLayout, CsrLayout, as_csr, channel_layout
+from ..layout import BlockLayout, CsrLayout, as_csr
+from ..layout_channels import channel_layout
 from ..reference import mask_grad_, masked_weight
 from . import channel_masked_linear
 from ._common import as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
