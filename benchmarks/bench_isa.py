@@ -126,7 +126,7 @@ def table(results: list[dict]) -> str:
                 "|---|---|---|---|---|---|"]
         for label, t in r["medians_ms"].items():
             base = t.get("dense", t.get("eager torch"))
-            ours = t["sparseops kernel"]
+            ours = t.get("sparseops kernel", t.get("sparseops soft_mask_with_l1"))
             others = [v for p, v in t.items() if not p.startswith("sparseops")]
             auto = t.get("sparseops auto")
             csr = t.get("torch CSR")

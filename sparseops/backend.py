@@ -298,11 +298,11 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
 
 def _channels(name: str, full: bool, channels: float | None):
     """("channels" where `auto` may run a mask of kept work fraction `channels` so (thresholds.py:
-    measured up to CHANNEL_MEASURE_MAX_WORK, the prior up to CHANNEL_MAX_WORK), else None; that fraction
-    in percent for the tuning key, so that a channel mask shares no winner with others)."""
+    measured up to CHANNEL_MEASURE_MAX_WORK, the prior up to CHANNEL_MAX_WORK), else None; its bucket
+    (per mille) in the tuning key: a search killing a channel at a time measures once per bucket)."""
     if name != "auto" or full or channels is None or channels > CHANNEL_MEASURE_MAX_WORK:
         return None, ()
-    return "channels", (round(100 * channels),)
+    return "channels", (int(1000 * tuning.density_bucket(channels)),)
 
 
 def _block(op, name, device, *, tile_density, dtype=None):

@@ -86,6 +86,34 @@ class _GatedMixin:
         return bool(g.detach() == 0)
 
 
+# The children of each known block that its shortcut and post use (what is left when F is skipped).
+_OFF_CHILDREN = {("torchvision.models.resnet", "BasicBlock"): ("downsample", "relu"),
+                 ("torchvision.models.resnet", "Bottleneck"): ("downsample", "relu"),
+                 ("sparseops.tickets.zoo", "_Block"): ("shortcut",), ("sparseops.tickets.zoo", "_CSBlock"): ("downsample",)}
+
+
+class GatedOff(nn.Module):
+    """What a gated block computes with its gate at 0, post(shortcut(x)), holding only the modules
+    that needs: sparseops.shrink puts it in the block's place."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        base = block._gate_base
+        _, self._shortcut, self._post = block._gate_parts
+        for name in _OFF_CHILDREN[(base.__module__, base.__qualname__)]:
+            setattr(self, name, getattr(block, name))
+
+    def forward(self, x):
+        return self._post(self, self._shortcut(self, x))
+
+
+class Zeros(nn.Module):
+    """A gated-off branch: zeros of its input's shape (sparseops.shrink puts it in the branch's place)."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
 class _GatedBlock(_GatedMixin):
     def forward(self, x):
         residual, shortcut, post = self._gate_parts
@@ -95,8 +123,14 @@ class _GatedBlock(_GatedMixin):
             out = out + g * residual(self, x)
         return post(self, out)
 
+    def gated_off(self) -> nn.Module:
+        return GatedOff(self)
+
 
 class _GatedBranch(_GatedMixin):
+    def gated_off(self) -> nn.Module:
+        return Zeros()
+
     def forward(self, x):
         g = self.gate_value()
         if self._gate_off(g):

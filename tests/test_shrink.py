@@ -160,6 +160,20 @@ def test_zoo_resnet20_with_a_gated_off_block():
     assert params(shrunk) < params(model) - params(model[4]) - params(model[6].block.conv1)
 
 
+def test_blocks_gated_off_by_patch_layer_gates_become_what_they_compute_then():
+    """patch(layer_gates=True)'s blocks off are post(shortcut(x)) (a ReLU of the shortcut), not x."""
+    model = zoo.resnet20().double()
+    sparseops.patch(model, layer_gates=True)
+    with torch.no_grad():
+        model[4].gate.zero_()  # shape-preserving
+        model[6].gate.zero_()  # strided, a conv shortcut
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    shrunk = sparseops.shrink(model, x)
+    check_same(model, shrunk, x)
+    assert isinstance(shrunk[4], sparseops.gates.GatedOff) and not hasattr(shrunk[4], "conv1")
+    assert params(shrunk) < params(model)
+
+
 def test_zoo_vgg16():
     model = zoo.vgg16().double()
     sparseops.patch(model)
