@@ -164,21 +164,10 @@ def main(argv=None):
     before = uptime()
     rows = measure(args.rounds)
     text = table(rows, args.rounds, before, uptime())
-    slug = "".join(ch if ch.isalnum() else "-" for ch in _cpu_model().lower()).strip("-")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in sparseops.tuning.machine()["cpu"].lower()).strip("-")
     out = Path(args.out or Path(__file__).parent / "results" / f"structured-{slug}.md")
     out.write_text(text)
     print(text)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
