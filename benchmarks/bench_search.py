@@ -36,27 +36,14 @@ from sparseops import tickets
 from sparseops.patch import patched_layers
 from sparseops.tickets.zoo import vgg16
 
+from common import timed_sgd_train
+
 
 def imp_search(backend: str | None, levels: int, steps: int, batch: int, scope: str, seed: int = 0):
     torch.manual_seed(seed)
     model = vgg16()
-    g = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(steps)]
     step_times = {}
-
-    def train(m, level):
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        times = []
-        for x, y in data:
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-            level.step()
-        step_times[level.index] = times
-        return {"step_time": statistics.median(times)}
+    train = timed_sgd_train(batch, steps, seed, step_times)
 
     with sparseops.backend(backend):
         result = tickets.imp(model, train, levels=levels, rate=0.2, rewind=0, scope=scope, progress=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 import sparseops
 from sparseops import tickets
 from sparseops.tickets.zoo import synthetic_cifar, vgg16
+
+from common import timed_sgd_train
 
 
 def scs_search(skip: bool, args) -> dict:
@@ -53,21 +54,7 @@ def scs_search(skip: bool, args) -> dict:
 def imp_search(backend: str | None, args) -> dict:
     torch.manual_seed(args.seed)
     model = vgg16()
-    g = torch.Generator().manual_seed(args.seed)
-    data = [(torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
-            for _ in range(args.steps)]
-
-    def train(m, level):
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        times = []
-        for x, y in data:
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
-            level.step()
-        return {"step_time": statistics.median(times)}
+    train = timed_sgd_train(args.batch, args.steps, args.seed)
 
     t0 = time.perf_counter()
     with sparseops.backend(backend):

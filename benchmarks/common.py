@@ -1,14 +1,17 @@
-"""Shared pieces of the benchmarks: the providers compared in one run, and peak-memory measurement."""
+"""Shared pieces of the benchmarks: the providers compared in one run, peak-memory measurement, and
+the timed training function of the whole-search benchmarks."""
 from __future__ import annotations
 
 import ctypes
 import json
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.utils.prune as prune
+import torch.nn.functional as F
 from torch import nn
 
 import sparseops
@@ -124,3 +127,27 @@ def memory_in_child(module: str, configs: list[dict]) -> list[int]:
     out = subprocess.run([sys.executable, __file__.replace("common.py", "memory.py"), module],
                          input=json.dumps(configs), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed_sgd_train(batch: int, steps: int, seed: int, step_times: dict | None = None):
+    """An IMP `train_fn` over `steps` random CIFAR-shaped batches (a private generator): one SGD pass
+    (momentum 0.9) per level, each step timed; the times also kept in `step_times[level]` if given."""
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(steps)]
+
+    def train(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        times = []
+        for x, y in data:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            level.step()
+        if step_times is not None:
+            step_times[level.index] = times
+        return {"step_time": statistics.median(times)}
+
+    return train
