@@ -152,17 +152,23 @@ def test_soft_mask_measures_against_eager_torch(fresh):
     assert key.startswith("soft_mask|") and set(entry["times_ms"]) == {"reference", "cpu"}
 
 
-def test_other_densities_of_the_same_call_spare_measurements(fresh, monkeypatch):
-    """IMP walks densities down: where a sparse path beat dense clearly at a denser mask, dense is not
-    timed again; where dense won at a sparser mask, nothing is timed."""
-    x, w, mask, _ = _call(density=0.05)
-    key = next(iter(tuning.entries()))
-    prefix = key.rsplit("|", 1)[0]
+def _spy_on_timing(key, monkeypatch):
+    """(key's prefix without its density bucket, the list of implementations timed from now on, the
+    cache's entries, emptied for the test to fill)."""
     timed = []
     real = tuning._timed
     monkeypatch.setattr(tuning, "_timed", lambda trial, impl, dev: timed.append(impl) or real(trial, impl, dev))
     entries = tuning._cache.load()
     entries.clear()
+    return key.rsplit("|", 1)[0], timed, entries
+
+
+def test_other_densities_of_the_same_call_spare_measurements(fresh, monkeypatch):
+    """IMP walks densities down: where a sparse path beat dense clearly at a denser mask, dense is not
+    timed again; where dense won at a sparser mask, nothing is timed."""
+    x, w, mask, _ = _call(density=0.05)
+    key = next(iter(tuning.entries()))
+    prefix, timed, entries = _spy_on_timing(key, monkeypatch)
     entries[f"{prefix}|d<=0.2"] = {"winner": "cpu", "times_ms": {"mask_multiply": 10.0, "dense": 11.0, "cpu": 1.0}}
     _call(density=0.05, seed=4)
     assert timed and not set(timed) & tuning.DENSE_PATHS, timed
@@ -195,12 +201,7 @@ def test_one_kind_loser_at_a_nearby_density_is_not_timed_again(fresh, monkeypatc
     kind that lost by a wide margin at the nearest measured density is dropped."""
     x, w, mask, _ = _call(density=0.03)
     key = next(iter(tuning.entries()))
-    prefix = key.rsplit("|", 1)[0]
-    timed = []
-    real = tuning._timed
-    monkeypatch.setattr(tuning, "_timed", lambda trial, impl, dev: timed.append(impl) or real(trial, impl, dev))
-    entries = tuning._cache.load()
-    entries.clear()
+    prefix, timed, entries = _spy_on_timing(key, monkeypatch)
     entries[f"{prefix}|d<=0.1"] = {"winner": "cpu", "times_ms": {"mask_multiply": 4.0, "dense": 9.0, "cpu": 3.5,
                                                                  "torch_sparse": 8.0}}
     entries[f"{prefix}|d<=0.8"] = {"winner": "dense", "times_ms": {"mask_multiply": 9.0, "dense": 4.0}}
