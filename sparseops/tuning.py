@@ -244,16 +244,15 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
             for impl in timed:
                 # One-time costs stay out of the timed run: a candidate's first run in this process
                 # (first touches of its buffers) is untimed, and a sparse one builds this mask's
-                # layout in the check or a few-row run first.
-                if impl not in DENSE_PATHS:
-                    if (layer, impl) not in _cache.guarded:
-                        if not _check(op, k, device, dtype, impl, dense, trial):
-                            continue
-                    else:
-                        trial(impl, rows=CHECK_ROWS)
+                # layout in the check, that run, or else a few-row run first.
+                unchecked = impl not in DENSE_PATHS and (layer, impl) not in _cache.guarded
+                if unchecked and not _check(op, k, device, dtype, impl, dense, trial):
+                    continue
                 if (layer, impl) not in _cache.warm:
                     trial(impl)
                     _cache.warm.add((layer, impl))
+                elif impl not in DENSE_PATHS and not unchecked:
+                    trial(impl, rows=CHECK_ROWS)
                 times[impl] = _timed(trial, impl, device)[0]
             best = min(times.values())
             for impl in list(times):  # close calls get one more run: noise decides less often

@@ -137,8 +137,10 @@ def trial(run, x, *args, batched: bool = True):
         return (t.detach().double() if exact else t.detach()).requires_grad_(t.requires_grad)
 
     def run_one(impl, exact=False, rows=None):
-        per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1  # rows of a linear: every dim but the last
-        items = -(-rows // per_item) if rows and batched and x.dim() > 1 else None
+        items = None
+        if rows and batched and x.dim() > 1:
+            per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1  # rows of a linear: every dim but the last
+            items = -(-rows // per_item)
         copies = [copy(x, exact, items), *(copy(t, exact) for t in args)]
         with torch.enable_grad() if train else torch.no_grad():
             ys = run(impl, *copies)
