@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/where_mask.h"
 
 namespace sparseops {
 namespace {
@@ -36,9 +37,8 @@ at::Tensor masked_linear_dense(const at::Tensor& x, const at::Tensor& w, const a
   auto y = out.view({M, N});
   // A pruned weight contributes exactly nothing (sparseops/reference.py): where(mask, w, 0), not
   // w * mask, which would turn an inf or NaN weight at a pruned entry into NaN.
-  // On the CPU a multiply where w is finite is the same and several times faster than where.
-  const bool finite = w.device().is_cpu() && at::isfinite(w.sum()).item<bool>();
-  auto wt = (finite ? w * mask : at::where(mask, w, at::zeros({}, w.options()))).t();
+  // On the CPU torch.where is several times slower than the one-pass select of cpu::where_mask.
+  auto wt = (w.device().is_cpu() ? cpu::where_mask(w, mask) : at::where(mask, w, at::zeros({}, w.options()))).t();
   auto x2 = x.reshape({M, K});
   if (bias.has_value() && bias->defined()) {
     at::addmm_out(y, *bias, x2, wt);

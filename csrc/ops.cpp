@@ -113,6 +113,11 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("channel_masked_conv2d_backward(Tensor grad, Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, "
         "int[2] stride, int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // where(mask, w, 0) in one pass (the dense paths' masked weight and masked gradient on the CPU;
+  // csrc/cpu/where_mask.cpp), out of place and in place.
+  m.def("where_mask(Tensor w, Tensor mask) -> Tensor");
+  m.def("where_mask_(Tensor(a!) w, Tensor mask) -> ()");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

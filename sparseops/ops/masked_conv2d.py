@@ -12,8 +12,8 @@ from .. import backend, checks, reference, tuning
 from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..layout_channels import channel_layout
-from ..reference import mask_grad_, masked_weight
 from . import channel_masked_conv2d
+from .where_mask import where_mask, where_mask_
 from ._common import as_layout, autocast_args, conv_fake, conv_geometry, conv_out, format_of, grads_fake, plane, trial
 
 define("masked_conv2d",
@@ -29,7 +29,7 @@ define("masked_conv2d_backward",
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked convolution (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_conv2d_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias, stride, padding, dilation):
-    return F.conv2d(x, masked_weight(w, mask), bias, stride, padding, dilation).contiguous(
+    return F.conv2d(x, where_mask(w, mask), bias, stride, padding, dilation).contiguous(
         memory_format=format_of(x))
 
 
@@ -38,9 +38,9 @@ def dense_conv_grads(grad, x, w, mask, stride, padding, dilation, groups, output
     convolution gradients; empties where not asked for. `mask` has w's shape."""
     need_x, need_w, need_b = output_mask
     grad_fn = torch.nn.grad
-    dx = (grad_fn.conv2d_input(x.shape, masked_weight(w, mask), grad, stride, padding, dilation, groups)
+    dx = (grad_fn.conv2d_input(x.shape, where_mask(w, mask), grad, stride, padding, dilation, groups)
           .contiguous(memory_format=format_of(x)) if need_x else w.new_empty(0))
-    dw = (mask_grad_(grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation, groups), mask) if need_w
+    dw = (where_mask_(grad_fn.conv2d_weight(x, w.shape, grad, stride, padding, dilation, groups), mask) if need_w
           else w.new_empty(0))
     return dx, dw, grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
 
@@ -86,7 +86,7 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
             if layout.dtype != torch.bool:  # (its values cannot be checked while tracing)
                 raise TypeError(f"sparseops.{op}: under torch.compile / torch.export, an unbatched x or "
                                 "asymmetric 'same' padding takes a bool mask")
-            return F.conv2d(x, masked_weight(w, layout), bias, stride, padding, dilation, groups)
+            return F.conv2d(x, where_mask(w, layout), bias, stride, padding, dilation, groups)
         return lib.masked_conv2d_runtime(x, w, layout, bias, stride_, pad, dilation_, groups)
     info = as_layout(op, layout)
     reduction = math.prod(w.shape[1:])  # C_in/groups * kh * kw (w[0] would fail for C_out = 0)
@@ -136,7 +136,7 @@ def _run(impl: str, x, w, info, bias, geometry):
     if impl == "unmasked":
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if impl == "mask_multiply":
-        return F.conv2d(x, masked_weight(w, info.mask.view(w.shape)), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, where_mask(w, info.mask.view(w.shape)), bias, stride, padding, dilation, groups)
     return reference.masked_conv2d(x, w, info.mask.view(w.shape), bias, stride, padding, dilation, groups)
 
 

@@ -10,8 +10,8 @@ from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sp
 from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..layout_channels import channel_layout
-from ..reference import mask_grad_, masked_weight
 from . import channel_masked_linear
+from .where_mask import where_mask, where_mask_
 from ._common import as_layout, autocast_args, fresh, grads_fake, linear_fake, linear_out, trial
 
 
@@ -21,8 +21,8 @@ def dense_masked_grads(grad, x, w, mask, output_mask):
     n, k = w.shape
     g2 = grad.reshape(-1, n)
     # A pruned weight contributes nothing (reference.masked_weight); dw is exactly 0 there.
-    dx = linear_out(grad, masked_weight(w, mask).t()) if need_x else w.new_empty(0)
-    dw = mask_grad_(g2.t() @ x.reshape(-1, k), mask) if need_w else w.new_empty(0)
+    dx = linear_out(grad, where_mask(w, mask).t()) if need_x else w.new_empty(0)
+    dw = where_mask_(g2.t() @ x.reshape(-1, k), mask) if need_w else w.new_empty(0)
     db = g2.sum(0) if need_b else w.new_empty(0)
     return dx, dw, db
 
@@ -40,7 +40,7 @@ define("masked_linear_dense", lambda x, w, mask, bias: linear_fake("masked_linea
 # the tiles buy nothing, so CPU and CUDA tensors get the dense masked product (same math, same fake).
 @torch.library.register_kernel("sparseops::masked_linear_block", ("cpu", "cuda"))
 def _(x, w, mask, row_ptr, col_idx, t_row_ptr, t_col_idx, block, bias):
-    return linear_out(x, reference.masked_weight(w, mask), bias)
+    return linear_out(x, where_mask(w, mask), bias)
 
 
 @torch.library.register_kernel("sparseops::masked_linear_block_backward", ("cpu", "cuda"))
@@ -120,7 +120,7 @@ def _run(impl: str, x, w, info, bias):
     if impl == "reference":
         return reference.masked_linear(x, w, info.mask, bias)
     if impl == "mask_multiply":  # plain autograd over the masked weight, as torch.nn.utils.prune
-        return F.linear(x, masked_weight(w, info.mask), bias)
+        return F.linear(x, where_mask(w, info.mask), bias)
     if impl == "unmasked":
         return F.linear(x, w, bias)
     if impl == "dense":
