@@ -83,6 +83,7 @@ def test_demo_runs_imp_with_both_paths_agreeing():
     runs = run(levels=2, epochs=2, hidden=96, batch_size=64, progress=False, out=lines.append)
     assert "mnist_lenet_300_100 preset scaled down to 2 of 40 epochs" in lines[0]  # what it runs, said so
     assert "speed-up" in lines[1] and lines[-1].startswith("whole search:")
+    assert "auto's measuring" in lines[-1]  # the tuning cost is visible
     ref, ours = runs["mask multiply"].levels, runs["sparseops"].levels
     assert [r.sparsity for r in ours] == [r.sparsity for r in ref] and ours[-1].sparsity == pytest.approx(0.36, 1e-3)
     for a, b in zip(ref, ours, strict=True):  # same seed: same batches, same masks (float rounding aside)
