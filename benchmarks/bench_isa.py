@@ -93,14 +93,10 @@ def _cases():
                {"dense": conv("dense"), "sparseops kernel": conv("cpu"), "sparseops auto": conv(None)})
 
 
-def child(isa: str, rounds: int) -> dict:
-    import sparseops
-    from sparseops import tuning
-
-    torch.set_num_threads(2)
-    torch.ops.sparseops._set_cpu_isa(isa)
-    cases = list(_cases())
-    for _, fns in cases:  # warm up (and let auto measure) once
+def interleaved(cases: list, rounds: int) -> dict:
+    """Median ms per (case label, provider): each case's providers once per round, after one untimed
+    run each (where `auto` measures)."""
+    for _, fns in cases:
         for fn in fns.values():
             fn()
     times = {label: {p: [] for p in fns} for label, fns in cases}
@@ -110,9 +106,19 @@ def child(isa: str, rounds: int) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[label][p].append(time.perf_counter() - t0)
+    return {label: {p: statistics.median(t) * 1e3 for p, t in ps.items()} for label, ps in times.items()}
+
+
+def child(isa: str, rounds: int, cases=None) -> dict:
+    import sparseops
+    from sparseops import tuning
+
+    torch.set_num_threads(2)
+    torch.ops.sparseops._set_cpu_isa(isa)
+    medians = interleaved(list(cases() if cases else _cases()), rounds)
     winners = {k: v["winner"] for k, v in tuning.entries().items()}
     return {"isa": isa, "threads": torch.get_num_threads(), "cpu": tuning.machine()["cpu"],
-            "medians_ms": {label: {p: statistics.median(t) * 1e3 for p, t in ps.items()} for label, ps in times.items()},
+            "medians_ms": medians,
             "auto_choices": winners, "measured_s": tuning.measured_seconds(),
             "sparseops": sparseops.__version__, "torch": torch.__version__}
 
@@ -150,24 +156,31 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child, args.rounds)))
         return 0
-    import sparseops  # noqa: F401
-
-    isas = args.isa or [i for i in torch.ops.sparseops._cpu_isa_supported() if i != "default"]
-    results = []
-    for isa in isas:
-        env = {**os.environ, **TORCH_CAPS.get(isa, {}), "SPARSEOPS_CPU_ISA": isa}
-        run = subprocess.run([sys.executable, __file__, "--child", isa, "--rounds", str(args.rounds)], env=env,
-                             capture_output=True, text=True, cwd=Path(__file__).parent)
-        if run.returncode:
-            print(run.stderr[-3000:], file=sys.stderr)
-            return 1
-        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    results = per_isa(__file__, args.isa, args.rounds)
+    if results is None:
+        return 1
     text = table(results)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
     return 0
+
+
+def per_isa(script: str, isas: list[str] | None, rounds: int, extra: tuple[str, ...] = ()) -> list[dict] | None:
+    """`script --child ISA` per ISA this CPU runs (torch capped alike), each result its last stdout line."""
+    import sparseops  # noqa: F401
+
+    results = []
+    for isa in isas or [i for i in torch.ops.sparseops._cpu_isa_supported() if i != "default"]:
+        env = {**os.environ, **TORCH_CAPS.get(isa, {}), "SPARSEOPS_CPU_ISA": isa}
+        run = subprocess.run([sys.executable, script, "--child", isa, "--rounds", str(rounds), *extra], env=env,
+                             capture_output=True, text=True, cwd=Path(__file__).parent)
+        if run.returncode:
+            print(run.stderr[-3000:], file=sys.stderr)
+            return None
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    return results
 
 
 if __name__ == "__main__":

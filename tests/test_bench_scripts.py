@@ -73,3 +73,21 @@ def test_gpu_thresholds_from_measurements():
              if r["op"] == "masked_linear" and r["provider"] in ("prune", "triton")]
     # triton alone (4d, bf16 12d): bf16 loses from d = 0.1 on; its win at 0.5, past that loss, is ignored
     assert bench_gpu.derive_thresholds(noisy)["masked_linear"] == 0.01
+
+
+def test_bench_untuned_runs(tmp_path):
+    out = tmp_path / "untuned.md"
+    args = ["--rounds", "1", "--shapes", "20x40x24", "--sparsities", "0.5", "0.95", "--out", str(out)]
+    run = subprocess.run([sys.executable, "benchmarks/bench_untuned.py", *args], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "SPARSEOPS_CACHE_DIR": str(tmp_path), "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert {r["isa"] for r in results} == set(torch_isas()) and "cases below 0.95x" in out.read_text()
+    for r in results:
+        assert list(r["medians_ms"]) == ["40->24, 20 rows, 50% sparse", "40->24, 20 rows, 95% sparse"]
+        assert set(r["medians_ms"]["40->24, 20 rows, 50% sparse"]) == {"dense", "prune", "torch CSR", "sparseops auto"}
+
+
+def torch_isas():
+    import torch
+    return [i for i in torch.ops.sparseops._cpu_isa_supported() if i != "default"]
