@@ -243,4 +243,5 @@ def test_timed_rows_of_a_convolution_keep_several_images():
     assert timed_rows(torch.empty(128, 256, 8, 8)) == 32 * 256 * 8  # a quarter of the images
     assert timed_rows(torch.empty(16, 64, 32, 32)) == 8 * 64 * 32  # 8 images at least
     assert timed_rows(torch.empty(8, 64, 32, 32)) is None
+    assert timed_rows(torch.empty(0, 5)) is None and timed_rows(torch.empty(300, 0, 7)) is None
     assert timed_rows(torch.empty(4, 50, 768)) is None and timed_rows(torch.empty(64, 50, 768)) == 16 * 50

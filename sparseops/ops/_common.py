@@ -168,6 +168,8 @@ def timed_rows(x: torch.Tensor) -> int | None:
         return None
     per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
     items = x.shape[0]
+    if not per_item or not items:
+        return None
     keep = max(-(-items // 4), -(-TIMED_MIN_ROWS // per_item), min(TIMED_MIN_ITEMS, items))
     return None if keep >= items else keep * per_item
 
