@@ -218,3 +218,73 @@ def test_bad_input():
             lib.channel_masked_linear(x, w, out_idx, in_idx, None)
     with pytest.raises(TypeError, match="sparseops.channel_masked_linear: x must have the dtype of w"):
         lib.channel_masked_linear(x.double(), w, good, good, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", [True, False])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_scatter_channels_helper(dim, fill, dtype):
+    """The CPU helper that writes the kept channels into the full-size output: every other channel
+    gets its fill value (or 0), against index_copy_ into a filled tensor."""
+    size, other, idx = 9, 5, torch.tensor([0, 3, 4, 8])
+    src = torch.randn((4, other) if dim == 0 else (other, 4), dtype=dtype)
+    f = torch.randn(size, dtype=dtype) if fill else None
+    shape = (size, other) if dim == 0 else (other, size)
+    want = torch.zeros(shape, dtype=dtype) if f is None else f.view((-1, 1) if dim == 0 else (1, -1)).expand(shape)
+    want = want.clone().index_copy_(dim, idx, src)
+    got = lib._scatter_channels(src, idx, f, size, dim)
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert torch.equal(channel_module.scatter_channels(src, idx, f, size, dim), want)
+    if dtype == torch.float64:
+        opcheck(lib._scatter_channels, (src, idx, f, size, dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 100])
+def test_gather_channels_sum_helper(rows, dtype):
+    """(grad[:, idx], grad.sum(0)) in one pass, for one row, fewer rows than a task takes, and several tasks."""
+    grad, idx = torch.randn(rows, 11, dtype=dtype), torch.tensor([1, 2, 6, 10])
+    gk, db = lib._gather_channels_sum(grad, idx)
+    assert torch.equal(gk, grad[:, idx])
+    torch.testing.assert_close(db, grad.double().sum(0).to(dtype), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    if dtype == torch.float64:
+        opcheck(lib._gather_channels_sum, (grad, idx))
+
+
+def test_channel_helpers_bad_input():
+    src, idx = torch.randn(3, 2), torch.tensor([0, 4])
+    for bad, what in ((torch.tensor([4, 0]), "sorted, distinct"), (torch.tensor([0, 9]), "sorted, distinct"),
+                      (torch.tensor([0, 1], dtype=torch.int32), "1-D int64")):
+        with pytest.raises(ValueError, match=f"sparseops._scatter_channels: idx must (be|hold) .*{what}"):
+            lib._scatter_channels(src, bad, None, 5, 1)
+        with pytest.raises(ValueError, match=f"sparseops._gather_channels_sum: idx must (be|hold) .*{what}"):
+            lib._gather_channels_sum(torch.randn(3, 5), bad)
+    with pytest.raises(ValueError, match="sparseops._scatter_channels: idx must have src.shape"):
+        lib._scatter_channels(src, torch.tensor([0]), None, 5, 1)
+    with pytest.raises(ValueError, match=r"sparseops._scatter_channels: fill must be a CPU tensor of shape \[5\]"):
+        lib._scatter_channels(src, idx, torch.zeros(4), 5, 1)
+    with pytest.raises(TypeError, match="sparseops._scatter_channels: fill must have the dtype of src"):
+        lib._scatter_channels(src, idx, torch.zeros(5, dtype=torch.float64), 5, 1)
+    with pytest.raises(ValueError, match="sparseops._scatter_channels: src must be 2-D and dim 0 or 1"):
+        lib._scatter_channels(src, idx, None, 5, 2)
+
+
+@pytest.mark.parametrize("kind", ["out", "in", "both"])
+def test_backward_for_every_output_mask(kind):
+    """Each subset of (dx, dw, db) the backward can be asked for (db alone, or the kept outputs'
+    gradient without db, take other paths) against the reference."""
+    mask = mask_of(kind)
+    ch = channel_layout(mask)
+    x, w, b = leaves((2, 3))
+    ref = reference.masked_linear(x, w, mask, b)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for need in ([True, False, False], [False, True, False], [False, False, True], [True, True, False],
+                 [False, True, True], [True, True, True]):
+        got = lib.channel_masked_linear_backward(g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, need)
+        for a, r, wanted in zip(got, want, need, strict=True):
+            if wanted:
+                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+            else:
+                assert a.numel() == 0
