@@ -12,7 +12,7 @@ import torch
 from .. import checks
 from .._library import define, lib
 from ..layout_channels import ChannelLayout
-from ._common import check_channel_index, grads_fake, linear_fake, put_channels, take_channels
+from ._common import check_channel_index, grads_fake, linear_fake, take_channels
 
 OP = "channel_masked_linear"
 
