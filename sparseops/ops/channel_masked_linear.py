@@ -30,9 +30,13 @@ def _kept_weight(w, out_idx, in_idx):
 
 def scatter_channels(src, idx, fill, size, dim):
     """2-D `src` of the kept channels `idx` written into `size` channels along `dim`, fill[c] (or 0)
-    along every other channel c, in one pass (the CPU helper; torch's fill + index_copy elsewhere)."""
+    along every other channel c: one pass on the CPU (csrc/cpu/channels.cpp), torch's ops elsewhere."""
     if src.device.type == "cpu":
         return lib._scatter_channels(src, idx, fill, size, dim)
+    return scatter_channels_torch(src, idx, fill, size, dim)
+
+
+def scatter_channels_torch(src, idx, fill, size, dim):
     shape = (size, src.shape[1]) if dim == 0 else (src.shape[0], size)
     out = src.new_zeros(shape) if fill is None else fill.view((-1, 1) if dim == 0 else (1, -1)).expand(shape).clone()
     return out.index_copy_(dim, idx, src)
