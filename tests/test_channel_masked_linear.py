@@ -11,6 +11,7 @@ from torch.library import opcheck
 import sparseops
 from sparseops import backend, reference
 from sparseops.layout_channels import channel_layout
+from sparseops.ops import _common as common
 from sparseops.ops import channel_masked_linear as channel_module
 
 lib = torch.ops.sparseops
@@ -220,36 +221,46 @@ def test_bad_input():
         lib.channel_masked_linear(x.double(), w, good, good, None)
 
 
+HELPER_CASES = [((4, 5), 0), ((5, 4), 1), ((3, 4, 2, 2), 1), ((4, 3, 3, 3), 0), ((2, 4, 1), 1)]  # kept channels: 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fill", [True, False])
-@pytest.mark.parametrize("dim", [0, 1])
-def test_scatter_channels_helper(dim, fill, dtype):
-    """The CPU helper that writes the kept channels into the full-size output: every other channel
-    gets its fill value (or 0), against index_copy_ into a filled tensor."""
-    size, other, idx = 9, 5, torch.tensor([0, 3, 4, 8])
-    src = torch.randn((4, other) if dim == 0 else (other, 4), dtype=dtype)
+@pytest.mark.parametrize("shape,dim", HELPER_CASES)
+def test_scatter_channels_helper(shape, dim, fill, dtype):
+    """The CPU helper that writes the kept channels into the full-size output (a linear layer's
+    columns or rows, a conv's channels or filters): every other channel gets its fill value (or 0),
+    against index_copy_ into a filled tensor; and the GPUs' torch path against it."""
+    size, idx = 9, torch.tensor([0, 3, 4, 8])
+    src = torch.randn(shape, dtype=dtype)
     f = torch.randn(size, dtype=dtype) if fill else None
-    shape = (size, other) if dim == 0 else (other, size)
-    want = torch.zeros(shape, dtype=dtype) if f is None else f.view((-1, 1) if dim == 0 else (1, -1)).expand(shape)
+    full = list(shape)
+    full[dim] = size
+    view = [1] * len(shape)
+    view[dim] = size
+    want = torch.zeros(full, dtype=dtype) if f is None else f.view(view).expand(full)
     want = want.clone().index_copy_(dim, idx, src)
     got = lib._scatter_channels(src, idx, f, size, dim)
     assert got.is_contiguous() and torch.equal(got, want)
-    assert torch.equal(channel_module.scatter_channels_torch(src, idx, f, size, dim), want)  # the GPUs' path
+    assert torch.equal(common.scatter_channels_torch(src, idx, f, size, dim), want)
     if dtype == torch.float64:
         opcheck(lib._scatter_channels, (src, idx, f, size, dim))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 100])
-def test_gather_channels_sum_helper(rows, dtype):
-    """(grad[:, idx], grad.sum(0)) in one pass, for one row, fewer rows than a task takes, and several tasks."""
-    grad, idx = torch.randn(rows, 11, dtype=dtype), torch.tensor([1, 2, 6, 10])
-    gk, db = lib._gather_channels_sum(grad, idx)
-    assert torch.equal(gk, grad[:, idx])
-    torch.testing.assert_close(db, grad.double().sum(0).to(dtype), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
-                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1),
+                                       ((400, 11, 2, 2), 1), ((11, 5), 0)])
+def test_gather_channels_sum_helper(shape, dim, dtype):
+    """(grad.index_select(dim, idx), grad summed over the other dims) in one pass: rows or planes,
+    one task or several."""
+    grad, idx = torch.randn(shape, dtype=dtype), torch.tensor([1, 2, 6, 10])
+    gk, db = lib._gather_channels_sum(grad, idx, dim)
+    assert torch.equal(gk, grad.index_select(dim, idx))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(db, grad.double().sum([d for d in range(grad.dim()) if d != dim]).to(dtype),
+                               rtol=tol, atol=tol * 10)
     if dtype == torch.float64:
-        opcheck(lib._gather_channels_sum, (grad, idx))
+        opcheck(lib._gather_channels_sum, (grad, idx, dim))
 
 
 def test_channel_helpers_bad_input():
@@ -259,15 +270,17 @@ def test_channel_helpers_bad_input():
         with pytest.raises(ValueError, match=f"sparseops._scatter_channels: idx must (be|hold) .*{what}"):
             lib._scatter_channels(src, bad, None, 5, 1)
         with pytest.raises(ValueError, match=f"sparseops._gather_channels_sum: idx must (be|hold) .*{what}"):
-            lib._gather_channels_sum(torch.randn(3, 5), bad)
+            lib._gather_channels_sum(torch.randn(3, 5), bad, 1)
     with pytest.raises(ValueError, match="sparseops._scatter_channels: idx must have src.shape"):
         lib._scatter_channels(src, torch.tensor([0]), None, 5, 1)
     with pytest.raises(ValueError, match=r"sparseops._scatter_channels: fill must be a CPU tensor of shape \[5\]"):
         lib._scatter_channels(src, idx, torch.zeros(4), 5, 1)
     with pytest.raises(TypeError, match="sparseops._scatter_channels: fill must have the dtype of src"):
         lib._scatter_channels(src, idx, torch.zeros(5, dtype=torch.float64), 5, 1)
-    with pytest.raises(ValueError, match="sparseops._scatter_channels: src must be 2-D and dim 0 or 1"):
+    with pytest.raises(ValueError, match=r"sparseops._scatter_channels: dim must be in \[0, src.dim\(\)\)"):
         lib._scatter_channels(src, idx, None, 5, 2)
+    with pytest.raises(ValueError, match=r"sparseops._gather_channels_sum: dim must be in \[0, grad.dim\(\)\)"):
+        lib._gather_channels_sum(torch.randn(3, 5), idx, -1)
 
 
 @pytest.mark.parametrize("kind", ["out", "in", "both"])

@@ -1,4 +1,4 @@
-// CPU helpers of the channel ops (sparseops/ops/channel_masked_linear.py; schemas in csrc/ops.cpp):
+// CPU helpers of the channel ops (sparseops/ops/_common.py; schemas in csrc/ops.cpp):
 // writing a kept-size result into the full-size output and reading the kept outputs' gradient, each
 // one pass over the full-size tensor. Through torch's index ops a column scatter or gather costs
 // ~2 ns an element (TensorIterator's index arithmetic) and a fill or sum is one more pass; these
@@ -28,16 +28,29 @@ void check_index(const char* op, const at::Tensor& idx, int64_t size) {
                       ": idx must hold sorted, distinct indices in [0, ", size, ")");
 }
 
-// Rows (or columns) of `out` per parallel task: about 16K elements, so small problems stay on one thread.
+// Elements per parallel task: about 16K, so small problems stay on one thread.
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
-// out (2-D, `size` along `dim`): out.select(dim, idx[j]) = src.select(dim, j), and fill[c] (or 0)
-// along every other channel c.
+// A contiguous tensor as [outer, channels along dim, inner].
+void outer_inner(at::IntArrayRef shape, int64_t dim, int64_t& outer, int64_t& inner) {
+  outer = inner = 1;
+  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
+    if (d < dim) outer *= shape[d];
+    if (d > dim) inner *= shape[d];
+  }
+}
+
+void check_dim(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(dim >= 0 && dim < t.dim(), "sparseops.", op, ": dim must be in [0, ", name, ".dim()) = [0, ",
+                    t.dim(), "), got ", dim);
+}
+
+// out (src's shape with `size` channels along `dim`): out.select(dim, idx[j]) = src.select(dim, j),
+// and fill[c] (or 0) along every other channel c.
 at::Tensor scatter_channels_cpu(const at::Tensor& src, const at::Tensor& idx, const std::optional<at::Tensor>& fill,
                                 int64_t size, int64_t dim) {
   check_floating(kScatter, src, "src", true);
-  TORCH_CHECK_VALUE(src.dim() == 2 && (dim == 0 || dim == 1), "sparseops.", kScatter,
-                    ": src must be 2-D and dim 0 or 1, got shape ", src.sizes(), " and dim ", dim);
+  check_dim(kScatter, src, "src", dim);
   auto ix = idx.contiguous();
   check_index(kScatter, ix, size);
   TORCH_CHECK_VALUE(ix.numel() == src.size(dim), "sparseops.", kScatter, ": idx must have src.shape[dim] = ",
@@ -50,53 +63,64 @@ at::Tensor scatter_channels_cpu(const at::Tensor& src, const at::Tensor& idx, co
     f = fill->contiguous();
   }
   auto s = src.contiguous();
-  const int64_t rows = dim == 0 ? size : s.size(0), cols = dim == 1 ? size : s.size(1), kept = ix.numel();
-  auto out = at::empty({rows, cols}, s.options());
+  auto shape = s.sizes().vec();
+  shape[dim] = size;
+  auto out = at::empty(shape, s.options());
+  int64_t outer, inner;
+  outer_inner(shape, dim, outer, inner);
+  const int64_t kept = ix.numel();
   const int64_t* ip = ix.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), kScatter, [&] {
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (dim == 1) {  // per row: the fill (in cache), then the kept columns over it
-      at::parallel_for(0, rows, grain(cols), [&](int64_t b, int64_t e) {
+    if (inner == 1) {  // channels are columns: per row the fill (in cache), then the kept columns over it
+      at::parallel_for(0, outer, grain(size), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          scalar_t* row = op + i * cols;
+          scalar_t* row = op + i * size;
           const scalar_t* kr = sp + i * kept;
           if (fp)
-            std::memcpy(row, fp, cols * sizeof(scalar_t));
+            std::memcpy(row, fp, size * sizeof(scalar_t));
           else
-            std::fill(row, row + cols, scalar_t(0));
+            std::fill(row, row + size, scalar_t(0));
           for (int64_t j = 0; j < kept; ++j) row[ip[j]] = kr[j];
         }
       });
       return;
     }
-    std::vector<int64_t> from(rows, -1);  // the src row of each output row
+    std::vector<int64_t> from(size, -1);  // the src channel of each output channel
     for (int64_t j = 0; j < kept; ++j) from[ip[j]] = j;
-    at::parallel_for(0, rows, grain(cols), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        scalar_t* row = op + r * cols;
-        if (from[r] >= 0)
-          std::memcpy(row, sp + from[r] * cols, cols * sizeof(scalar_t));
+    at::parallel_for(0, outer * size, grain(inner), [&](int64_t b, int64_t e) {  // one task: whole planes
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t o = p / size, c = p % size;
+        scalar_t* plane = op + p * inner;
+        if (from[c] >= 0)
+          std::memcpy(plane, sp + (o * kept + from[c]) * inner, inner * sizeof(scalar_t));
         else
-          std::fill(row, row + cols, fp ? fp[r] : scalar_t(0));
+          std::fill(plane, plane + inner, fp ? fp[c] : scalar_t(0));
       }
     });
   });
   return out;
 }
 
-// (grad[:, idx], grad.sum(0)) of a 2-D grad, one pass over it: each task sums its rows into a
-// partial sum in the accumulation type (float for half types), added up at the end.
-std::tuple<at::Tensor, at::Tensor> gather_channels_sum_cpu(const at::Tensor& grad, const at::Tensor& idx) {
+// (grad.index_select(dim, idx), grad summed over every dim but `dim`), one pass over grad: each
+// task sums its share of grad into a partial sum in the accumulation type (float for half types),
+// added up at the end.
+std::tuple<at::Tensor, at::Tensor> gather_channels_sum_cpu(const at::Tensor& grad, const at::Tensor& idx,
+                                                           int64_t dim) {
   check_floating(kGather, grad, "grad", true);
-  TORCH_CHECK_VALUE(grad.dim() == 2, "sparseops.", kGather, ": grad must be 2-D, got shape ", grad.sizes());
+  check_dim(kGather, grad, "grad", dim);
   auto ix = idx.contiguous();
-  check_index(kGather, ix, grad.size(1));
+  check_index(kGather, ix, grad.size(dim));
   auto g = grad.contiguous();
-  const int64_t m = g.size(0), n = g.size(1), kept = ix.numel();
-  auto gk = at::empty({m, kept}, g.options());
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / 16));
+  const int64_t n = g.size(dim), kept = ix.numel();
+  int64_t outer, inner;
+  outer_inner(g.sizes(), dim, outer, inner);
+  auto shape = g.sizes().vec();
+  shape[dim] = kept;
+  auto gk = at::empty(shape, g.options());
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), outer * n * inner / 16384));
   at::Tensor part;
   const int64_t* ip = ix.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), kGather, [&] {
@@ -105,14 +129,26 @@ std::tuple<at::Tensor, at::Tensor> gather_channels_sum_cpu(const at::Tensor& gra
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* kp = gk.data_ptr<scalar_t>();
     acc_t* pp = part.data_ptr<acc_t>();
+    std::vector<int64_t> from(n, -1);
+    for (int64_t j = 0; j < kept; ++j) from[ip[j]] = j;
     at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         acc_t* acc = pp + t * n;
-        for (int64_t i = t * m / tasks; i < (t + 1) * m / tasks; ++i) {
-          const scalar_t* row = gp + i * n;
-          for (int64_t c = 0; c < n; ++c) acc[c] += static_cast<acc_t>(row[c]);
-          scalar_t* kr = kp + i * kept;
-          for (int64_t j = 0; j < kept; ++j) kr[j] = row[ip[j]];
+        for (int64_t o = t * outer / tasks; o < (t + 1) * outer / tasks; ++o) {
+          const scalar_t* block = gp + o * n * inner;
+          scalar_t* kb = kp + o * kept * inner;
+          if (inner == 1) {  // a row: sum it, then pick the kept columns
+            for (int64_t c = 0; c < n; ++c) acc[c] += static_cast<acc_t>(block[c]);
+            for (int64_t j = 0; j < kept; ++j) kb[j] = block[ip[j]];
+            continue;
+          }
+          for (int64_t c = 0; c < n; ++c) {  // planes
+            const scalar_t* plane = block + c * inner;
+            acc_t sum = 0;
+            for (int64_t i = 0; i < inner; ++i) sum += static_cast<acc_t>(plane[i]);
+            acc[c] += sum;
+            if (from[c] >= 0) std::memcpy(kb + from[c] * inner, plane, inner * sizeof(scalar_t));
+          }
         }
       }
     });

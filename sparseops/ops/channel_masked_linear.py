@@ -12,7 +12,7 @@ import torch
 from .. import checks
 from .._library import define, lib
 from ..layout_channels import ChannelLayout
-from ._common import check_channel_index, grads_fake, linear_fake, take_channels
+from ._common import check_channel_index, gather_channels_sum, grads_fake, linear_fake, scatter_channels, take_channels
 
 OP = "channel_masked_linear"
 
@@ -26,27 +26,6 @@ def _check(x, w, out_idx, in_idx, bias):
 
 def _kept_weight(w, out_idx, in_idx):
     return take_channels(take_channels(w, out_idx, 0), in_idx, 1)
-
-
-def scatter_channels(src, idx, fill, size, dim):
-    """2-D `src` of the kept channels `idx` written into `size` channels along `dim`, fill[c] (or 0)
-    along every other channel c: one pass on the CPU (csrc/cpu/channels.cpp), torch's ops elsewhere."""
-    if src.device.type == "cpu":
-        return lib._scatter_channels(src, idx, fill, size, dim)
-    return scatter_channels_torch(src, idx, fill, size, dim)
-
-
-def scatter_channels_torch(src, idx, fill, size, dim):
-    shape = (size, src.shape[1]) if dim == 0 else (src.shape[0], size)
-    out = src.new_zeros(shape) if fill is None else fill.view((-1, 1) if dim == 0 else (1, -1)).expand(shape).clone()
-    return out.index_copy_(dim, idx, src)
-
-
-def gather_channels_sum(grad, idx):
-    """(grad[:, idx], grad.sum(0)) of a 2-D grad, in one pass over it on the CPU."""
-    if grad.device.type == "cpu":
-        return lib._gather_channels_sum(grad, idx)
-    return grad.index_select(1, idx), grad.sum(0)
 
 
 @torch.library.register_kernel(f"sparseops::{OP}", ("cpu", "cuda"))
@@ -81,7 +60,7 @@ def _(grad, x, w, out_idx, in_idx, output_mask):
         if out_idx.numel() == n:
             gk = g2
         elif need_b:
-            gk, db = gather_channels_sum(g2, out_idx)
+            gk, db = gather_channels_sum(g2, out_idx, 1)
         else:
             gk = g2.index_select(1, out_idx)
     dx = dw = w.new_empty(0)
@@ -109,10 +88,6 @@ def _(grad, x, w, out_idx, in_idx, output_mask):
 
 define(OP, lambda x, w, out_idx, in_idx, bias: linear_fake(OP, x, w), grads=("x", "w", "bias"))
 define(f"{OP}_backward", lambda grad, x, w, out_idx, in_idx, output_mask: grads_fake(x, w, output_mask))
-torch.library.register_fake("sparseops::_scatter_channels")(
-    lambda src, idx, fill, size, dim: src.new_empty((size, src.shape[1]) if dim == 0 else (src.shape[0], size)))
-torch.library.register_fake("sparseops::_gather_channels_sum")(
-    lambda grad, idx: (grad.new_empty((grad.shape[0], idx.shape[0])), grad.new_empty((grad.shape[1],))))
 
 
 def run(masked_linear, x, w, ch: ChannelLayout, bias):
