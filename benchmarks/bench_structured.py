@@ -111,7 +111,7 @@ def keep_freed_memory():
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h; 32 MiB is the largest mmap threshold
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 25) and libc.mallopt(m_trim_threshold, 1 << 34))
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 25) and libc.mallopt(m_trim_threshold, 1 << 30))  # C ints
 
 
 CONFIGS = [dict(label=label, kind=kind, shape=shape, removed=removed, dim=dim, provider=p)
@@ -181,7 +181,7 @@ def main(argv=None):
     if args.keep_freed_memory:
         if not keep_freed_memory():
             raise SystemExit("mallopt failed (not glibc?)")
-        malloc = "glibc mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=16 GiB): freed memory stays mapped"
+        malloc = "glibc mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=1 GiB): freed memory stays mapped"
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     before = uptime()
     rows = measure(args.rounds, args.only)

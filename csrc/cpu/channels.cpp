@@ -104,6 +104,21 @@ at::Tensor scatter_channels_cpu(const at::Tensor& src, const at::Tensor& idx, co
   return out;
 }
 
+// The sum of a plane in 16 independent partial sums: a single running sum is one dependent add per
+// element (no vectorising it without reordering, which the compiler may not do for floats).
+template <typename acc_t, typename scalar_t>
+acc_t plane_sum(const scalar_t* p, int64_t len) {
+  constexpr int64_t kLanes = 16;
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(p[i + j]);
+  acc_t sum = 0;
+  for (; i < len; ++i) sum += static_cast<acc_t>(p[i]);
+  for (int64_t j = 0; j < kLanes; ++j) sum += lane[j];
+  return sum;
+}
+
 // (grad.index_select(dim, idx), grad summed over every dim but `dim`), one pass over grad: each
 // task sums its share of grad into a partial sum in the accumulation type (float for half types),
 // added up at the end.
@@ -144,9 +159,7 @@ std::tuple<at::Tensor, at::Tensor> gather_channels_sum_cpu(const at::Tensor& gra
           }
           for (int64_t c = 0; c < n; ++c) {  // planes
             const scalar_t* plane = block + c * inner;
-            acc_t sum = 0;
-            for (int64_t i = 0; i < inner; ++i) sum += static_cast<acc_t>(plane[i]);
-            acc[c] += sum;
+            acc[c] += plane_sum<acc_t>(plane, inner);
             if (from[c] >= 0) std::memcpy(kb + from[c] * inner, plane, inner * sizeof(scalar_t));
           }
         }
