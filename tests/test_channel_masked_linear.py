@@ -248,7 +248,7 @@ def test_scatter_channels_helper(shape, dim, fill, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1),
+@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1), ((3, 11, 5, 7), 1),
                                        ((400, 11, 2, 2), 1), ((11, 5), 0)])
 def test_gather_channels_sum_helper(shape, dim, dtype):
     """(grad.index_select(dim, idx), grad summed over the other dims) in one pass: rows or planes,
