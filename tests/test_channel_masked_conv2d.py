@@ -236,5 +236,7 @@ def test_backward_for_every_output_mask(kind, channels_last):
                 torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
             else:
                 assert a.numel() == 0
+        opcheck(lib.channel_masked_conv2d_backward, (g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, [1, 1], [1, 1],
+                                                       [1, 1], need))  # also: no two outputs alias
         if need[0]:
             assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -248,8 +248,8 @@ def test_scatter_channels_helper(shape, dim, fill, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1), ((3, 11, 5, 7), 1),
-                                       ((400, 11, 2, 2), 1), ((11, 5), 0)])
+@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1),
+                                       ((3, 11, 5, 7), 1), ((400, 11, 2, 2), 1), ((11, 5), 0)])
 def test_gather_channels_sum_helper(shape, dim, dtype):
     """(grad.index_select(dim, idx), grad summed over the other dims) in one pass: rows or planes,
     one task or several."""
@@ -301,3 +301,5 @@ def test_backward_for_every_output_mask(kind):
                 torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
             else:
                 assert a.numel() == 0
+        # also: no two outputs alias
+        opcheck(lib.channel_masked_linear_backward, (g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, need))

@@ -225,4 +225,5 @@ def gather_channels_sum(grad, idx, dim: int) -> tuple[torch.Tensor, torch.Tensor
 torch.library.register_fake("sparseops::_scatter_channels")(
     lambda src, idx, fill, size, dim: src.new_empty(_channel_shape(src, dim, size)))
 torch.library.register_fake("sparseops::_gather_channels_sum")(
-    lambda grad, idx, dim: (grad.new_empty(_channel_shape(grad, dim, idx.shape[0])), grad.new_empty((grad.shape[dim],))))
+    lambda grad, idx, dim: (grad.new_empty(_channel_shape(grad, dim, idx.shape[0])),
+                            grad.new_empty((grad.shape[dim],))))

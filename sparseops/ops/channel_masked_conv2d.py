@@ -11,7 +11,8 @@ import torch
 from .. import checks
 from .._library import define, lib
 from ..layout_channels import ChannelLayout
-from ._common import check_channel_index, conv_fake, format_of, gather_channels_sum, grads_fake, scatter_channels, take_channels
+from ._common import (check_channel_index, conv_fake, format_of, gather_channels_sum, grads_fake, scatter_channels,
+                      take_channels)
 
 OP = "channel_masked_conv2d"
 

@@ -63,7 +63,7 @@ def _(grad, x, w, out_idx, in_idx, output_mask):
             gk, db = gather_channels_sum(g2, out_idx, 1)
         else:
             gk = g2.index_select(1, out_idx)
-    dx = dw = w.new_empty(0)
+    dx, dw = w.new_empty(0), w.new_empty(0)  # distinct: outputs must not alias
     if need_x:  # zero at the pruned input channels
         if empty:
             dx = x.new_zeros(x.shape)
