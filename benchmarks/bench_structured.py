@@ -6,7 +6,7 @@ the crossover `auto`'s prior uses: backend.CHANNEL_MAX_WORK).
 
     pytest benchmarks/bench_structured.py --benchmark-only          # pytest-benchmark
     python benchmarks/bench_structured.py [--rounds 5] [--threads 2] [--only linear|conv] [--keep-freed-memory]
-                                          [--out results/structured-<cpu>.md]
+                                          [--cpu-time (with --threads 1)] [--out results/structured-<cpu>.md]
 
 The script mode interleaves the providers (each once per round, in one process) and reports medians
 and the ratios; the machines this runs on are shared and noisy, so it also records `uptime`.
@@ -127,7 +127,7 @@ def test_channel_masked(benchmark, config):
     benchmark.pedantic(step(layer, x_shape), rounds=5, iterations=1, warmup_rounds=1)
 
 
-def measure(rounds: int, only=None) -> list[dict]:
+def measure(rounds: int, only=None, clock=time.perf_counter) -> list[dict]:
     rows = []
     for label, kind, shape, removed, dim in cases(only=only):
         fns = {p: step(*lx) for p, lx in _layers(kind, shape, removed, dim).items()}
@@ -136,23 +136,23 @@ def measure(rounds: int, only=None) -> list[dict]:
         times = {p: [] for p in fns}
         for _ in range(rounds):
             for p, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[p].append(time.perf_counter() - t0)
+                times[p].append(clock() - t0)
         med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
         best = {f"{p}_min": min(t) * 1e3 for p, t in times.items()}  # the least preempted round
         rows.append(dict(label=label, dim=dim, removed=removed, **med, **best))
     return rows
 
 
-def table(rows, rounds, load_before, load_after, malloc="glibc malloc's defaults") -> str:
+def table(rows, rounds, load_before, load_after, malloc="glibc malloc's defaults", clock="wall-clock") -> str:
     isa = torch.ops.sparseops._cpu_isa()
     cpu = platform.processor() or platform.machine()
     out = [f"CPU: {cpu} ({isa} kernels; torch's GEMM/convolution: oneDNN/MKL, torch.backends.cpu "
            f"capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, torch "
-           f"{torch.__version__}. fwd+bwd medians of {rounds} interleaved rounds (ms). `channel op`: the layer's "
-           "parameters through channel_masked_*; `auto`: the MaskedLinear/MaskedConv2d in backend auto (its first "
-           "call measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: channel "
+           f"{torch.__version__}. fwd+bwd medians of {rounds} interleaved rounds (ms, {clock}). `channel op`: the "
+           "layer's parameters through channel_masked_*; `auto`: the MaskedLinear/MaskedConv2d in backend auto (its "
+           "first call measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: channel "
            "op time / dense layer of the kept size (target <= 1.25), of the medians and of the fastest rounds "
            "(preemption on a shared machine only adds time); `speedup`: full dense / channel op, and full dense / "
            "auto (medians).",
@@ -174,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--only", choices=["linear", "conv"], default=None, help="only these layers")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc mallopt: freed memory stays mapped (no page faults on fresh outputs)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the thread's CPU time (time.thread_time; --threads 1 only): preemption by other "
+                         "processes on a shared machine excluded, page faults and memory stalls included")
     ap.add_argument("--out", default=None, help="markdown table (default results/structured-<cpu>.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,8 +187,12 @@ def main(argv=None):
         malloc = "glibc mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=1 GiB): freed memory stays mapped"
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     before = uptime()
-    rows = measure(args.rounds, args.only)
-    text = table(rows, args.rounds, before, uptime(), malloc)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time times one thread: use it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    rows = measure(args.rounds, args.only, clock)
+    text = table(rows, args.rounds, before, uptime(), malloc,
+                 "the thread's CPU time" if args.cpu_time else "wall-clock")
     slug = "".join(ch if ch.isalnum() else "-" for ch in sparseops.tuning.machine()["cpu"].lower()).strip("-")
     out = Path(args.out or Path(__file__).parent / "results" / f"structured-{slug}.md")
     out.write_text(text)
