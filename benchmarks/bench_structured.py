@@ -152,8 +152,8 @@ def table(rows, rounds, load_before, load_after, malloc="glibc malloc's defaults
            f"capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, torch "
            f"{torch.__version__}. fwd+bwd medians of {rounds} interleaved rounds (ms, {clock}). `channel op`: the "
            "layer's parameters through channel_masked_*; `auto`: the MaskedLinear/MaskedConv2d in backend auto (its "
-           "first call measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: channel "
-           "op time / dense layer of the kept size (target <= 1.25), of the medians and of the fastest rounds "
+           "first call measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: "
+           "channel op time / dense layer of the kept size (target <= 1.25), of the medians and of the fastest rounds "
            "(preemption on a shared machine only adds time); `speedup`: full dense / channel op, and full dense / "
            "auto (medians).",
            f"Load (`uptime`) before: {load_before}; after: {load_after}. Allocator: {malloc}.", "",
