@@ -106,6 +106,11 @@ TORCH_LIBRARY(sparseops, m) {
   // dbias = grad summed over rows (every output gets the bias); empties where not asked for.
   m.def("channel_masked_linear_backward(Tensor grad, Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Their CPU helpers (csrc/cpu/channels.cpp), one pass over the full-size tensor each: `src` of the
+  // kept channels idx written into `size` channels along `dim`, fill[c] (or 0) along every other
+  // channel c; and (grad.index_select(dim, idx), grad summed over every dim but `dim`).
+  m.def("_scatter_channels(Tensor src, Tensor idx, Tensor? fill, int size, int dim) -> Tensor");
+  m.def("_gather_channels_sum(Tensor grad, Tensor idx, int dim) -> (Tensor, Tensor)");
   // The same for conv2d (groups = 1) with kept output channels out_idx and input channels in_idx:
   // one dense convolution of the kept size, the pruned output channels get bias (or 0).
   m.def("channel_masked_conv2d(Tensor x, Tensor w, Tensor out_idx, Tensor in_idx, Tensor? bias, int[2] stride, "

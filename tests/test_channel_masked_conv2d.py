@@ -214,3 +214,29 @@ def test_bad_input():
         lib.channel_masked_conv2d(x, w, good[None], good, None, *geo)
     with pytest.raises(ValueError, match="sparseops.channel_masked_conv2d: x must be"):
         lib.channel_masked_conv2d(x[:, :2], w, good, good, None, *geo)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kind", ["out", "in", "both"])
+def test_backward_for_every_output_mask(kind, channels_last):
+    """Each subset of (dx, dw, db) (db with the kept outputs' gradient in one pass over grad, or not)
+    against the reference, and dx in x's memory format."""
+    mask = mask_of(kind)
+    ch = channel_layout(mask)
+    x, w, b = leaves(channels_last=channels_last)
+    ref = reference.masked_conv2d(x, w, mask, b, padding=1)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for need in ([True, False, False], [False, True, False], [False, False, True], [True, True, False],
+                 [False, True, True], [True, True, True]):
+        got = lib.channel_masked_conv2d_backward(g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, [1, 1], [1, 1],
+                                                 [1, 1], need)
+        for a, r, wanted in zip(got, want, need, strict=True):
+            if wanted:
+                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+            else:
+                assert a.numel() == 0
+        opcheck(lib.channel_masked_conv2d_backward, (g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, [1, 1], [1, 1],
+                                                       [1, 1], need))  # also: no two outputs alias
+        if need[0]:
+            assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -11,6 +11,7 @@ from torch.library import opcheck
 import sparseops
 from sparseops import backend, reference
 from sparseops.layout_channels import channel_layout
+from sparseops.ops import _common as common
 from sparseops.ops import channel_masked_linear as channel_module
 
 lib = torch.ops.sparseops
@@ -218,3 +219,87 @@ def test_bad_input():
             lib.channel_masked_linear(x, w, out_idx, in_idx, None)
     with pytest.raises(TypeError, match="sparseops.channel_masked_linear: x must have the dtype of w"):
         lib.channel_masked_linear(x.double(), w, good, good, None)
+
+
+HELPER_CASES = [((4, 5), 0), ((5, 4), 1), ((3, 4, 2, 2), 1), ((4, 3, 3, 3), 0), ((2, 4, 1), 1)]  # kept channels: 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", [True, False])
+@pytest.mark.parametrize("shape,dim", HELPER_CASES)
+def test_scatter_channels_helper(shape, dim, fill, dtype):
+    """The CPU helper that writes the kept channels into the full-size output (a linear layer's
+    columns or rows, a conv's channels or filters): every other channel gets its fill value (or 0),
+    against index_copy_ into a filled tensor; and the GPUs' torch path against it."""
+    size, idx = 9, torch.tensor([0, 3, 4, 8])
+    src = torch.randn(shape, dtype=dtype)
+    f = torch.randn(size, dtype=dtype) if fill else None
+    full = list(shape)
+    full[dim] = size
+    view = [1] * len(shape)
+    view[dim] = size
+    want = torch.zeros(full, dtype=dtype) if f is None else f.view(view).expand(full)
+    want = want.clone().index_copy_(dim, idx, src)
+    got = lib._scatter_channels(src, idx, f, size, dim)
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert torch.equal(common.scatter_channels_torch(src, idx, f, size, dim), want)
+    if dtype == torch.float64:
+        opcheck(lib._scatter_channels, (src, idx, f, size, dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((1, 11), 1), ((7, 11), 1), ((3000, 11), 1), ((2, 11, 3, 3), 1),
+                                       ((3, 11, 5, 7), 1), ((400, 11, 2, 2), 1), ((11, 5), 0)])
+def test_gather_channels_sum_helper(shape, dim, dtype):
+    """(grad.index_select(dim, idx), grad summed over the other dims) in one pass: rows or planes,
+    one task or several."""
+    grad, idx = torch.randn(shape, dtype=dtype), torch.tensor([1, 2, 6, 10])
+    gk, db = lib._gather_channels_sum(grad, idx, dim)
+    assert torch.equal(gk, grad.index_select(dim, idx))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(db, grad.double().sum([d for d in range(grad.dim()) if d != dim]).to(dtype),
+                               rtol=tol, atol=tol * 10)
+    if dtype == torch.float64:
+        opcheck(lib._gather_channels_sum, (grad, idx, dim))
+
+
+def test_channel_helpers_bad_input():
+    src, idx = torch.randn(3, 2), torch.tensor([0, 4])
+    for bad, what in ((torch.tensor([4, 0]), "sorted, distinct"), (torch.tensor([0, 9]), "sorted, distinct"),
+                      (torch.tensor([0, 1], dtype=torch.int32), "1-D int64")):
+        with pytest.raises(ValueError, match=f"sparseops._scatter_channels: idx must (be|hold) .*{what}"):
+            lib._scatter_channels(src, bad, None, 5, 1)
+        with pytest.raises(ValueError, match=f"sparseops._gather_channels_sum: idx must (be|hold) .*{what}"):
+            lib._gather_channels_sum(torch.randn(3, 5), bad, 1)
+    with pytest.raises(ValueError, match="sparseops._scatter_channels: idx must have src.shape"):
+        lib._scatter_channels(src, torch.tensor([0]), None, 5, 1)
+    with pytest.raises(ValueError, match=r"sparseops._scatter_channels: fill must be a CPU tensor of shape \[5\]"):
+        lib._scatter_channels(src, idx, torch.zeros(4), 5, 1)
+    with pytest.raises(TypeError, match="sparseops._scatter_channels: fill must have the dtype of src"):
+        lib._scatter_channels(src, idx, torch.zeros(5, dtype=torch.float64), 5, 1)
+    with pytest.raises(ValueError, match=r"sparseops._scatter_channels: dim must be in \[0, src.dim\(\)\)"):
+        lib._scatter_channels(src, idx, None, 5, 2)
+    with pytest.raises(ValueError, match=r"sparseops._gather_channels_sum: dim must be in \[0, grad.dim\(\)\)"):
+        lib._gather_channels_sum(torch.randn(3, 5), idx, -1)
+
+
+@pytest.mark.parametrize("kind", ["out", "in", "both"])
+def test_backward_for_every_output_mask(kind):
+    """Each subset of (dx, dw, db) the backward can be asked for (db alone, or the kept outputs'
+    gradient without db, take other paths) against the reference."""
+    mask = mask_of(kind)
+    ch = channel_layout(mask)
+    x, w, b = leaves((2, 3))
+    ref = reference.masked_linear(x, w, mask, b)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for need in ([True, False, False], [False, True, False], [False, False, True], [True, True, False],
+                 [False, True, True], [True, True, True]):
+        got = lib.channel_masked_linear_backward(g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, need)
+        for a, r, wanted in zip(got, want, need, strict=True):
+            if wanted:
+                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+            else:
+                assert a.numel() == 0
+        # also: no two outputs alias
+        opcheck(lib.channel_masked_linear_backward, (g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, need))

@@ -11,7 +11,8 @@ import torch
 from .. import checks
 from .._library import define, lib
 from ..layout_channels import ChannelLayout
-from ._common import check_channel_index, conv_fake, format_of, grads_fake, put_channels, take_channels
+from ._common import (check_channel_index, conv_fake, format_of, gather_channels_sum, grads_fake, scatter_channels,
+                      take_channels)
 
 OP = "channel_masked_conv2d"
 
@@ -29,14 +30,26 @@ def _kept(x, w, out_idx, in_idx):
     return xk.contiguous(memory_format=format_of(x)), take_channels(take_channels(w, out_idx, 0), in_idx, 1)
 
 
-def _full(x, shape, out_idx, kept, bias, fmt):
-    """The output of all channels: `kept` at out_idx (None: none kept), bias (or 0) elsewhere."""
+def _full(x, shape, bias, fmt):
+    """The output when no channel is kept: bias (or 0) everywhere."""
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    if bias is None:
-        y.zero_()
-    else:
-        y.copy_(bias.view(1, -1, 1, 1).expand(shape))
-    return y if kept is None else y.index_copy_(1, out_idx, kept)
+    return y.zero_() if bias is None else y.copy_(bias.view(1, -1, 1, 1).expand(shape))
+
+
+def _scatter(kept, idx, fill, size, fmt):
+    """`kept` (channels idx of dim 1) written into `size` channels, fill (or 0) elsewhere, in memory
+    format `fmt`: channels_last is a [N*H*W, C] matrix whose columns are the channels."""
+    if fmt == torch.channels_last:
+        return scatter_channels(kept.permute(0, 2, 3, 1), idx, fill, size, 3).permute(0, 3, 1, 2)
+    return scatter_channels(kept, idx, fill, size, 1)
+
+
+def _gather(grad, idx):
+    """(grad at the output channels idx, in grad's memory format; grad summed over (0, 2, 3))."""
+    if format_of(grad) == torch.channels_last:
+        gk, db = gather_channels_sum(grad.permute(0, 2, 3, 1), idx, 3)
+        return gk.permute(0, 3, 1, 2), db
+    return gather_channels_sum(grad, idx, 1)
 
 
 @torch.library.register_kernel(f"sparseops::{OP}", ("cpu", "cuda"))
@@ -44,13 +57,13 @@ def _(x, w, out_idx, in_idx, bias, stride, padding, dilation):
     _check(x, w, out_idx, in_idx, bias)
     fmt = format_of(x)
     if out_idx.numel() == 0 or in_idx.numel() == 0:  # nothing kept: every output is the bias (or 0)
-        return _full(x, conv_fake(OP, x, w, stride, padding, dilation).shape, out_idx, None, bias, fmt)
+        return _full(x, conv_fake(OP, x, w, stride, padding, dilation).shape, bias, fmt)
     xk, wk = _kept(x, w, out_idx, in_idx)
     if out_idx.numel() == w.shape[0]:
         return torch.nn.functional.conv2d(xk, wk, bias, stride, padding, dilation).contiguous(memory_format=fmt)
     kept = torch.nn.functional.conv2d(xk, wk, None if bias is None else bias.index_select(0, out_idx), stride,
                                       padding, dilation)
-    return _full(x, (kept.shape[0], w.shape[0], *kept.shape[2:]), out_idx, kept, bias, fmt)
+    return _scatter(kept, out_idx, bias, w.shape[0], fmt)
 
 
 @torch.library.register_kernel(f"sparseops::{OP}_backward", ("cpu", "cuda"))
@@ -59,23 +72,29 @@ def _(grad, x, w, out_idx, in_idx, stride, padding, dilation, output_mask):
     checks.grad_shape(f"{OP}_backward", grad, conv_fake(OP, x, w, stride, padding, dilation).shape)
     need_x, need_w, need_b = output_mask
     fmt = format_of(x)
-    dx = dw = w.new_empty(0)
-    empty = out_idx.numel() == 0 or in_idx.numel() == 0
-    if need_x:
-        dx = x.new_zeros(x.shape).contiguous(memory_format=fmt) if empty or in_idx.numel() < w.shape[1] else None
-    if need_w:
-        dw = w.new_zeros(w.shape)
-    if not empty and (need_x or need_w):
+    n, k = w.shape[:2]
+    dx = dw = db = None
+    if out_idx.numel() == 0 or in_idx.numel() == 0:
+        dx = x.new_zeros(x.shape).contiguous(memory_format=fmt) if need_x else None
+        dw = w.new_zeros(w.shape) if need_w else None
+    elif need_x or need_w:
         xk, wk = _kept(x, w, out_idx, in_idx)
-        gk = take_channels(grad, out_idx, 1).contiguous(memory_format=format_of(grad))
+        if out_idx.numel() == n:
+            gk = grad.contiguous(memory_format=format_of(grad))
+        elif need_b:  # the kept outputs' gradient and db in one pass over grad
+            gk, db = _gather(grad, out_idx)
+        else:
+            gk = take_channels(grad, out_idx, 1).contiguous(memory_format=format_of(grad))
         dxk, dwk, _ = torch.ops.aten.convolution_backward(gk, xk, wk, None, stride, padding, dilation, False, [0, 0],
                                                           1, [need_x, need_w, False])
-        if need_x:
-            dx = dxk.contiguous(memory_format=fmt) if dx is None else dx.index_copy_(1, in_idx, dxk)
-        if need_w:  # dw only at the kept filters x input channels
-            put_channels(dw, out_idx, in_idx, dwk)
-    db = grad.sum((0, 2, 3)) if need_b else w.new_empty(0)
-    return dx, dw, db
+        if need_x:  # zero at the pruned input channels
+            dx = dxk.contiguous(memory_format=fmt) if in_idx.numel() == k else _scatter(dxk, in_idx, None, k, fmt)
+        if need_w:  # dw only at the kept filters x input channels, zero elsewhere
+            dw = dwk.contiguous() if in_idx.numel() == k else scatter_channels(dwk, in_idx, None, k, 1)
+            dw = dw if out_idx.numel() == n else scatter_channels(dw, out_idx, None, n, 0)
+    if need_b and db is None:
+        db = grad.sum((0, 2, 3))
+    return tuple(w.new_empty(0) if t is None else t for t in (dx, dw, db))  # distinct empties: no aliasing
 
 
 define(OP, lambda x, w, out_idx, in_idx, bias, stride, padding, dilation:

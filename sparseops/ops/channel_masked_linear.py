@@ -12,7 +12,7 @@ import torch
 from .. import checks
 from .._library import define, lib
 from ..layout_channels import ChannelLayout
-from ._common import check_channel_index, grads_fake, linear_fake, put_channels, take_channels
+from ._common import check_channel_index, gather_channels_sum, grads_fake, linear_fake, scatter_channels, take_channels
 
 OP = "channel_masked_linear"
 
@@ -33,21 +33,17 @@ def _(x, w, out_idx, in_idx, bias):
     _check(x, w, out_idx, in_idx, bias)
     n, k = w.shape
     m = math.prod(x.shape[:-1])
-    out = x.new_empty((*x.shape[:-1], n))
-    y = out.view(m, n)
+    shape = (*x.shape[:-1], n)
     if out_idx.numel() == 0 or in_idx.numel() == 0:  # nothing kept: every output is the bias (or 0)
-        return y.zero_().add_(bias).view(out.shape) if bias is not None else out.zero_()
+        return x.new_zeros(shape) if bias is None else bias.expand(shape).clone()
     xk = take_channels(x.reshape(m, k), in_idx, 1)
     wk = _kept_weight(w, out_idx, in_idx)
     if out_idx.numel() == n:  # straight into the output
-        return (torch.mm(xk, wk.t(), out=y) if bias is None else torch.addmm(bias, xk, wk.t(), out=y)).view(out.shape)
+        out = x.new_empty(shape)
+        y = out.view(m, n)
+        return (torch.mm(xk, wk.t(), out=y) if bias is None else torch.addmm(bias, xk, wk.t(), out=y)).view(shape)
     kept = torch.mm(xk, wk.t()) if bias is None else torch.addmm(bias.index_select(0, out_idx), xk, wk.t())
-    if bias is None:
-        y.zero_()
-    else:
-        y.copy_(bias.expand(m, n))
-    y.index_copy_(1, out_idx, kept)
-    return out
+    return scatter_channels(kept, out_idx, bias, n, 1).view(shape)
 
 
 @torch.library.register_kernel(f"sparseops::{OP}_backward", ("cpu", "cuda"))
@@ -59,22 +55,35 @@ def _(grad, x, w, out_idx, in_idx, output_mask):
     m = math.prod(x.shape[:-1])
     g2 = grad.reshape(m, n)
     empty = out_idx.numel() == 0 or in_idx.numel() == 0
-    gk = None if empty else take_channels(g2, out_idx, 1)
-    dx = dw = w.new_empty(0)
+    gk = db = None
+    if not empty and (need_x or need_w):  # the kept outputs' gradient (and db, in the same pass)
+        if out_idx.numel() == n:
+            gk = g2
+        elif need_b:
+            gk, db = gather_channels_sum(g2, out_idx, 1)
+        else:
+            gk = g2.index_select(1, out_idx)
+    dx, dw = w.new_empty(0), w.new_empty(0)  # distinct: outputs must not alias
     if need_x:  # zero at the pruned input channels
-        dx = x.new_zeros(x.shape) if empty else x.new_empty(x.shape)
-        if not empty:
-            d2, wk = dx.view(m, k), _kept_weight(w, out_idx, in_idx)
-            if in_idx.numel() == k:
-                torch.mm(gk, wk, out=d2)
-            else:
-                d2.zero_().index_copy_(1, in_idx, gk @ wk)
-    if need_w:
-        dw = w.new_zeros(w.shape)
-        if not empty:  # dw only at the kept rows x columns
-            put_channels(dw, out_idx, in_idx, gk.t() @ take_channels(x.reshape(m, k), in_idx, 1))
-    db = g2.sum(0) if need_b else w.new_empty(0)
-    return dx, dw, db
+        if empty:
+            dx = x.new_zeros(x.shape)
+        elif in_idx.numel() == k:
+            dx = x.new_empty(x.shape)
+            torch.mm(gk, _kept_weight(w, out_idx, in_idx), out=dx.view(m, k))
+        else:
+            dx = scatter_channels(gk @ _kept_weight(w, out_idx, in_idx), in_idx, None, k, 1).view(x.shape)
+    if need_w:  # dw only at the kept rows x columns, zero elsewhere
+        if empty:
+            dw = w.new_zeros(w.shape)
+        else:
+            dw = gk.t() @ take_channels(x.reshape(m, k), in_idx, 1)
+            if in_idx.numel() < k:
+                dw = scatter_channels(dw, in_idx, None, k, 1)
+            if out_idx.numel() < n:
+                dw = scatter_channels(dw, out_idx, None, n, 0)
+    if need_b and db is None:
+        db = g2.sum(0)
+    return dx, dw, w.new_empty(0) if db is None else db
 
 
 define(OP, lambda x, w, out_idx, in_idx, bias: linear_fake(OP, x, w), grads=("x", "w", "bias"))
