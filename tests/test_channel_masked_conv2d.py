@@ -214,3 +214,30 @@ def test_bad_input():
         lib.channel_masked_conv2d(x, w, good[None], good, None, *geo)
     with pytest.raises(ValueError, match="sparseops.channel_masked_conv2d: x must be"):
         lib.channel_masked_conv2d(x[:, :2], w, good, good, None, *geo)
+
+
+@pytest.mark.parametrize("kept,measured", [(0.5, False), (0.25, False), (0.75, True)])
+def test_auto_measures_only_a_mask_keeping_more_than_half(kept, measured, tmp_path, monkeypatch):
+    """Half the filters or fewer kept: the channel path wins everywhere measured (bench_structured), so
+    `auto` takes it without timing (a search otherwise pays a measurement per layer per bucket); the
+    correctness guard still runs once per layer."""
+    from sparseops import tuning
+
+    monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
+    tuning.clear(memory_only=True)
+    picks = []
+    real = tuning._timed
+    monkeypatch.setattr(tuning, "_timed", lambda *a: picks.append(a[1]) or real(*a))
+    layer = sparseops.MaskedConv2d(8, 8, 3, padding=1)
+    rows = torch.zeros(8, dtype=torch.bool)
+    rows[: int(8 * kept)] = True
+    layer.set_mask(rows.view(-1, 1, 1, 1))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    try:
+        with tuning.measuring(True):
+            layer(x).sum().backward()
+    finally:
+        tuning.clear(memory_only=True)
+    assert bool(picks) == measured
+    torch.testing.assert_close(x.grad, torch.autograd.grad(reference.masked_conv2d(
+        x, layer.weight, layer.weight_mask, layer.bias, 1, 1, 1).sum(), x)[0])
