@@ -218,3 +218,17 @@ def test_bad_input():
             lib.channel_masked_linear(x, w, out_idx, in_idx, None)
     with pytest.raises(TypeError, match="sparseops.channel_masked_linear: x must have the dtype of w"):
         lib.channel_masked_linear(x.double(), w, good, good, None)
+
+
+def test_set_mask_from_a_view_of_its_own_buffer():
+    """set_mask copies a channel mask from its expanded view (no full-size clone first); a view of the
+    buffer itself is cloned before (an overlapping copy_ could read what it already wrote)."""
+    layer = sparseops.MaskedLinear(K, N)
+    layer.weight_mask[:, 0] = False
+    layer.weight_mask[2, 0] = True
+    layer.set_mask(layer.weight_mask[:, :1])  # [N, 1]: row i becomes all of its column-0 value
+    want = torch.zeros(N, K, dtype=torch.bool)
+    want[2] = True
+    assert torch.equal(layer.weight_mask, want)
+    layer.set_mask(torch.ones(1, K, dtype=torch.bool))
+    assert layer.weight_mask.all() and layer.weight_mask.is_contiguous()
