@@ -180,8 +180,8 @@ def test_channel_imp_removes_the_channel_exactly():
     assert not masks["3"][:, gone0].any() and masks["3"][~gone3][:, ~gone0].all()
     assert not masks["8"][:, gone3.repeat_interleave(4)].any()  # the flatten: 4 features per channel
     assert masks["10"].all()  # the output layer is excluded: never masked
-    for bn, gone in ((model[1], gone0), (model[4], gone3)):
-        assert not bn.weight[gone].any() and not bn.bias[gone].any()
+    for conv, bn, gone in ((model[0], model[1], gone0), (model[3], model[4], gone3)):
+        assert not bn.weight[gone].any() and not bn.bias[gone].any() and not conv.bias[gone].any()
     rows_only = {k: m.flatten(1).any(1).view(-1, *[1] * (m.dim() - 1)).expand_as(m) if k in ("0", "3", "8") else m
                  for k, m in masks.items()}
     other = _cnn()
@@ -229,3 +229,27 @@ def test_channels_are_removed_only_where_exact():
     sparseops.patch(untraceable)
     with pytest.warns(RuntimeWarning, match="cannot be traced by torch.fx"):
         assert removable_layers(untraceable, ["0"]) == {}
+
+
+def test_a_channel_imp_ticket_shrinks():
+    """The removed channels are dead (bias, scale and shift 0): sparseops.shrink cuts them, same outputs;
+    a layer whose channels only lost their rows (an excluded layer reads them) keeps them."""
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = _cnn()
+
+    def train_fn(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randn(4, 3, 6, 6, dtype=torch.float64)).sum().backward()
+            opt.step()
+            level.step()
+
+    imp(model, train_fn, levels=1, rate=0.5, granularity="channel", exclude=["10"], progress=False)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="kept 6 channel"):  # layer 8's: the excluded output layer reads them
+        small = sparseops.shrink(model, x)
+    assert (small[0].out_channels, small[3].out_channels, small[8].out_features) == (4, 3, 12)
+    model.eval(), small.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)

@@ -1,7 +1,8 @@
 """Removing a pruned filter's whole channel (channel IMP, Li et al.): besides the filter's row, the
-columns of the layers that read the channel and the channel's batch-norm scale and shift (or the
-layer's bias where no batch norm reads it) are zeroed, so the channel is exactly 0 where it leaves
-its layer (train and eval mode) and the readers' columns for it are skipped, not computed on.
+columns of the layers that read the channel are masked and the layer's bias and the channel's
+batch-norm scale and shift are zeroed, so the channel is exactly 0 where it leaves its layer (train
+and eval mode), the readers' columns for it are skipped, not computed on, and sparseops.shrink can
+cut it.
 
 Where that is exact, from the model's torch.fx graph (no example input: a flatten's features per
 channel come from the reader's width): the channel reaches nothing but Conv2d/Linear readers, through
@@ -112,12 +113,12 @@ def with_readers(masks: dict[str, torch.Tensor], removable: dict[str, Removable]
 
 @torch.no_grad()
 def zero_removed(model: nn.Module, masks: dict[str, torch.Tensor], removable: dict[str, Removable]) -> None:
-    """Zeroes the batch-norm scale and shift (or, with no batch norm, the layer's bias) of every removed
-    channel: after a rewind they hold the rewound values again."""
+    """Zeroes the layer's bias and the batch norm's scale and shift of every removed channel (after a
+    rewind they hold the rewound values again): the channel is then dead as sparseops.shrink needs it."""
     modules = dict(model.named_modules())
     for name, r in removable.items():
         gone = removed_channels(masks, name)
-        targets = [modules[r.norm].weight, modules[r.norm].bias] if r.norm else [modules[name].bias]
+        targets = [modules[name].bias] + ([modules[r.norm].weight, modules[r.norm].bias] if r.norm else [])
         for t in targets:
             if t is not None:
                 t[gone.to(t.device)] = 0
