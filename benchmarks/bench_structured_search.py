@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,7 @@ def report(out: dict) -> str:
     m, a = out["machine"], out["args"]
     lines = [f"# Structured searches: CIFAR VGG-16, synthetic data ({m['cpu']}, {m['isa']} kernels, {m['threads']} "
              f"threads, torch {m['torch']})", "",
-             f"Command: `python benchmarks/bench_structured_search.py {' '.join(out['argv'])}`; "
+             f"Command: `{' '.join(['python benchmarks/bench_structured_search.py', *out['argv']])}`; "
              f"structured CS: {a['images']} images, batch {a['batch']}, {a['rounds']} round(s) of {a['epochs']} epochs + "
              f"the {a['epochs']}-epoch ticket; channel IMP: {a['levels']} levels at rate 0.3, {a['steps']} SGD steps "
              f"each, batch {a['batch']}.", f"Load before: {out['load_before']}; after: {out['load_after']}.", "",
@@ -179,7 +180,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="the json file (the markdown beside it, .md)")
     args = ap.parse_args(argv)
     machine = tuning.machine()
-    slug = "".join(ch if ch.isalnum() else "-" for ch in machine["cpu"].lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", machine["cpu"].lower()).strip("-")
     path = Path(args.out or Path(__file__).with_name("results") / f"structured-search-{slug}-{machine['isa']}.json")
     out = {"machine": machine, "args": vars(args), "argv": sys.argv[1:] if argv is None else list(argv),
            "load_before": _uptime(), "runs": {}}

@@ -263,12 +263,11 @@ def _torch_sparse_here(device: torch.device, dtype: torch.dtype | None) -> bool:
 
 def _measured(op, device, dtype, problem, density, candidates, prior, dense, trial):
     """`auto`'s measured choice among `candidates` (tuning.pick), or `prior` where there is nothing to
-    measure or the prior is the channel path (it wins there; guarded once per layer, its own key has no bucket)."""
+    measure, nor where the prior is the channel path (it wins there: only the correctness guard runs)."""
     candidates = list(dict.fromkeys(c for c in candidates if c))
     if trial is None or dtype is None or len(candidates) < 2 or tracing():
         return prior  # (nothing is measured or looked up while torch.compile or export traces)
-    op_key = op + (":channels" if prior == "channels" else "") + ("" if trial.train else ":infer")
-    key = tuning.key(op_key, device, dtype, problem, density)
+    key = tuning.key(op + ("" if trial.train else ":infer"), device, dtype, problem, density)
     with tuning.measuring(False) if prior == "channels" else contextlib.nullcontext():
         return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 
@@ -292,7 +291,7 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"
     sparse = [kernel, other] if density <= MEASURE_MAX_DENSITY else []  # denser: only the dense paths race
-    problem = (tuning.rows_bucket(rows), *shape, *(channel_key if prior != "channels" else ()))
+    problem = (tuning.rows_bucket(rows), *shape, *channel_key)
     return _measured(op, device, dtype, problem, density, [dense, alt, *sparse, channel], prior, dense, trial)
 
 
@@ -345,7 +344,7 @@ def _masked_conv2d(op, name, device, *, density, shape, full, supported, unit_st
     prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
     if full:
         return prior
-    problem = (*(problem or ()), *(channel_key if prior != "channels" else ()))
+    problem = (*(problem or ()), *channel_key)
     candidates = [dense, kernel if density <= MEASURE_MAX_DENSITY else None, channel]
     return _measured(op, device, dtype, problem, density, candidates, prior, dense, trial)
 
