@@ -263,14 +263,13 @@ def _torch_sparse_here(device: torch.device, dtype: torch.dtype | None) -> bool:
 
 def _measured(op, device, dtype, problem, density, candidates, prior, dense, trial):
     """`auto`'s measured choice among `candidates` (tuning.pick), or `prior` where there is nothing to
-    measure."""
+    measure, nor where the prior is the channel path (it wins there: only the correctness guard runs)."""
     candidates = list(dict.fromkeys(c for c in candidates if c))
-    if trial is None or dtype is None or len(candidates) < 2:
-        return prior
-    if tracing():
-        return prior  # nothing is measured or looked up while torch.compile or export traces: the prior
+    if trial is None or dtype is None or len(candidates) < 2 or tracing():
+        return prior  # (nothing is measured or looked up while torch.compile or export traces)
     key = tuning.key(op + ("" if trial.train else ":infer"), device, dtype, problem, density)
-    return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
+    with tuning.measuring(False) if prior == "channels" else contextlib.nullcontext():
+        return tuning.pick(op, key, device, dtype, candidates, prior, dense, trial)
 
 
 def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dtype=None, channels=None, trial=None):
@@ -298,8 +297,8 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
 
 def _channels(name: str, full: bool, channels: float | None):
     """("channels" where `auto` may run a mask of kept work fraction `channels` so (thresholds.py:
-    measured up to CHANNEL_MEASURE_MAX_WORK, the prior up to CHANNEL_MAX_WORK), else None; its bucket
-    (per mille) in the tuning key: a search killing a channel at a time measures once per bucket)."""
+    taken without measuring up to CHANNEL_MAX_WORK, measured up to CHANNEL_MEASURE_MAX_WORK), else None;
+    its bucket (per mille) in the tuning key: a search killing a channel at a time measures once per bucket)."""
     if name != "auto" or full or channels is None or channels > CHANNEL_MEASURE_MAX_WORK:
         return None, ()
     return "channels", (int(1000 * tuning.density_bucket(channels)),)

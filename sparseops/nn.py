@@ -53,7 +53,7 @@ class _MaskedMixin:
         _refuse_torch_prune(self, name)
         super().register_parameter(name, param)
 
-    def _as_mask(self, mask) -> torch.Tensor:
+    def _as_mask(self, mask, copy: bool = True) -> torch.Tensor:
         """The mask at the weight's full shape. A channel mask ([N, 1] / [1, K] for a linear
         layer, [C_out, 1, 1, 1] / [1, C_in, 1, 1] for a convolution: any shape with the weight's
         dimensions, each 1 or the weight's size) is expanded to it: `weight_mask` stays full-shape."""
@@ -64,7 +64,8 @@ class _MaskedMixin:
                 raise ValueError(f"{type(self).__name__}: mask must have the weight's shape {shape} or broadcast "
                                  f"to it along whole channels (each dimension 1 or the weight's), got {tuple(m.shape)}")
             m = m.expand(shape)
-        return m.to(self.weight.device).clone(memory_format=torch.contiguous_format)
+        m = m.to(self.weight.device)
+        return m.clone(memory_format=torch.contiguous_format) if copy else m
 
     def _attach_mask(self, mask=None) -> None:
         if mask is None:
@@ -74,7 +75,10 @@ class _MaskedMixin:
     @torch.no_grad()
     def set_mask(self, mask) -> None:
         """Replaces the mask's values in place (the buffer stays the same tensor)."""
-        self.weight_mask.copy_(self._as_mask(mask))
+        m = self._as_mask(mask, copy=False)  # (a channel mask is copied from its expanded view: one pass)
+        if m.untyped_storage().data_ptr() == self.weight_mask.untyped_storage().data_ptr():
+            m = m.clone()  # the buffer itself or a view of it: copy_ may not read what it writes
+        self.weight_mask.copy_(m)
 
     @property
     def sparsity(self) -> float:

@@ -240,3 +240,30 @@ def test_backward_for_every_output_mask(kind, channels_last):
                                                        [1, 1], need))  # also: no two outputs alias
         if need[0]:
             assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("kept,measured", [(0.5, False), (0.25, False), (0.75, True)])
+def test_auto_measures_only_a_mask_keeping_more_than_half(kept, measured, tmp_path, monkeypatch):
+    """Half the filters or fewer kept: the channel path wins everywhere measured (bench_structured), so
+    `auto` takes it without timing (a search otherwise pays a measurement per layer per bucket); the
+    correctness guard still runs once per layer."""
+    from sparseops import tuning
+
+    monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
+    tuning.clear(memory_only=True)
+    picks = []
+    real = tuning._timed
+    monkeypatch.setattr(tuning, "_timed", lambda *a: picks.append(a[1]) or real(*a))
+    layer = sparseops.MaskedConv2d(8, 8, 3, padding=1)
+    rows = torch.zeros(8, dtype=torch.bool)
+    rows[: int(8 * kept)] = True
+    layer.set_mask(rows.view(-1, 1, 1, 1))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    try:
+        with tuning.measuring(True):
+            layer(x).sum().backward()
+    finally:
+        tuning.clear(memory_only=True)
+    assert bool(picks) == measured
+    torch.testing.assert_close(x.grad, torch.autograd.grad(reference.masked_conv2d(
+        x, layer.weight, layer.weight_mask, layer.bias, 1, 1, 1).sum(), x)[0])

@@ -303,3 +303,17 @@ def test_backward_for_every_output_mask(kind):
                 assert a.numel() == 0
         # also: no two outputs alias
         opcheck(lib.channel_masked_linear_backward, (g, x.detach(), w.detach(), ch.out_idx, ch.in_idx, need))
+
+
+def test_set_mask_from_a_view_of_its_own_buffer():
+    """set_mask copies a channel mask from its expanded view (no full-size clone first); a view of the
+    buffer itself is cloned before (an overlapping copy_ could read what it already wrote)."""
+    layer = sparseops.MaskedLinear(K, N)
+    layer.weight_mask[:, 0] = False
+    layer.weight_mask[2, 0] = True
+    layer.set_mask(layer.weight_mask[:, :1])  # [N, 1]: row i becomes all of its column-0 value
+    want = torch.zeros(N, K, dtype=torch.bool)
+    want[2] = True
+    assert torch.equal(layer.weight_mask, want)
+    layer.set_mask(torch.ones(1, K, dtype=torch.bool))
+    assert layer.weight_mask.all() and layer.weight_mask.is_contiguous()

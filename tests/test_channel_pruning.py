@@ -74,7 +74,8 @@ def test_random_channel_masks_remove_the_same_count_at_random_filters():
     assert not torch.equal(a["0"], b["0"])
 
 
-def test_channel_imp_prunes_filters_each_level_and_resumes(tmp_path):
+@pytest.mark.parametrize("remove", [False, True])
+def test_channel_imp_prunes_filters_each_level_and_resumes(tmp_path, remove):
     train, test = load_digits()
     train = (train[0][:512], train[1][:512])
     trainer = Trainer(train, test, epochs=1, batch_size=128, lr=0.05, data_order_seed=0)
@@ -88,7 +89,7 @@ def test_channel_imp_prunes_filters_each_level_and_resumes(tmp_path):
             return trainer(m, level)
 
         return imp(build_model("mlp"), train_fn, levels=3, granularity="channel", norm="l2",
-                   checkpoint_dir=directory, progress=False)
+                   checkpoint_dir=directory, progress=False, remove_channels=remove)
 
     full = search(None)
     kept = {"0": 256, "2": 128}
@@ -97,7 +98,10 @@ def test_channel_imp_prunes_filters_each_level_and_resumes(tmp_path):
             kept[name] -= math.ceil(0.2 * kept[name])
             rows = level.masks[name].any(1)
             assert int(rows.sum()) == kept[name]
-            assert torch.equal(level.masks[name], rows[:, None].expand_as(level.masks[name]))
+            # removed channels: layer 0's pruned filters are layer 2's masked columns too (not the output
+            # layer's: it is excluded, so layer 2's channels keep only their rows masked)
+            cols = level.masks["0"].any(1) if remove and name == "2" else torch.ones(level.masks[name].shape[1], dtype=bool)
+            assert torch.equal(level.masks[name], rows[:, None] & cols[None, :])
         assert level.masks["4"].all()  # the output layer (open_lth's default exclusion)
     with pytest.raises(KeyboardInterrupt):
         search(tmp_path, fail_at=2)  # interrupted after level 1 ...
@@ -139,3 +143,113 @@ def test_cli_runs_channel_imp(tmp_path):
     masks = Ticket.load(tmp_path / "t.pt").masks
     assert int(masks["0"].any(1).sum()) == 256 - math.ceil(0.2 * 256)  # layerwise: 20% of each layer's filters
     assert int(masks["2"].any(1).sum()) == 128 - math.ceil(0.2 * 128) and masks["4"].all()
+
+
+def _cnn():
+    """conv-BN-ReLU-conv-BN-ReLU-pool-flatten-linear-ReLU-linear (VGG's pattern, with a flatten of 4 features a
+    channel), float64."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 12),
+                         nn.ReLU(), nn.Linear(12, 3)).double()
+
+
+def test_channel_imp_removes_the_channel_exactly():
+    """A pruned filter's channel: its readers' columns masked, its batch norm's scale and shift 0 (and
+    still 0 after training: they get no gradient); the same outputs and gradients, train and eval mode,
+    as masking only the filters once those batch-norm entries are 0."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+
+    def train_fn(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            level.step()
+
+    torch.manual_seed(0)
+    model = _cnn()
+    with torch.no_grad():
+        model[1].bias.uniform_(0.5, 1.0)  # a filter-only mask would leave relu(shift) > 0 flowing on
+        model[4].bias.uniform_(0.5, 1.0)
+    masks = imp(model, train_fn, levels=2, rate=0.3, granularity="channel", exclude=["10"], progress=False).final_masks
+    gone0, gone3 = ~masks["0"].flatten(1).any(1), ~masks["3"].flatten(1).any(1)
+    assert int(gone0.sum()) == 5 and int(gone3.sum()) == 4  # 8 -> 5 -> 3 kept, 6 -> 4 -> 2
+    assert not masks["3"][:, gone0].any() and masks["3"][~gone3][:, ~gone0].all()
+    assert not masks["8"][:, gone3.repeat_interleave(4)].any()  # the flatten: 4 features per channel
+    assert masks["10"].all()  # the output layer is excluded: never masked
+    for conv, bn, gone in ((model[0], model[1], gone0), (model[3], model[4], gone3)):
+        assert not bn.weight[gone].any() and not bn.bias[gone].any() and not conv.bias[gone].any()
+    rows_only = {k: m.flatten(1).any(1).view(-1, *[1] * (m.dim() - 1)).expand_as(m) if k in ("0", "3", "8") else m
+                 for k, m in masks.items()}
+    other = _cnn()
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("weight_mask")}, strict=False)
+    sparseops.patch(other)
+    sparseops.tickets.set_masks(other, rows_only)
+    assert not torch.equal(rows_only["3"], masks["3"])
+    x, y = data[0]
+    for train in (True, False):
+        outs = []
+        for m in (model, other):
+            m.train(train)
+            m.zero_grad()
+            out = m(x)
+            nn.functional.cross_entropy(out, y).backward()
+            outs.append((out, [p.grad for p in m.parameters()]))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(outs[0][1], outs[1][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+class _Branchy(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self[2](self[1](self[0](x))) if x.sum() > 0 else self[2](x)  # data-dependent: torch.fx cannot trace
+
+
+def test_channels_are_removed_only_where_exact():
+    from sparseops.tickets.removal import removable_layers
+    from sparseops.tickets.zoo import resnet20, vgg16
+
+    for build, expect in ((vgg16, "every conv but the last (the excluded classifier reads it)"),
+                          (resnet20, "each block's first conv (the second's channels join a residual sum)")):
+        model = build()
+        sparseops.patch(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        found = removable_layers(model, names, sparseops.tickets.pruning.resolve_exclude(model, None))
+        convs = [n for n in names if isinstance(dict(model.named_modules())[n], nn.Conv2d)]
+        want = convs[:-1] if build is vgg16 else [n for n in convs if n.endswith("conv1")]
+        assert sorted(found) == sorted(want), expect
+        assert all(r.norm is not None for r in found.values())
+    untraceable = _Branchy()
+    sparseops.patch(untraceable)
+    with pytest.warns(RuntimeWarning, match="cannot be traced by torch.fx"):
+        assert removable_layers(untraceable, ["0"]) == {}
+
+
+def test_a_channel_imp_ticket_shrinks():
+    """The removed channels are dead (bias, scale and shift 0): sparseops.shrink cuts them, same outputs;
+    a layer whose channels only lost their rows (an excluded layer reads them) keeps them."""
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = _cnn()
+
+    def train_fn(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randn(4, 3, 6, 6, dtype=torch.float64)).sum().backward()
+            opt.step()
+            level.step()
+
+    imp(model, train_fn, levels=1, rate=0.5, granularity="channel", exclude=["10"], progress=False)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="kept 6 channel"):  # layer 8's: the excluded output layer reads them
+        small = sparseops.shrink(model, x)
+    assert (small[0].out_channels, small[3].out_channels, small[8].out_features) == (4, 3, 12)
+    model.eval(), small.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-12, atol=1e-12)

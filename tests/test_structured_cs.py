@@ -258,3 +258,22 @@ def test_cli_runs_a_structured_search(tmp_path):
     add_arguments(parser)
     with pytest.raises(SystemExit, match="has no preset"):
         resolve(parser.parse_args(["--method", "structured-cs", "--preset", "cs_resnet_20"]))
+
+
+def test_mask_sync_writes_only_the_layers_whose_channels_changed(monkeypatch):
+    """A mask write is a pass over the weight (and a new layout): while gates die one step at a time,
+    only the unit's layer and its readers are written, and with the same masks as a full rewrite."""
+    net = _small_net()
+    s = prepare(net, torch.randn(2, 3, 8, 8))
+    s.sync()
+    off = [torch.zeros(8, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)]
+    off[1][3] = True  # the second conv's channel 3: its row and the linear layer's column 3
+    _force_off(s, off)
+    written = []
+    for name in ("0", "4", "9"):
+        real = net[int(name)].set_mask
+        monkeypatch.setattr(net[int(name)], "set_mask", lambda m, real=real, name=name: written.append(name) or real(m))
+    s.sync()
+    assert sorted(written) == ["4", "9"]
+    assert not net[4].weight_mask[3].any() and not net[9].weight_mask[:, 3].any()
+    assert net[4].weight_mask.sum() == 11 * 8 * 9 and net[0].weight_mask.all()

@@ -26,6 +26,7 @@ from ..patch import check_model, patch
 from .files import TicketFileError, checksum, load_file, verify
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
+from .removal import removable_layers, with_readers, zero_removed
 from .pruning import (GRANULARITIES, SCOPES, channel_masks, check_budget, check_rate, magnitude_masks,
                       prunable_layers, random_channel_masks, random_masks, resolve_exclude)
 
@@ -146,7 +147,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         scope: str | None = None, exclude: Iterable[str] | str | None = None, budget: str | None = None,
         pruning: str = "magnitude", filter_fn: Callable | None = None,
         checkpoint_dir: str | os.PathLike | None = None, generator: torch.Generator | None = None,
-        progress: bool = True, preset=None, granularity: str = "weight", norm: str = "l1") -> SearchResult:
+        progress: bool = True, preset=None, granularity: str = "weight", norm: str = "l1",
+        remove_channels: bool = True) -> SearchResult:
     """Runs `levels` pruning levels after a dense level 0 and returns every level's result.
 
     train_fn(model, level) trains the model in place for one level (building its own optimiser) and
@@ -169,7 +171,10 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     `granularity="channel"` prunes whole filters (rows of the weight) instead, by their `norm` ("l1" or
     "l2", Li et al.'s filter pruning; `pruning="random"`: random filters, the baseline): `rate` of each
     prunable layer's kept filters (`scope` None means "layerwise", as Li et al.; "global" one threshold
-    over all filters); `budget` does not apply (it counts weights) and must be None or "prunable".
+    over all filters); `budget` does not apply (it counts weights) and must be None or "prunable". A
+    pruned filter's channel is removed where the model's graph makes that exact (sparseops.tickets.removal:
+    the readers' columns masked, its batch norm's scale and shift zeroed), else (or `remove_channels=False`)
+    only its row is masked.
 
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
     metrics, torch's, Python's and `generator`'s RNG states); calling imp again with the same directory and settings
@@ -212,11 +217,13 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         raise ValueError(f"sparseops.tickets.imp: scope must be one of {SCOPES}, got {scope!r}")
     patch(model, filter_fn=filter_fn)
     exclude = resolve_exclude(model, exclude)
-    prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training
+    layers = prunable_layers(model, exclude, "imp")  # checks the names now, not after level 0's training
+    # Channel IMP removes a pruned filter's channel where that is exact (its readers' columns, its batch norm)
+    removable = removable_layers(model, list(layers), exclude) if granularity == "channel" and remove_channels else {}
     config = {"levels": levels, "rate": rate, "rewind": list(rewind_point), "scope": scope,
               "exclude": sorted(exclude), "budget": budget, "pruning": pruning, "layers": sorted(get_masks(model))}
     if granularity != "weight":  # (absent for weights: checkpoints written before the option still resume)
-        config.update(granularity=granularity, norm=norm)
+        config.update(granularity=granularity, norm=norm, removed_channels=sorted(removable))
 
     results: list[LevelResult] = []
     rewind_state, start_point = None, (0, 0, 0)
@@ -237,8 +244,9 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     for index in range(start, levels + 1):
         if index > 0:
             if granularity == "channel":
-                masks = (channel_masks(model, rate, norm=norm, scope=scope, exclude=exclude) if pruning == "magnitude"
-                         else random_channel_masks(model, rate, exclude=exclude, generator=generator))
+                masks = with_readers(channel_masks(model, rate, norm=norm, scope=scope, exclude=exclude)
+                                     if pruning == "magnitude" else
+                                     random_channel_masks(model, rate, exclude=exclude, generator=generator), removable)
             elif pruning == "magnitude":
                 masks = magnitude_masks(model, rate, scope=scope, exclude=exclude, budget=budget)
             else:
@@ -246,6 +254,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
             check_masks(masks, "tickets.imp")  # DDP/FSDP2: every rank must prune alike (nothing when alone)
             model.load_state_dict(rewind_state)  # masks are not in it: the current ones stay ...
             set_masks(model, masks)  # ... until this
+            zero_removed(model, masks, removable)  # (the rewound batch norms of removed channels)
         sparsity = sparsity_report(model).sparsity
         saved = {}
 

@@ -219,6 +219,7 @@ class MaskSync:
             for n in names:
                 self.layers[n] = modules[n]
         self._last = None
+        self._written = {}  # layer -> its kept rows and columns as last written
 
     @torch.no_grad()
     def off(self) -> tuple[list[torch.Tensor], list[bool]]:
@@ -228,6 +229,16 @@ class MaskSync:
     @torch.no_grad()
     def masks_for(self, channels_off, blocks_off) -> dict[str, torch.Tensor]:
         """{layer: weight mask} where the channels and blocks marked off are pruned."""
+        rows, cols = self._rows_cols(channels_off, blocks_off)
+        return {n: self._mask(n, rows[n], cols[n]) for n in self.layers}
+
+    def _mask(self, name, rows, cols):
+        w = self.layers[name].weight
+        extra = [1] * (w.dim() - 2)
+        return (rows.view(-1, 1, *extra) & cols.view(1, -1, *extra)).expand_as(w)
+
+    def _rows_cols(self, channels_off, blocks_off):
+        """Per layer (kept rows, kept columns) where the channels and blocks marked off are pruned."""
         rows = {n: torch.ones(m.weight.shape[0], dtype=torch.bool, device=m.weight.device)
                 for n, m in self.layers.items()}
         cols = {n: torch.ones(m.weight.shape[1], dtype=torch.bool, device=m.weight.device)
@@ -240,11 +251,7 @@ class MaskSync:
         for (bname, _), o in zip(self.blocks, blocks_off, strict=True):
             for n in self.inside[bname] if o else ():
                 rows[n].zero_()
-        out = {}
-        for n, m in self.layers.items():
-            extra = [1] * (m.weight.dim() - 2)
-            out[n] = (rows[n].view(-1, 1, *extra) & cols[n].view(1, -1, *extra)).expand_as(m.weight)
-        return out
+        return rows, cols
 
     @torch.no_grad()
     def __call__(self, enabled: bool = True) -> None:
@@ -255,5 +262,9 @@ class MaskSync:
         if self._last is not None and torch.equal(key[0], self._last[0]) and key[1] == self._last[1]:
             return
         self._last = key
-        for n, mask in self.masks_for(channels, blocks).items():
-            self.layers[n].set_mask(mask)
+        rows, cols = self._rows_cols(channels, blocks)
+        for n, layer in self.layers.items():  # only the layers whose rows or columns changed: a mask write is a
+            now = torch.cat([rows[n], cols[n]])  # pass over the weight's size (and a new layout next step)
+            if n not in self._written or not torch.equal(self._written[n], now):
+                layer.set_mask(self._mask(n, rows[n], cols[n]))
+                self._written[n] = now
