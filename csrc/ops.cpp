@@ -123,6 +123,10 @@ TORCH_LIBRARY(sparseops, m) {
   m.def("where_mask(Tensor w, Tensor mask) -> Tensor");
   m.def("where_mask_(Tensor(a!) w, Tensor mask) -> ()");
 
+  // A 2-D bool mask's CSR and its transpose's, (row_ptr, col_idx, t_row_ptr, t_col_idx), int32 or
+  // int64 (sparseops/layout.py on CPU masks; csrc/cpu/csr_from_mask.cpp).
+  m.def("_csr_from_mask(Tensor mask, bool int64) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });
   m.def("_cpu_isa_supported() -> str[]", [] {

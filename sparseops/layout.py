@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._library import lib
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -115,10 +117,13 @@ def build_csr_layout(mask: torch.Tensor) -> CsrLayout:
     """Builds a CsrLayout from a mask without caching. A mask of more than 2 dimensions (a conv
     weight's [C_out, C_in, kh, kw]) is laid out as the 2-D [C_out, C_in * kh * kw] the kernels use."""
     m = _bool_2d(mask)
-    nnz = int(m.sum())
+    nnz = int(torch.count_nonzero(m))  # (a bool sum is ~20x slower on the CPU)
     index_dtype = torch.int32 if max(nnz, *m.shape) <= _INT32_MAX else torch.int64
-    row_ptr, col_idx = _csr_indices(m, index_dtype)
-    t_row_ptr, t_col_idx = _csr_indices(m.t(), index_dtype)
+    if m.device.type == "cpu" and type(m) is torch.Tensor:  # one C++ pass per index (csrc/cpu/csr_from_mask.cpp)
+        row_ptr, col_idx, t_row_ptr, t_col_idx = lib._csr_from_mask(m, index_dtype == torch.int64)
+    else:
+        row_ptr, col_idx = _csr_indices(m, index_dtype)
+        t_row_ptr, t_col_idx = _csr_indices(m.t(), index_dtype)
     return CsrLayout(m.detach(), row_ptr, col_idx, t_row_ptr, t_col_idx, nnz, _alias(mask), mask._version)
 
 
@@ -191,7 +196,7 @@ def mask_stats(mask: torch.Tensor) -> CsrLayout | MaskStats:
     if hit is not None:
         return hit
     m = _bool_2d(mask)
-    stats = MaskStats(m.detach(), int(m.sum()), _alias(mask), mask._version)
+    stats = MaskStats(m.detach(), int(torch.count_nonzero(m)), _alias(mask), mask._version)
     _put(_stats_cache, mask, key, stats)
     return stats
 

@@ -147,3 +147,23 @@ def test_a_layout_built_inside_a_kernel_turns_stale():
         mask[:, 1:] = False
     torch.testing.assert_close(sparseops.masked_linear(x, w, mask), x @ (w * mask).t())
     assert sparseops.layout.mask_stats(mask).nnz == csr_layout(mask).nnz == 8
+
+
+@pytest.mark.parametrize("shape,density", [((2048, 300), 0.3), ((7, 130), 0.5), ((0, 5), 0.5), ((5, 0), 0.5),
+                                           ((64, 1), 0.5), ((300, 257), 0.0), ((300, 257), 1.0), ((3, 2, 3, 3), 0.4)])
+def test_the_cpu_builder_equals_the_torch_one(shape, density):
+    """csr_layout's C++ builder (csrc/cpu/csr_from_mask.cpp) against the torch path it replaced on the CPU:
+    both index dtypes, empty rows and columns, an empty mask, a full one, a conv mask."""
+    from sparseops import layout as layout_module
+
+    m = layout_module._bool_2d(torch.rand(shape) < density)
+    got = layout_module.build_csr_layout(m)
+    for index_dtype in (torch.int32, torch.int64):
+        want = (*layout_module._csr_indices(m, index_dtype), *layout_module._csr_indices(m.t(), index_dtype))
+        fast = torch.ops.sparseops._csr_from_mask(m, index_dtype == torch.int64)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, want, strict=True))
+    assert torch.equal(got.row_ptr, want[0].int()) and got.nnz == int(m.sum())
+    with pytest.raises(ValueError, match="sparseops._csr_from_mask: mask must be 2-D"):
+        torch.ops.sparseops._csr_from_mask(m.view(-1), False)
+    with pytest.raises(TypeError, match="sparseops._csr_from_mask: mask must be bool"):
+        torch.ops.sparseops._csr_from_mask(m.float(), False)
