@@ -251,7 +251,10 @@ def _dense_fallback(name: str, full: bool, numel: int) -> str:
     return "dense"
 
 
-MEASURE_MAX_DENSITY = 0.6  # denser masks: dense wins everywhere measured; only the dense paths are timed
+# Denser masks: dense wins everywhere measured (the C++ kernel 1.5-1.9x slower at 0.5 on both ISAs);
+# only the dense paths are timed. torch.sparse's CSR matmul is timed up to TORCH_SPARSE_MAX_DENSITY: it
+# was 1.0-1.5x dense at 0.1 and 7x at 0.5 (benchmarks/results/isa-*), so above 0.25 it cannot win.
+MEASURE_MAX_DENSITY, TORCH_SPARSE_MAX_DENSITY = 0.5, 0.25
 
 
 def _torch_sparse_here(device: torch.device, dtype: torch.dtype | None) -> bool:
@@ -286,7 +289,7 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
     prior = channel if channel and channels <= CHANNEL_MAX_WORK else prior
     if name != "auto" or full:
         return prior
-    other = "torch_sparse" if _torch_sparse_here(device, dtype) else None
+    other = "torch_sparse" if _torch_sparse_here(device, dtype) and density <= TORCH_SPARSE_MAX_DENSITY else None
     # Both dense paths compute the same; which is faster (the op's recomputed masked weight against
     # plain autograd's saved copy) depends on the layer and the machine.
     alt = "mask_multiply" if dense == "dense" else "dense"

@@ -245,3 +245,14 @@ def test_timed_rows_of_a_convolution_keep_several_images():
     assert timed_rows(torch.empty(8, 64, 32, 32)) is None
     assert timed_rows(torch.empty(0, 5)) is None and timed_rows(torch.empty(300, 0, 7)) is None
     assert timed_rows(torch.empty(4, 50, 768)) is None and timed_rows(torch.empty(64, 50, 768)) == 16 * 50
+
+
+@pytest.mark.parametrize("density, timed", [(0.2, {"torch_sparse", "cpu"}), (0.4, {"cpu"}), (0.55, set())])
+def test_sparse_candidates_are_timed_only_where_they_can_win(fresh, monkeypatch, density, timed):
+    """torch.sparse up to density 0.25, the C++ kernel up to 0.5 (backend.TORCH_SPARSE_MAX_DENSITY,
+    MEASURE_MAX_DENSITY); the dense paths race at every density."""
+    seen = []
+    real = tuning._timed
+    monkeypatch.setattr(tuning, "_timed", lambda trial, impl, dev: seen.append(impl) or real(trial, impl, dev))
+    _call(density=density)
+    assert set(seen) - tuning.DENSE_PATHS == timed and set(seen) & tuning.DENSE_PATHS, seen
