@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="force a backend (reference = plain mask multiplication)")
-    p.add_argument("--checkpoint-dir", default=None, help="IMP/random: save each level here and resume from it")
+    p.add_argument("--checkpoint-dir", default=None, help="IMP/random/structured-cs: save each level (round) here and "
+                   "resume from it")
     p.add_argument("--save-ticket", default=None, help="write the final ticket (bit-packed masks) to this file")
     p.add_argument("--json", default=None, help="write the per-level results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
@@ -139,7 +140,8 @@ def search(args: argparse.Namespace, out=print):
             kw = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "momentum", "weight_decay", "s0",
                                                  "lmbda", "final_temp", "rewind_epoch")}
             kw.update(flops_weighted=getattr(args, "flops_weighted", False),
-                      temperature=getattr(args, "temperature", "global"))
+                      temperature=getattr(args, "temperature", "global"),
+                      checkpoint_dir=getattr(args, "checkpoint_dir", None))
             result = structured_cs(model, train, test, epochs=args.epochs, progress=progress, **kw)
         else:
             overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
