@@ -1,7 +1,7 @@
-"""Structured CS's checkpoints (as IMP's): a search interrupted in a round, or in the ticket's training,
-resumes from the last saved round with the same gates, masks, metrics and weights as an uninterrupted
-one; a finished directory gives the result without training; a corrupt or foreign file is a clear
-error naming it."""
+"""Structured CS's and CS's checkpoints (as IMP's): a search interrupted in a round, or in the ticket's
+training, resumes from the last saved round with the same gates, masks, metrics and weights as an
+uninterrupted one; a finished directory gives the result without training; a corrupt or foreign file
+is a clear error naming it."""
 import argparse
 import contextlib
 import functools
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseops.tickets import structured_cs
+from sparseops.tickets import continuous_sparsification, structured_cs
 from sparseops.tickets.command import add_arguments, search
 from sparseops.tickets.zoo import build_model, load_digits
 
@@ -31,9 +31,9 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def _search(checkpoint_dir, stop_at_step=None, **kw):
-    """A 2-round search (per-unit temperature: it reads the previous epoch's signs) on 256 digits in
-    float64; `stop_at_step` interrupts it at that training step (evaluation is not counted)."""
+def _search(checkpoint_dir, stop_at_step=None, method="structured_cs", **kw):
+    """A 2-round search (structured CS: per-unit temperature, which reads the previous epoch's signs) on
+    256 digits in float64; `stop_at_step` interrupts it at that training step (evaluation is not counted)."""
     train, test = load_digits()
     train, test = (train[0][:ROWS].double(), train[1][:ROWS]), (test[0].double(), test[1])
     steps = [0]
@@ -49,8 +49,10 @@ def _search(checkpoint_dir, stop_at_step=None, **kw):
         torch.manual_seed(0)
         model = build_model("mlp").double()
         args = dict(rounds=2, epochs=EPOCHS, batch_size=BATCH, lr=0.05, lmbda=3e-3, final_temp=1e4, rewind_epoch=1,
-                    temperature="per_unit", loss_fn=loss_fn, checkpoint_dir=checkpoint_dir, progress=False)
-        return structured_cs(model, train, test, **{**args, **kw}), model
+                    loss_fn=loss_fn, checkpoint_dir=checkpoint_dir, progress=False)
+        if method == "cs":
+            return continuous_sparsification(model, train, test, **{**args, "lmbda": 1e-6, **kw}), model
+        return structured_cs(model, train, test, **{**args, "temperature": "per_unit", **kw}), model
 
 
 def _same(a, b):
@@ -67,7 +69,8 @@ def _same(a, b):
 
 # "exact zeros": gates reach exactly 0 (masks); "positive s0": round 0 ends with scores of both signs and the
 # clamp keeps the positive ones, whose signs the per-unit temperature compares at the resumed round's first epoch.
-SETTINGS = {"exact zeros": {}, "positive s0": dict(s0=0.5, lmbda=2e-2, final_temp=10.0, mask_lr=1.0)}
+SETTINGS = {"exact zeros": {}, "positive s0": dict(s0=0.5, lmbda=2e-2, final_temp=10.0, mask_lr=1.0),
+            "cs": dict(method="cs")}
 
 
 @functools.cache
@@ -82,15 +85,18 @@ def full():
 
 @pytest.mark.parametrize("where, stop, saved, setting", [
     ("round 1", STEPS + 5, ["round_000.pt"], "exact zeros"), ("round 1", STEPS + 5, ["round_000.pt"], "positive s0"),
-    ("the ticket", 2 * STEPS + 5, ["round_000.pt", "round_001.pt"], "exact zeros")])
+    ("the ticket", 2 * STEPS + 5, ["round_000.pt", "round_001.pt"], "exact zeros"),
+    ("round 1", STEPS + 5, ["round_000.pt"], "cs"), ("the ticket", 2 * STEPS + 5, ["round_000.pt", "round_001.pt"], "cs")])
 def test_an_interrupted_search_resumes_with_the_same_result(tmp_path, where, stop, saved, setting):
     full_result, full_model = _full(setting)
     kw = SETTINGS[setting]
     history = [h for r in full_result.levels for h in r.metrics["history"]]
     if setting == "exact zeros":
         assert any(h["channels_off"] > 0 for h in history)
-    else:
+    elif setting == "positive s0":
         assert 0 < full_result.levels[0].metrics["kept_channels"] < 1
+    else:
+        assert 0 < full_result.levels[0].sparsity < full_result.levels[1].sparsity < 1  # the masks moved
     with pytest.raises(KeyboardInterrupt):
         _search(tmp_path, stop_at_step=stop, **kw)
     assert sorted(os.listdir(tmp_path)) == saved
@@ -102,7 +108,10 @@ def test_an_interrupted_search_resumes_with_the_same_result(tmp_path, where, sto
     assert sorted(os.listdir(tmp_path)) == ["round_000.pt", "round_001.pt", "round_002.pt"]
     again, model = _search(tmp_path, stop_at_step=0, **kw)  # finished: nothing trains, the model is the ticket
     _same(full_result, again)
-    assert not model[0].channel_gate.soft
+    if setting == "cs":
+        assert model[0].ticket and model[0].beta == full_model[0].beta > 1
+    else:
+        assert not model[0].channel_gate.soft
     for k, v in full_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
@@ -129,16 +138,14 @@ def test_a_corrupt_checkpoint_is_named_and_the_previous_round_resumes(tmp_path, 
     _same(full[0], _search(tmp_path)[0])
 
 
-def test_the_cli_saves_structured_cs_rounds(tmp_path):
+@pytest.mark.parametrize("method", ["structured-cs", "cs"])
+def test_the_cli_saves_the_rounds_and_resumes(tmp_path, method):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--method", "structured-cs", "--model", "mlp", "--epochs", "2", "--rounds", "1",
-                              "--rewind-epoch", "0", "--no-progress", "--checkpoint-dir", str(tmp_path)])
+    argv = ["--method", method, "--model", "mlp", "--epochs", "2", "--rounds", "1", "--rewind-epoch", "0",
+            "--no-progress", "--checkpoint-dir", str(tmp_path)]
     with one_thread():
-        first, _ = search(args, out=lambda *a: None)
-    assert sorted(os.listdir(tmp_path)) == ["round_000.pt", "round_001.pt"]
-    with one_thread():
-        again, _ = search(parser.parse_args(["--method", "structured-cs", "--model", "mlp", "--epochs", "2", "--rounds",
-                                             "1", "--rewind-epoch", "0", "--no-progress", "--checkpoint-dir",
-                                             str(tmp_path)]), out=lambda *a: None)
+        first, _ = search(parser.parse_args(argv), out=lambda *a: None)
+        assert sorted(os.listdir(tmp_path)) == ["round_000.pt", "round_001.pt"]
+        again, _ = search(parser.parse_args(argv), out=lambda *a: None)
     assert again.to_dict() == first.to_dict()

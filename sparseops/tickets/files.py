@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import random
 import struct
 
 import torch
@@ -95,6 +96,21 @@ def read_checkpoints(checkpoint_dir, unit: str, config: dict, who: str, what: st
                              f"(saved, now): {diff}; use another checkpoint_dir")
         out.append(ck)
     return out
+
+
+def resume_rounds(checkpoint_dir, config: dict, who: str, what: str, keys, model, optimizers) -> list[dict]:
+    """A round-based search's (CS, structured CS) saved rounds, in order; the model, the optimisers
+    and torch's and Python's RNGs restored from the last one (`state`, `optimizers`, `torch_rng`,
+    `python_rng`)."""
+    checkpoints = read_checkpoints(checkpoint_dir, "round", config, who, what, keys)
+    if checkpoints:
+        last = checkpoints[-1]
+        model.load_state_dict(last["state"])
+        for opt, saved in zip(optimizers, last["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        torch.set_rng_state(last["torch_rng"])
+        random.setstate(python_rng_state(last["python_rng"]))
+    return checkpoints
 
 
 def python_rng_state(state):

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import gates as sgates
 from .cs import default_milestones
-from .files import python_rng_state, read_checkpoints, save_checkpoint
+from .files import resume_rounds, save_checkpoint
 from .gating import Structure, get_gates, kept_fraction, prepare
 from .imp import LevelResult, SearchResult
 from .train import batches, evaluate
@@ -254,19 +254,12 @@ _KEYS = ("config", "round", "sparsity", "metrics", "wall_time", "masks", "state"
 
 def _resume(model, structure, checkpoint_dir, config, state, optimizers, rounds, keep_min) -> list[LevelResult]:
     """The saved rounds' results; the model, optimisers and RNGs as the last saved round left them."""
-    checkpoints = read_checkpoints(checkpoint_dir, "round", config, "structured_cs",
-                                   "structured CS round checkpoint", _KEYS)
-    if not checkpoints:
-        return []
-    last = checkpoints[-1]
-    state["rewind"] = checkpoints[0]["rewind"]
-    if last["round"] == rounds:
-        _ticket_gates(structure, keep_min)  # the ticket's hard gates (soft or hard is not in the state dict)
-    model.load_state_dict(last["state"])
-    for opt, saved in zip(optimizers, last["optimizers"], strict=True):
-        opt.load_state_dict(saved)
-    torch.set_rng_state(last["torch_rng"])
-    random.setstate(python_rng_state(last["python_rng"]))
+    checkpoints = resume_rounds(checkpoint_dir, config, "structured_cs", "structured CS round checkpoint", _KEYS,
+                                model, optimizers)
+    if checkpoints:
+        state["rewind"] = checkpoints[0]["rewind"]
+        if checkpoints[-1]["round"] == rounds:
+            _ticket_gates(structure, keep_min)  # hard or soft is not in the state dict: the ticket's, from its scores
     return [LevelResult(ck["round"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"])
             for ck in checkpoints]
 
