@@ -36,11 +36,18 @@ def _(x, w, out_idx, in_idx, bias):
     out = x.new_empty((*x.shape[:-1], n))
     y = out.view(m, n)
     if out_idx.numel() == 0 or in_idx.numel() == 0:  # nothing kept: every output is the bias (or 0)
-        return y.zero_().add_(bias).view(out.shape) if bias is not None else out.zero_()
+        if bias is None:
+            return out.zero_()
+        y.zero_().add_(bias)
+        return out
     xk = take_channels(x.reshape(m, k), in_idx, 1)
     wk = _kept_weight(w, out_idx, in_idx)
     if out_idx.numel() == n:  # straight into the output
-        return (torch.mm(xk, wk.t(), out=y) if bias is None else torch.addmm(bias, xk, wk.t(), out=y)).view(out.shape)
+        if bias is None:
+            torch.mm(xk, wk.t(), out=y)
+        else:
+            torch.addmm(bias, xk, wk.t(), out=y)
+        return out  # not a view of it: autograd refuses in-place ops (ReLU(inplace=True)) on an op's view
     kept = torch.mm(xk, wk.t()) if bias is None else torch.addmm(bias.index_select(0, out_idx), xk, wk.t())
     if bias is None:
         y.zero_()
