@@ -251,9 +251,7 @@ def _dense_fallback(name: str, full: bool, numel: int) -> str:
     return "dense"
 
 
-# Denser masks: dense wins everywhere measured (the C++ kernel 1.5-1.9x slower at 0.5 on both ISAs);
-# only the dense paths are timed. torch.sparse's CSR matmul is timed up to TORCH_SPARSE_MAX_DENSITY: it
-# was 1.0-1.5x dense at 0.1 and 7x at 0.5 (benchmarks/results/isa-*), so above 0.25 it cannot win.
+# Denser: only the dense paths race (the kernel lost 1.5-1.9x at 0.5; torch.sparse 7x, 1.0-1.5x at 0.1).
 MEASURE_MAX_DENSITY, TORCH_SPARSE_MAX_DENSITY = 0.5, 0.25
 
 

@@ -91,3 +91,24 @@ def test_bench_untuned_runs(tmp_path):
 def torch_isas():
     import torch
     return [i for i in torch.ops.sparseops._cpu_isa_supported() if i != "default"]
+
+
+def test_bench_shrink_runs(tmp_path):
+    """One tiny round of the shrink benchmark: the shrunk model and the one built at its widths have the same
+    modules, tensors, hooks and aten ops per training step (the benchmark checks them before timing)."""
+    import pytest
+
+    pytest.importorskip("torch_pruning")
+    out = tmp_path / "shrink"
+    args = ["--models", "resnet20", "vgg16", "--removed", "0.5", "--threads", "1", "--rounds", "1", "--batch", "4",
+            "--out", str(out)]
+    run = subprocess.run([sys.executable, "benchmarks/bench_shrink.py", *args], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "SPARSEOPS_TUNE": "0", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["model"], r["removed"]) for r in rows] == [("resnet20", 0.5), ("vgg16", 0.5)]
+    for r in rows:
+        assert r["same"] == {"modules": True, "tensors": True, "hooks": True, "ops": True}
+        assert r["hooks"] == 0 and r["params"]["shrunk"] == r["params"]["built"] < r["params"]["masked"]
+    assert rows[1]["widths"][0] == [32, 3] and rows[1]["widths"][-1] == [10, 256]  # VGG-16: half of 64 and 512
+    assert "| vgg16 | 50% | 1 |" in out.with_suffix(".md").read_text()

@@ -317,3 +317,26 @@ def test_set_mask_from_a_view_of_its_own_buffer():
     assert torch.equal(layer.weight_mask, want)
     layer.set_mask(torch.ones(1, K, dtype=torch.bool))
     assert layer.weight_mask.all() and layer.weight_mask.is_contiguous()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["out", "in", "both", "none_kept"])
+def test_an_inplace_op_after_the_op_is_allowed(kind, bias):
+    """The op returns a tensor of its own, not a view (autograd refuses an in-place op on a custom op's
+    view: torchvision's VGG runs ReLU(inplace=True) after its linear layers); the gradients through the
+    in-place ReLU are the reference's."""
+    mask = mask_of(kind)
+    x, w, b = leaves((2, 3), bias)
+    ch = channel_layout(mask)
+    out = lib.channel_masked_linear(x, w, ch.out_idx, ch.in_idx, b)
+    assert not out._is_view()
+    inputs = [t for t in (x, w, b) if t is not None]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref = torch.relu(reference.masked_linear(*ref_inputs[:2], mask, *ref_inputs[2:]))
+    got, want = torch.autograd.grad(torch.relu_(out).sum(), inputs), torch.autograd.grad(ref.sum(), ref_inputs)
+    for a, r in zip((out, *got), (ref, *want), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    layer = sparseops.MaskedLinear(K, N).double()
+    layer.set_mask(mask)
+    with backend.backend("auto"):
+        nn.Sequential(layer, nn.ReLU(inplace=True))(x).sum().backward()  # the layer's path too

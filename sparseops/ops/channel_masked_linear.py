@@ -41,9 +41,15 @@ def _(x, w, out_idx, in_idx, bias):
     if out_idx.numel() == n:  # straight into the output
         out = x.new_empty(shape)
         y = out.view(m, n)
-        return (torch.mm(xk, wk.t(), out=y) if bias is None else torch.addmm(bias, xk, wk.t(), out=y)).view(shape)
+        if bias is None:
+            torch.mm(xk, wk.t(), out=y)
+        else:
+            torch.addmm(bias, xk, wk.t(), out=y)
+        return out  # not a view of it: autograd refuses in-place ops (ReLU(inplace=True)) on an op's view
     kept = torch.mm(xk, wk.t()) if bias is None else torch.addmm(bias.index_select(0, out_idx), xk, wk.t())
-    return scatter_channels(kept, out_idx, bias, n, 1).view(shape)
+    # resize_, not view: the scattered [m, n] tensor is this op's own, and an op's output must not be a
+    # view (autograd refuses in-place ops on it).
+    return scatter_channels(kept, out_idx, bias, n, 1).resize_(shape)
 
 
 @torch.library.register_kernel(f"sparseops::{OP}_backward", ("cpu", "cuda"))

@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="force a backend (reference = plain mask multiplication)")
-    p.add_argument("--checkpoint-dir", default=None, help="IMP/random: save each level here and resume from it")
+    p.add_argument("--checkpoint-dir", default=None, help="save each level (IMP/random) or round (CS, structured CS) "
+                   "here and resume from it")
     p.add_argument("--save-ticket", default=None, help="write the final ticket (bit-packed masks) to this file")
     p.add_argument("--json", default=None, help="write the per-level results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
@@ -134,12 +135,14 @@ def search(args: argparse.Namespace, out=print):
             if preset is None:  # the command's quick runs keep the official drops at 56/85 and 71/85 of --epochs
                 kw.update(lr_milestones=default_milestones(args.epochs), mask_lr=args.lr)
             result = continuous_sparsification(model, train, test, epochs=args.epochs, preset=preset,
+                                               checkpoint_dir=getattr(args, "checkpoint_dir", None),
                                                progress=progress, **kw)
         elif args.method == "structured-cs":
             kw = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "momentum", "weight_decay", "s0",
                                                  "lmbda", "final_temp", "rewind_epoch")}
             kw.update(flops_weighted=getattr(args, "flops_weighted", False),
-                      temperature=getattr(args, "temperature", "global"))
+                      temperature=getattr(args, "temperature", "global"),
+                      checkpoint_dir=getattr(args, "checkpoint_dir", None))
             result = structured_cs(model, train, test, epochs=args.epochs, progress=progress, **kw)
         else:
             overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),

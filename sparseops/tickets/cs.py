@@ -15,12 +15,16 @@ after beta is reset to 1, so it is clamp(s, max=s0). `clamp_with_final_beta=True
 final beta instead, as the paper writes it. The official ResNet masks only its 3x3 convs: pass
 `filter_fn=official_layers` (or the `cs_resnet_20` preset) for that layer set. Under Python 3 the
 official main.py stops before the ticket phase (its weight-parameter iterator is used up by the
-first optimiser); this does what it does under Python 2, the ticket phase included.
+first optimiser); this does what it does under Python 2, the ticket phase included. With
+`checkpoint_dir`, every finished round (and the ticket) is saved as IMP saves its levels
+(sparseops.tickets.files) and a second call resumes after the last one.
 docs/tickets.md compares every default with main.py.
 """
 from __future__ import annotations
 
 import math
+import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from torch import nn
 
 from .. import nn as snn
 from ..patch import check_model, patch, patched_layers
+from .files import resume_rounds, save_checkpoint
 from .imp import LevelResult, SearchResult
 from .presets import OFFICIAL_MILESTONES, CSPreset
 from .masks import get_masks
@@ -66,7 +71,8 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
                               lmbda: float | None = None, final_temp: float | None = None,
                               rewind_epoch: int | None = None, clamp_with_final_beta: bool = False,
                               filter_fn: Callable | None = None, loss_fn=F.cross_entropy, device=None,
-                              progress: bool = True, preset=None) -> SearchResult:
+                              checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+                              preset=None) -> SearchResult:
     """Searches a ticket with CS and trains it; returns one result per round and one for the ticket.
 
     Defaults are main.py's (None takes them, or the preset's): rounds 3, epochs 85, batch 128, lr 0.1,
@@ -78,6 +84,11 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
     `official_layers` the official ResNet's 3x3 convs) and ends in ticket mode: its soft layers apply
     (s > 0) / sigmoid(s0) on the sparse kernels. `sparseops.tickets.get_masks(model)` gives the
     ticket; `unpatch(model)` folds it into plain layers.
+
+    With `checkpoint_dir`, each finished round and the ticket are saved (`round_NNN.pt`: the model's
+    state, scores, beta and ticket mode included, both optimisers' states, the rewind weights, the
+    result, torch's and Python's RNG states); calling it again with the same directory and settings
+    resumes after the last saved one and gives the same result as an uninterrupted run.
     """
     check_model(model, "tickets.cs")
     if preset is not None:
@@ -131,12 +142,37 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
     score_opt = torch.optim.SGD(score_params, lr=mask_lr, momentum=momentum, nesterov=nesterov)
     temp_increase = final_temp ** (1.0 / (epochs - 1))
     state = {"beta": 1.0, "rewind": None}
+    config = {"rounds": rounds, "epochs": epochs, "batch_size": batch_size, "lr": lr, "mask_lr": mask_lr,
+              "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+              "schedule": [list(x) for x in schedule], "s0": s0, "lmbda": lmbda, "final_temp": final_temp,
+              "rewind_epoch": rewind_epoch, "clamp_with_final_beta": clamp_with_final_beta,
+              "layers": [n for n, m in patched_layers(model) if m in layers]}
+    results = []
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        saved = resume_rounds(checkpoint_dir, config, "cs", "CS round checkpoint", _KEYS, model,
+                              (weight_opt, score_opt))  # beta and ticket mode come back with the state dict
+        state["rewind"] = saved[0]["rewind"] if saved else None
+        results = [LevelResult(ck["round"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"])
+                   for ck in saved]
+        if len(results) == rounds + 1:
+            return SearchResult("cs", results)
+
+    def save(result: LevelResult) -> None:
+        if checkpoint_dir is not None:  # the state dict itself: its metadata carries beta and ticket mode
+            save_checkpoint({"config": config, "round": result.level, "sparsity": result.sparsity,
+                             "metrics": result.metrics, "wall_time": result.wall_time, "masks": result.masks,
+                             "state": model.state_dict(), "optimizers": [weight_opt.state_dict(),
+                                                                         score_opt.state_dict()],
+                             "rewind": state["rewind"] if result.level == 0 else None,
+                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                            os.path.join(checkpoint_dir, f"round_{result.level:03d}.pt"))
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(rounds + 1) * epochs, desc="CS", unit="epoch")
+        bar = tqdm(total=(rounds + 1) * epochs, initial=len(results) * epochs, desc="CS", unit="epoch")
 
     def run(round_index: int, optimizers, ticket: bool) -> LevelResult:
         base_lrs = [opt.defaults["lr"] for opt in optimizers]
@@ -187,8 +223,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
             metrics["accuracy"] = history[-1]["accuracy"]
         return LevelResult(round_index, 1.0 - kept / total, metrics, time.perf_counter() - t_round, masks)
 
-    results = []
-    for r in range(rounds):
+    for r in range(len(results), rounds):
         results.append(run(r, [weight_opt, score_opt], ticket=False))
         final_beta = state["beta"]
         state["beta"] = 1.0
@@ -197,6 +232,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
             with torch.no_grad():
                 for m in layers:
                     m.weight_score.copy_(torch.clamp(factor * m.weight_score, max=m.s0))
+        save(results[-1])
     # The ticket: (s > 0) on the sparse kernels, weights rewound, a fresh weight optimiser.
     for m in layers:
         m.set_ticket(True)
@@ -204,9 +240,14 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
     model.load_state_dict({**state["rewind"], **scores})
     ticket_opt = torch.optim.SGD(weight_params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     results.append(run(rounds, [ticket_opt], ticket=True))
+    save(results[-1])
     if bar is not None:
         bar.close()
     return SearchResult("cs", results)
+
+
+_KEYS = ("config", "round", "sparsity", "metrics", "wall_time", "masks", "state", "optimizers", "rewind",
+         "torch_rng", "python_rng")
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
-"""Reading sparseops' files (tickets, IMP level checkpoints): a checksum over their content, and
-loading that names the file and its problem whatever is wrong with it."""
+"""Reading sparseops' files (tickets, IMP level and structured CS round checkpoints): a checksum over
+their content, loading that names the file and its problem whatever is wrong with it, and the
+checkpoints' atomic writes and checked reads."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import random
 import struct
 
 import torch
@@ -64,3 +67,69 @@ def verify(payload: dict, path, who: str) -> None:
     if not isinstance(saved, str) or saved != checksum({k: v for k, v in payload.items() if k != "checksum"}):
         raise TicketFileError(f"sparseops.tickets.{who}: {os.fspath(path)} is corrupt: its content does not "
                               f"match its checksum (the file changed after it was written)")
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save of `obj` with its checksum (finds bytes changed on disk, which torch.load does not),
+    written to a temporary file and renamed: the file is either whole or absent, even if the process
+    dies while writing."""
+    obj = {**obj, "checksum": checksum(obj)}
+    tmp = os.fspath(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoints(checkpoint_dir, unit: str, config: dict, who: str, what: str, keys) -> list[dict]:
+    """The search's checkpoints `<unit>_NNN.pt` in `checkpoint_dir`, in order (a level or round each),
+    checked: numbered 0, 1, ... without a gap, written with the same `config`, readable, holding `keys`,
+    matching their checksum. A bad file is a RuntimeError naming it and what to delete to resume from
+    the last good one; another config a ValueError."""
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, f"{unit}_*.pt")))
+    out = []
+    for i, path in enumerate(files):
+        ck = _load_checkpoint(path, i, files, unit, who, what, keys)
+        if ck[unit] != i:
+            raise RuntimeError(f"sparseops.tickets.{who}: {checkpoint_dir} lacks {unit} {i}; it holds {files}")
+        if ck["config"] != config:
+            diff = {k: (ck["config"].get(k), v) for k, v in config.items() if ck["config"].get(k) != v}
+            raise ValueError(f"sparseops.tickets.{who}: {checkpoint_dir} holds a search with other settings "
+                             f"(saved, now): {diff}; use another checkpoint_dir")
+        out.append(ck)
+    return out
+
+
+def resume_rounds(checkpoint_dir, config: dict, who: str, what: str, keys, model, optimizers) -> list[dict]:
+    """A round-based search's (CS, structured CS) saved rounds, in order; the model, the optimisers
+    and torch's and Python's RNGs restored from the last one (`state`, `optimizers`, `torch_rng`,
+    `python_rng`)."""
+    checkpoints = read_checkpoints(checkpoint_dir, "round", config, who, what, keys)
+    if checkpoints:
+        last = checkpoints[-1]
+        model.load_state_dict(last["state"])
+        for opt, saved in zip(optimizers, last["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        torch.set_rng_state(last["torch_rng"])
+        random.setstate(python_rng_state(last["python_rng"]))
+    return checkpoints
+
+
+def python_rng_state(state):
+    """random.getstate() as a checkpoint gives it back (its tuple loaded as a list) -> random.setstate's."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _load_checkpoint(path, i, files, unit, who, what, keys):
+    try:
+        ck = load_file(path, who, what)
+        if not isinstance(ck, dict) or any(k not in ck for k in keys):
+            problem = f"lacks the keys {[k for k in keys if k not in ck]}" if isinstance(ck, dict) else "is not a dict"
+            raise TicketFileError(f"sparseops.tickets.{who}: {path} {problem}")
+        if "checksum" in ck:  # checkpoints written before checksums load as they are
+            verify(ck, path, who)
+    except TicketFileError as exc:
+        later = [os.path.basename(f) for f in files[i:]]
+        how = (f"delete {later[0] if len(later) == 1 else later} to resume after {unit} {i - 1}, the last good one"
+               if i else f"delete the checkpoint directory's {unit} files to start over")
+        raise RuntimeError(f"{exc}; {how}") from exc
+    return ck

@@ -9,7 +9,6 @@ kernels throughout. docs/tickets.md compares every default with open_lth.
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import random
@@ -23,7 +22,7 @@ from torch import nn
 
 from ..distributed import check_masks, is_dtensor
 from ..patch import check_model, patch
-from .files import TicketFileError, checksum, load_file, verify
+from .files import python_rng_state, read_checkpoints, save_checkpoint
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
 from .removal import removable_layers, with_readers, zero_removed
@@ -134,13 +133,6 @@ class SearchResult:
 def _weights_state(model: nn.Module) -> dict:
     """The model's state without its masks (what rewinding restores)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
-
-
-def _save(obj, path: str) -> None:
-    obj = {**obj, "checksum": checksum(obj)}  # finds bytes changed on disk, which torch.load does not
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a level file is either whole or absent, even if the process dies here
 
 
 def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None = None, rewind=None,
@@ -280,7 +272,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         result = LevelResult(index, sparsity, dict(metrics or {}), wall, get_masks(model))
         results.append(result)
         if checkpoint_dir is not None:
-            _save({"config": config, "level": index, "sparsity": sparsity, "metrics": result.metrics,
+            save_checkpoint({"config": config, "level": index, "sparsity": sparsity, "metrics": result.metrics,
                    "wall_time": wall, "masks": result.masks, "state": _weights_state(model),
                    "rewind": rewind_state if index == 0 else None,
                    "rewind_point": list(start_point) if index == 0 else None, "torch_rng": torch.get_rng_state(),
@@ -297,25 +289,17 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
 
 
 def _resume(model, checkpoint_dir, config, generator):
-    files = sorted(glob.glob(os.path.join(checkpoint_dir, "level_*.pt")))
-    results, rewind_state, point, last = [], None, (0, 0, 0), None
-    for i, path in enumerate(files):
-        ck = _load_level(path, i, files)
-        if ck["level"] != i:
-            raise RuntimeError(f"sparseops.tickets.imp: {checkpoint_dir} lacks level {i}; it holds {files}")
-        if ck["config"] != config:
-            diff = {k: (ck["config"].get(k), v) for k, v in config.items() if ck["config"].get(k) != v}
-            raise ValueError(f"sparseops.tickets.imp: {checkpoint_dir} holds a search with other settings "
-                             f"(saved, now): {diff}; use another checkpoint_dir")
-        if i == 0:
-            rewind_state, point = ck["rewind"], tuple(ck["rewind_point"])
-        results.append(LevelResult(ck["level"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"]))
-        last = ck
-    if last is not None:
+    checkpoints = read_checkpoints(checkpoint_dir, "level", config, "imp", "IMP level checkpoint", _KEYS)
+    results = [LevelResult(ck["level"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"])
+               for ck in checkpoints]
+    rewind_state, point = (checkpoints[0]["rewind"], tuple(checkpoints[0]["rewind_point"])) if checkpoints \
+        else (None, (0, 0, 0))
+    if checkpoints:
+        last = checkpoints[-1]
         set_masks(model, last["masks"])
         model.load_state_dict(last["state"])
         torch.set_rng_state(last["torch_rng"])
-        random.setstate(_as_tuple(last["python_rng"]))
+        random.setstate(python_rng_state(last["python_rng"]))
         if generator is not None and last.get("generator_rng") is not None:  # random pruning's draws go on
             generator.set_state(last["generator_rng"])
     return results, rewind_state, point
@@ -323,28 +307,6 @@ def _resume(model, checkpoint_dir, config, generator):
 
 _KEYS = ("config", "level", "sparsity", "metrics", "wall_time", "masks", "state", "rewind", "rewind_point",
          "torch_rng", "python_rng")
-
-
-def _load_level(path, i, files):
-    """Level i's checkpoint, or a RuntimeError naming the file and how to resume from the last good level."""
-    try:
-        ck = load_file(path, "imp", "IMP level checkpoint")
-        if not isinstance(ck, dict) or any(k not in ck for k in _KEYS):
-            what = f"lacks the keys {[k for k in _KEYS if k not in ck]}" if isinstance(ck, dict) else "is not a dict"
-            raise TicketFileError(f"sparseops.tickets.imp: {path} {what}")
-        if "checksum" in ck:  # checkpoints written before checksums load as they are
-            verify(ck, path, "imp")
-    except TicketFileError as exc:
-        later = [os.path.basename(f) for f in files[i:]]
-        how = (f"delete {later[0] if len(later) == 1 else later} to resume after level {i - 1}, the last good one"
-               if i else "delete the checkpoint directory's level files to start over")
-        raise RuntimeError(f"{exc}; {how}") from exc
-    return ck
-
-
-def _as_tuple(state):
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 def total_levels_for(sparsity: float, rate: float = 0.2) -> int:

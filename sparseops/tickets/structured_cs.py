@@ -11,10 +11,14 @@ s = clamp(s, max=s0); weights are saved at `rewind_epoch` of round 0; the ticket
 with s > 0 (hard gates at 1 / sigmoid(s0)) and is trained from the saved weights with a fresh
 optimiser. Gates that are exactly 0 are put into the layers' masks before every step
 (`skip_zero_units`): their rows and columns cost nothing on kernels that skip them, and the result
-is that of multiplying by the gates (`skip_zero_units=False`). docs/tickets.md lists each choice.
+is that of multiplying by the gates (`skip_zero_units=False`). With `checkpoint_dir`, every finished
+round (and the ticket) is saved as IMP saves its levels (sparseops.tickets.files) and a second call
+resumes after the last one. docs/tickets.md lists each choice.
 """
 from __future__ import annotations
 
+import os
+import random
 import statistics
 import time
 
@@ -24,6 +28,7 @@ from torch import nn
 
 from .. import gates as sgates
 from .cs import default_milestones
+from .files import resume_rounds, save_checkpoint
 from .gating import Structure, get_gates, kept_fraction, prepare
 from .imp import LevelResult, SearchResult
 from .train import batches, evaluate
@@ -99,7 +104,8 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
                   s0: float = 0.0, lmbda: float = 1e-3, flops_weighted: bool = False, final_temp: float = 200.0,
                   temperature: str = "global", rewind_epoch: int = 2, clamp_with_final_beta: bool = False,
                   layer_gates=None, filter_fn=None, exclude=None, keep_min: int = 1, skip_zero_units: bool = True,
-                  loss_fn=F.cross_entropy, device=None, progress: bool = True) -> SearchResult:
+                  loss_fn=F.cross_entropy, device=None, checkpoint_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> SearchResult:
     """Searches a structured ticket and trains it; returns one result per round and one for the ticket.
 
     Each result's `sparsity` is the fraction of the units' channels pruned (s <= 0); its metrics hold
@@ -113,6 +119,11 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
     `exclude` pick the channel units (the output layer never is one). `keep_min`: each unit's ticket
     keeps at least this many channels (its best scores). The model ends in ticket mode: hard gates,
     masks with the pruned rows and columns.
+
+    With `checkpoint_dir`, each finished round and the ticket are saved (`round_NNN.pt`: the model's
+    state, gates and masks included, both optimisers' states, the rewind weights, the result, torch's
+    and Python's RNG states); calling structured_cs again with the same directory and settings resumes
+    after the last saved one and gives the same result as an uninterrupted run.
     """
     for name, v, low in (("rounds", rounds, 1), ("epochs", epochs, 2), ("batch_size", batch_size, 1),
                          ("rewind_epoch", rewind_epoch, 0), ("keep_min", keep_min, 0)):
@@ -140,12 +151,36 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
     temp = _Temperature(structure, final_temp ** (1.0 / (epochs - 1)), temperature)
     gate_keys = ("channel_gate.score", "channel_gate.beta", "channel_gate.hard", "gate_score", "weight_mask")
     state = {"rewind": None}
+    config = {"rounds": rounds, "epochs": epochs, "batch_size": batch_size, "lr": lr, "mask_lr": mask_lr,
+              "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "milestones": milestones,
+              "lr_gamma": lr_gamma, "s0": s0, "lmbda": lmbda, "flops_weighted": flops_weighted,
+              "final_temp": final_temp, "temperature": temperature, "rewind_epoch": rewind_epoch,
+              "clamp_with_final_beta": clamp_with_final_beta, "keep_min": keep_min,
+              "skip_zero_units": skip_zero_units, "units": [u.name for u in structure.units],
+              "blocks": [n for n, _ in structure.blocks]}
+    results = []
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        results = _resume(model, structure, checkpoint_dir, config, state, (weight_opt, score_opt), rounds, keep_min)
+        if len(results) == rounds + 1:  # the ticket too: the model is the ticket
+            return SearchResult("structured_cs", results)
+        temp.reset()  # beta 1 and the signs of the clamped scores, as after the round that was saved
+
+    def save(result: LevelResult) -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint({"config": config, "round": result.level, "sparsity": result.sparsity,
+                             "metrics": result.metrics, "wall_time": result.wall_time, "masks": result.masks,
+                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                             "optimizers": [weight_opt.state_dict(), score_opt.state_dict()],
+                             "rewind": state["rewind"] if result.level == 0 else None,
+                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                            os.path.join(checkpoint_dir, f"round_{result.level:03d}.pt"))
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(rounds + 1) * epochs, desc="structured CS", unit="epoch")
+        bar = tqdm(total=(rounds + 1) * epochs, initial=len(results) * epochs, desc="structured CS", unit="epoch")
 
     def run(index: int, optimizers, ticket: bool) -> LevelResult:
         base_lrs = [opt.defaults["lr"] for opt in optimizers]
@@ -190,8 +225,7 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
                 bar.update()
         return _result(structure, index, history, time.perf_counter() - t_round, test_data is not None)
 
-    results = []
-    for r in range(rounds):
+    for r in range(len(results), rounds):
         results.append(run(r, [weight_opt, score_opt], ticket=False))
         final = [g.beta.clone() for g in structure.channel_gates()], [b.gate_beta for _, b in structure.blocks]
         temp.reset()
@@ -202,14 +236,32 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
                 for (_, b), fb in zip(structure.blocks, final[1], strict=True):
                     b.gate_score.copy_(torch.clamp((fb if clamp_with_final_beta else 1.0) * b.gate_score, max=s0))
             temp.last = temp.signs()
+        save(results[-1])
     _ticket_gates(structure, keep_min)
     model.load_state_dict({**model.state_dict(), **state["rewind"]})
     structure.sync()
     ticket_opt = torch.optim.SGD(weight_params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     results.append(run(rounds, [ticket_opt], ticket=True))
+    save(results[-1])
     if bar is not None:
         bar.close()
     return SearchResult("structured_cs", results)
+
+
+_KEYS = ("config", "round", "sparsity", "metrics", "wall_time", "masks", "state", "optimizers", "rewind",
+         "torch_rng", "python_rng")
+
+
+def _resume(model, structure, checkpoint_dir, config, state, optimizers, rounds, keep_min) -> list[LevelResult]:
+    """The saved rounds' results; the model, optimisers and RNGs as the last saved round left them."""
+    checkpoints = resume_rounds(checkpoint_dir, config, "structured_cs", "structured CS round checkpoint", _KEYS,
+                                model, optimizers)
+    if checkpoints:
+        state["rewind"] = checkpoints[0]["rewind"]
+        if checkpoints[-1]["round"] == rounds:
+            _ticket_gates(structure, keep_min)  # hard or soft is not in the state dict: the ticket's, from its scores
+    return [LevelResult(ck["round"], ck["sparsity"], ck["metrics"], ck["wall_time"], ck["masks"])
+            for ck in checkpoints]
 
 
 def _result(structure: Structure, index: int, history, wall: float, with_accuracy: bool) -> LevelResult:
