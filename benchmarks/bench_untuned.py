@@ -33,7 +33,7 @@ def _cases(shapes=SHAPES, sparsities=SPARSITIES):
             providers = ("dense", "prune", "sparseops") + (("torch_sparse_csr",) if sp >= 0.5 else ())
             layers = {p: make_linear(p, k, n, mask) for p in providers}
 
-            def step(layer):
+            def step(layer, x=x, grad=grad):  # (bound now: the loop rebinds x and grad)
                 def run():
                     x.grad = None
                     for prm in layer.parameters():
