@@ -235,15 +235,12 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         return choice
     start = time.perf_counter()
     times: dict[str, float] = {}
-    rows = None
     winner, timed = (None, live) if _state.forced else _inferred(k, live, entries_now)
     try:
         if winner is None and len(timed) == 1:
             winner = timed[0]
         if winner is None:
             layer = _shape(k)
-            rows = getattr(trial, "timed_rows", None)  # a large batch is timed on a part of its rows
-            timed_run = trial if rows is None else lambda i: trial(i, rows=rows)
             for impl in timed:
                 # One-time costs stay out of the timed run: a candidate's first run in this process
                 # (first touches of its buffers) is untimed, and a sparse one builds this mask's
@@ -252,15 +249,15 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
                 if unchecked and not _check(op, k, device, dtype, impl, dense, trial):
                     continue
                 if (layer, impl) not in _cache.warm:
-                    timed_run(impl)
+                    trial(impl)
                     _cache.warm.add((layer, impl))
                 elif impl not in DENSE_PATHS and not unchecked:
                     trial(impl, rows=CHECK_ROWS)
-                times[impl] = _timed(timed_run, impl, device)[0]
+                times[impl] = _timed(trial, impl, device)[0]
             best = min(times.values())
             for impl in list(times):  # close calls get one more run: noise decides less often
                 if times[impl] <= 1.3 * best:
-                    times[impl] = min(times[impl], _timed(timed_run, impl, device)[0])
+                    times[impl] = min(times[impl], _timed(trial, impl, device)[0])
             winner = min(times, key=times.get)
         elif winner not in DENSE_PATHS:
             winner = _guard(op, k, device, dtype, winner, dense, trial)
@@ -269,8 +266,7 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
     with _lock:
         _cache.touched.append(k)
         _cache.load()[k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in times.items()},
-                            "prior": prior, **({} if times else {"inferred": True}),
-                            **({"timed_rows": rows} if times and rows else {})}
+                            "prior": prior, **({} if times else {"inferred": True})}
         _cache.save()
     return winner
 

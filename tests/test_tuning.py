@@ -220,33 +220,6 @@ def test_the_correctness_check_runs_a_few_rows_in_float64(fresh, monkeypatch):
         assert got[2].shape == w.shape  # dw: every kept weight is checked
 
 
-@pytest.mark.parametrize("rows, timed", [(512, 128), (1000, 250), (128, None), (40, None)])
-def test_a_large_batch_is_timed_on_a_quarter_of_its_rows(fresh, monkeypatch, rows, timed):
-    """Timing cost stays a fraction of one call; the check still sees every kept weight."""
-    seen = []
-    real = tuning._timed
-
-    def spy(trial, impl, dev):
-        out = real(trial, impl, dev)
-        seen.append(out[1][0].shape[0])
-        return out
-
-    monkeypatch.setattr(tuning, "_timed", spy)
-    _call(rows=rows, density=0.05)
-    assert seen and set(seen) == {timed or rows}, seen
-    entry = next(iter(tuning.entries().values()))
-    assert entry.get("timed_rows") == timed
-
-
-def test_timed_rows_of_a_convolution_keep_several_images():
-    from sparseops.ops._common import timed_rows
-    assert timed_rows(torch.empty(128, 256, 8, 8)) == 32 * 256 * 8  # a quarter of the images
-    assert timed_rows(torch.empty(16, 64, 32, 32)) == 8 * 64 * 32  # 8 images at least
-    assert timed_rows(torch.empty(8, 64, 32, 32)) is None
-    assert timed_rows(torch.empty(0, 5)) is None and timed_rows(torch.empty(300, 0, 7)) is None
-    assert timed_rows(torch.empty(4, 50, 768)) is None and timed_rows(torch.empty(64, 50, 768)) == 16 * 50
-
-
 @pytest.mark.parametrize("density, timed", [(0.2, {"torch_sparse", "cpu"}), (0.4, {"cpu"}), (0.55, set())])
 def test_sparse_candidates_are_timed_only_where_they_can_win(fresh, monkeypatch, density, timed):
     """torch.sparse up to density 0.25, the C++ kernel up to 0.5 (backend.TORCH_SPARSE_MAX_DENSITY,

@@ -156,26 +156,7 @@ def trial(run, x, *args, batched: bool = True):
             return [*ys, *torch.autograd.grad(ys, wrt, [grad_out[y.shape].to(y.dtype) for y in ys])]
 
     run_one.train = train
-    run_one.timed_rows = timed_rows(x) if batched else None
     return run_one
-
-
-def timed_rows(x: torch.Tensor) -> int | None:
-    """The rows `auto` times a call's candidates on (tuning.pick), or None for all of them: a quarter
-    of a large batch, never fewer than TIMED_MIN_ROWS rows of the product nor TIMED_MIN_ITEMS
-    entries of x (images of a convolution: both threads get work). Every candidate scales with the
-    rows alike, so their order holds; where fixed costs make two close, either costs about the same."""
-    if x.dim() < 2:
-        return None
-    per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
-    items = x.shape[0]
-    if not per_item or not items:
-        return None
-    keep = max(-(-items // 4), -(-TIMED_MIN_ROWS // per_item), min(TIMED_MIN_ITEMS, items))
-    return None if keep >= items else keep * per_item
-
-
-TIMED_MIN_ROWS, TIMED_MIN_ITEMS = 128, 8
 
 
 def check_channel_index(op: str, name: str, idx: torch.Tensor, size: int) -> None:
