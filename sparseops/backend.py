@@ -297,12 +297,12 @@ def _masked_linear(op, name, device, *, density, shape, full, numel, rows=1, dty
 
 
 def _channels(name: str, full: bool, channels: float | None):
-    """("channels" where `auto` may run a mask of kept work fraction `channels` so (thresholds.py:
-    taken without measuring up to CHANNEL_MAX_WORK, measured up to CHANNEL_MEASURE_MAX_WORK), else None;
-    its bucket (per mille) in the tuning key: a search killing a channel at a time measures once per bucket)."""
+    """("channels" where `auto` may run a mask of kept work fraction `channels` (thresholds.py: taken
+    unmeasured up to CHANNEL_MAX_WORK, measured up to CHANNEL_MEASURE_MAX_WORK), else None; its bucket
+    ("c<per mille>") in the tuning key: measured once per bucket, guarded once per layer)."""
     if name != "auto" or full or channels is None or channels > CHANNEL_MEASURE_MAX_WORK:
         return None, ()
-    return "channels", (int(1000 * tuning.density_bucket(channels)),)
+    return "channels", (f"c{int(1000 * tuning.density_bucket(channels))}",)
 
 
 def _block(op, name, device, *, tile_density, dtype=None):

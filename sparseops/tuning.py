@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -111,7 +112,7 @@ def rows_bucket(rows: int) -> int:
 
 def key(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int], density: float) -> str:
     name = _device_name(device) if device.type == "cuda" else cpu_isa()
-    dims = "x".join(str(int(s)) for s in shape)
+    dims = "x".join(s if isinstance(s, str) else str(int(s)) for s in shape)  # (a str: a tagged bucket, "c500")
     return f"{op}|{device.type}:{name}|{str(dtype).removeprefix('torch.')}|{dims}|d<={density_bucket(density):g}"
 
 
@@ -280,8 +281,9 @@ def _without_batch(k: str) -> str:
 
 
 def _shape(k: str) -> str:
-    """The guard's key: the layer without its density and batch (a kernel right for one is right for all)."""
-    return _without_batch(_split(k)[0].replace(":infer", "", 1) if "|d<=" in k else k)
+    """The guard's key: the layer without its density, batch and channel-work bucket (a kernel right for
+    one is right for all)."""
+    return re.sub(r"xc\d+$", "", _without_batch(_split(k)[0].replace(":infer", "", 1) if "|d<=" in k else k))
 
 
 # The correctness check runs this many rows of the call (every kept weight, a fraction of the cost).
