@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from torch import nn
 
 from .. import nn as snn
 from ..patch import check_model, patch, patched_layers
-from .files import resume_rounds, save_checkpoint
+from .files import resume_rounds, save_round
 from .imp import LevelResult, SearchResult
 from .presets import OFFICIAL_MILESTONES, CSPreset
 from .masks import get_masks
@@ -160,13 +159,7 @@ def continuous_sparsification(model: nn.Module, train_data, test_data=None, *, r
 
     def save(result: LevelResult) -> None:
         if checkpoint_dir is not None:  # the state dict itself: its metadata carries beta and ticket mode
-            save_checkpoint({"config": config, "round": result.level, "sparsity": result.sparsity,
-                             "metrics": result.metrics, "wall_time": result.wall_time, "masks": result.masks,
-                             "state": model.state_dict(), "optimizers": [weight_opt.state_dict(),
-                                                                         score_opt.state_dict()],
-                             "rewind": state["rewind"] if result.level == 0 else None,
-                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                            os.path.join(checkpoint_dir, f"round_{result.level:03d}.pt"))
+            save_round(checkpoint_dir, config, result, model.state_dict(), (weight_opt, score_opt), state["rewind"])
 
     bar = None
     if progress:

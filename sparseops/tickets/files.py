@@ -113,6 +113,17 @@ def resume_rounds(checkpoint_dir, config: dict, who: str, what: str, keys, model
     return checkpoints
 
 
+def save_round(checkpoint_dir, config: dict, result, state: dict, optimizers, rewind) -> None:
+    """What resume_rounds reads back: a round-based search's round `result` (a LevelResult), the
+    model's `state`, the optimisers, the rewind point (round 0's) and torch's and Python's RNGs."""
+    save_checkpoint({"config": config, "round": result.level, "sparsity": result.sparsity,
+                     "metrics": result.metrics, "wall_time": result.wall_time, "masks": result.masks,
+                     "state": state, "optimizers": [opt.state_dict() for opt in optimizers],
+                     "rewind": rewind if result.level == 0 else None,
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                    os.path.join(checkpoint_dir, f"round_{result.level:03d}.pt"))
+
+
 def python_rng_state(state):
     """random.getstate() as a checkpoint gives it back (its tuple loaded as a list) -> random.setstate's."""
     version, internal, gauss = state

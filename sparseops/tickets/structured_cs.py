@@ -18,7 +18,6 @@ resumes after the last one. docs/tickets.md lists each choice.
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import time
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from .. import gates as sgates
 from .cs import default_milestones
-from .files import resume_rounds, save_checkpoint
+from .files import resume_rounds, save_round
 from .gating import Structure, get_gates, kept_fraction, prepare
 from .imp import LevelResult, SearchResult
 from .train import batches, evaluate
@@ -168,13 +167,8 @@ def structured_cs(model: nn.Module, train_data, test_data=None, *, rounds: int =
 
     def save(result: LevelResult) -> None:
         if checkpoint_dir is not None:
-            save_checkpoint({"config": config, "round": result.level, "sparsity": result.sparsity,
-                             "metrics": result.metrics, "wall_time": result.wall_time, "masks": result.masks,
-                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                             "optimizers": [weight_opt.state_dict(), score_opt.state_dict()],
-                             "rewind": state["rewind"] if result.level == 0 else None,
-                             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                            os.path.join(checkpoint_dir, f"round_{result.level:03d}.pt"))
+            save_round(checkpoint_dir, config, result, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                       (weight_opt, score_opt), state["rewind"])
 
     bar = None
     if progress:
