@@ -159,12 +159,16 @@ def main() -> int:
     results = per_isa(__file__, args.isa, args.rounds)
     if results is None:
         return 1
-    text = table(results)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write(table(results), results, args.out)
     return 0
+
+
+def write(text: str, results: list[dict], out: str | None) -> None:
+    """Prints the table; with `out`, writes it there and the results beside it as .json."""
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+        Path(out).with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 def per_isa(script: str, isas: list[str] | None, rounds: int, extra: tuple[str, ...] = ()) -> list[dict] | None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from bench_isa import child, per_isa
+from bench_isa import child, per_isa, write
 
 SHAPES = ((200, 1000, 1500), (96, 4096, 1024), (1024, 512, 512), (33, 2000, 300), (384, 768, 2304))
 SPARSITIES = (0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -93,11 +92,7 @@ def main() -> int:
     results = per_isa(__file__, args.isa, args.rounds, (*extra, "--sparsities", *map(str, args.sparsities)))
     if results is None:
         return 1
-    text = table(results)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write(table(results), results, args.out)
     return 0
 
 
