@@ -2,7 +2,6 @@
 without changing any value or gradient (float64), gradients through the channel gates, bad input,
 the schedule, the random channel baseline, and a search on scikit-learn's digits."""
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -21,16 +20,7 @@ from sparseops.tickets.structured_cs import _Temperature
 from sparseops.tickets.train import Trainer
 from sparseops.tickets.zoo import build_model, load_digits, resnet20, vgg16
 
-
-@contextlib.contextmanager
-def one_thread():
-    """The searches below are tiny: on a loaded 2-core machine one thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from conftest import one_thread
 
 
 def test_units_of_vgg16_and_resnet20():

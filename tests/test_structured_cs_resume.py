@@ -3,7 +3,6 @@ training, resumes from the last saved round with the same gates, masks, metrics 
 uninterrupted one; a finished directory gives the result without training; a corrupt or foreign file
 is a clear error naming it."""
 import argparse
-import contextlib
 import functools
 import io
 import os
@@ -17,18 +16,10 @@ from sparseops.tickets import continuous_sparsification, structured_cs
 from sparseops.tickets.command import add_arguments, search
 from sparseops.tickets.zoo import build_model, load_digits
 
+from conftest import one_thread
+
 EPOCHS, BATCH, ROWS = 3, 64, 256
 STEPS = EPOCHS * ROWS // BATCH  # training steps per round
-
-
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _search(checkpoint_dir, stop_at_step=None, method="structured_cs", **kw):
