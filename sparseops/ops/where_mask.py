@@ -7,13 +7,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._library import define, lib
+from .._library import _PLAIN, define, lib
 
 define("where_mask", lambda w, mask: torch.empty_like(w, memory_format=torch.contiguous_format),
        grads=("w",), backward=lambda grad, w, mask, output_mask: (where_mask(grad, mask),))
 define("where_mask_", lambda w, mask: None)
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _here(t: torch.Tensor, mask: torch.Tensor) -> bool:
