@@ -94,11 +94,13 @@ def _cases():
 
 
 def interleaved(cases: list, rounds: int) -> dict:
-    """Median ms per (case label, provider): each case's providers once per round, after one untimed
-    run each (where `auto` measures)."""
+    """Median ms per (case label, provider): each case's providers once per round, after untimed runs
+    (common.warm_up: one each, `auto` as many as it measures for)."""
+    from common import warm_up
+
     for _, fns in cases:
         for fn in fns.values():
-            fn()
+            warm_up(fn)
     times = {label: {p: [] for p in fns} for label, fns in cases}
     for _ in range(rounds):
         for label, fns in cases:

@@ -39,6 +39,8 @@ import sparseops
 from sparseops.patch import patched_layers
 from sparseops.tickets import channel_masks, set_masks, zoo
 
+from common import warm_up
+
 try:  # not a dependency of sparseops
     import torchvision
 except ImportError:
@@ -163,8 +165,8 @@ def case(name, factory, removed, batch, rounds, device) -> dict:
     same = {k: checks["shrunk"][k] == checks["built"][k] for k in ("modules", "tensors", "hooks", "ops")}
     steps = {"shrunk": trainer(shrunk, x, y), "built": trainer(built, x, y), "masked": trainer(masked, x, y)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in steps.values():  # warm up (and `auto`'s first-call measurements on the masked model)
-        fn(), fn()
+    for fn in steps.values():  # warm up (and `auto`'s measuring on the masked model)
+        fn(), warm_up(fn)
     sync()
     times = {p: [] for p in steps}
     for r in range(rounds):

@@ -30,6 +30,8 @@ from torch import nn
 import sparseops
 from sparseops.layout_channels import channel_layout
 
+from common import warm_up
+
 CONVS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, H = W), batch 128, C -> C
 LINEAR = (512, 768, 3072)  # rows, in, out
 REMOVED = [0.5, 0.75, 0.9]
@@ -132,7 +134,7 @@ def measure(rounds: int, only=None, clock=time.perf_counter) -> list[dict]:
     for label, kind, shape, removed, dim in cases(only=only):
         fns = {p: step(*lx) for p, lx in _layers(kind, shape, removed, dim).items()}
         for fn in fns.values():
-            fn()  # warm up
+            warm_up(fn)
         times = {p: [] for p in fns}
         for _ in range(rounds):
             for p, fn in fns.items():
@@ -152,7 +154,7 @@ def table(rows, rounds, load_before, load_after, malloc="glibc malloc's defaults
            f"capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, torch "
            f"{torch.__version__}. fwd+bwd medians of {rounds} interleaved rounds (ms, {clock}). `channel op`: the "
            "layer's parameters through channel_masked_*; `auto`: the MaskedLinear/MaskedConv2d in backend auto (its "
-           "first call measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: "
+           "first calls measured the candidates: the channel op, the dense paths, the sparse kernels). `vs kept`: "
            "channel op time / dense layer of the kept size (target <= 1.25), of the medians and of the fastest rounds "
            "(preemption on a shared machine only adds time); `speedup`: full dense / channel op, and full dense / "
            "auto (medians).",

@@ -16,6 +16,17 @@ from torch import nn
 
 import sparseops
 
+
+def warm_up(fn, most: int = 40) -> None:
+    """Runs `fn` once, then again while `auto` is still measuring a key (its first calls run the
+    candidates in turn, sparseops.tuning): what is timed after this is the measured choice."""
+    fn()
+    for _ in range(most):
+        if not sparseops.tuning._cache.exploring:
+            return
+        fn()
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -47,7 +47,8 @@ def _cases(args):
                 yield f"conv {c}->{co} 3x3 @{hw}x{hw}, batch {b}", "conv", (b, c, hw, co), d
 
 
-def _run_case(kind, sizes, density, device, dtype):
+def _case(kind, sizes, density, device, dtype):
+    """One forward and backward of the case's op, as a function (the same inputs every call)."""
     import sparseops
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -56,14 +57,12 @@ def _run_case(kind, sizes, density, device, dtype):
         x = torch.randn(m, k, device=device, dtype=dtype, generator=g, requires_grad=True)
         w = torch.randn(n, k, device=device, dtype=dtype, generator=g, requires_grad=True)
         mask = torch.rand(n, k, device=device, generator=g) < density
-        y = sparseops.masked_linear(x, w, mask)
-    else:
-        b, c, hw, co = sizes
-        x = torch.randn(b, c, hw, hw, device=device, dtype=dtype, generator=g, requires_grad=True)
-        w = torch.randn(co, c, 3, 3, device=device, dtype=dtype, generator=g, requires_grad=True)
-        mask = torch.rand(co, c, 3, 3, device=device, generator=g) < density
-        y = sparseops.masked_conv2d(x, w, mask, None, 1, 1)
-    y.float().sum().backward()
+        return lambda: sparseops.masked_linear(x, w, mask).float().sum().backward()
+    b, c, hw, co = sizes
+    x = torch.randn(b, c, hw, hw, device=device, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(co, c, 3, 3, device=device, dtype=dtype, generator=g, requires_grad=True)
+    mask = torch.rand(co, c, 3, 3, device=device, generator=g) < density
+    return lambda: sparseops.masked_conv2d(x, w, mask, None, 1, 1).float().sum().backward()
 
 
 def run(args) -> int:
@@ -75,18 +74,16 @@ def run(args) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start, done, skipped = time.perf_counter(), {}, []
     print(f"measuring on {device} ({tuning.machine()}); cache {tuning.cache_file()}")
-    with tuning.measuring(True, force=True):
-        for label, kind, sizes, density in _cases(args):
-            if time.perf_counter() - start > args.budget_s:
-                skipped.append(f"{label} at density {density:g}")
-                continue
-            first = len(tuning._cache.touched)
-            _run_case(kind, sizes, density, device, dtype)
-            for key in tuning._cache.touched[first:]:
-                entry = tuning.entries()[key]
-                done[key] = entry
-                times = ", ".join(f"{i} {t:.2f} ms" for i, t in sorted(entry["times_ms"].items(), key=lambda p: p[1]))
-                print(f"{label}, density {density:g}: {entry['winner']}  ({times})")
+    for label, kind, sizes, density in _cases(args):
+        if time.perf_counter() - start > args.budget_s:
+            skipped.append(f"{label} at density {density:g}")
+            continue
+        # (one set of inputs per case: a call measures the candidates over several steps)
+        for key in tuning.until_measured(_case(kind, sizes, density, device, dtype)):
+            entry = tuning.entries()[key]
+            done[key] = entry
+            times = ", ".join(f"{i} {t:.2f} ms" for i, t in sorted(entry["times_ms"].items(), key=lambda p: p[1]))
+            print(f"{label}, density {density:g}: {entry['winner']}  ({times})")
     spent = time.perf_counter() - start
     print(f"measured {len(done)} keys in {spent:.1f} s (measuring itself: {tuning.measured_seconds():.1f} s)"
           + (f"; budget reached, skipped {len(skipped)} cases" if skipped else ""))

@@ -1,32 +1,32 @@
 """Measured choice for `auto`: the fastest implementation of an op on the machine in use.
 
 `backend.choose` hands `pick` the implementations that compute the same thing for a call (dense
-torch, sparseops' kernel, torch.sparse) and a `trial(impl)` that runs one of them forward and
-backward on (detached copies of) the call's own inputs. The first call for a key (op, device and
-its name, dtype, problem shape, density bucket) times each candidate the way training runs it and
-keeps the winner in memory and in a per-machine file in the user's cache directory; later calls
-and later processes read it. The thresholds (thresholds.json) stay the prior: what runs where
-measuring is off, and the order candidates are tried in.
+torch, sparseops' kernel, torch.sparse) and the call's `trial` (ops/_common.trial). The first calls
+for a key (op, device and its name, dtype, problem shape, density bucket) measure: each runs one
+candidate, timed the way training runs it (forward and backward, on the call's own inputs), until
+each has been timed a few times; the fastest is kept in memory and in a per-machine file in the
+user's cache directory, and later calls and later processes run it. Measuring inside the calls
+costs only what the slower candidates took on them, no extra runs (sparseops.tune and
+`python -m sparseops tune` do the same ahead of time). The thresholds (thresholds.json) stay the
+prior: what runs where measuring is off, and the first candidate measured.
 
-Correctness guard: the first time an implementation other than the dense one runs for a key in a
-process, its result is compared with the dense path's on the same inputs (computed in float64, so
-that a kernel more exact than float32 torch is not taken for a wrong one); one that disagrees is
-excluded for that key, with one warning naming it. So a kernel never run before (a new GPU) is a
-safe candidate.
+Correctness guard: the first time an implementation other than a dense one runs for a layer in a
+process, its result on a few rows of the call is compared with the dense path's (computed in
+float64 on detached copies, so that a kernel more exact than float32 torch is not taken for a
+wrong one); one that disagrees is excluded for that key, with one warning naming it. So a kernel
+never run before (a new GPU) is a safe candidate.
 
-Reproducible: trials run on detached copies with a private random generator (no RNG state, no
-parameter, no statistic changes), so measuring changes results only by the rounding of the
-implementation chosen. Under `torch.use_deterministic_algorithms(True)`, with
-`SPARSEOPS_TUNE=0` or `sparseops.tuning.measuring(False)`, choices come only from the cache and the
-prior, so two runs take the same paths. Nothing is measured while torch.compile traces or a CUDA
-graph captures.
+Reproducible: measuring changes results only by the rounding of the implementation each call ran
+(the checks run on detached copies with a private random generator: no RNG state, parameter or
+statistic changes). Under `torch.use_deterministic_algorithms(True)`, with `SPARSEOPS_TUNE=0` or
+`sparseops.tuning.measuring(False)`, choices come only from the cache and the prior, so two runs
+take the same paths. Nothing is measured while torch.compile traces or a CUDA graph captures.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -34,7 +34,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import tuning_infer as infer
 from ._library import cpu_isa
+from .tuning_infer import DENSE_PATHS  # noqa: F401  (public here)
+from .tuning_sample import Measuring, Sample
 from .tuning_cache import _Cache, _device_name, cache_dir, cache_file, machine  # noqa: F401  (cache_dir: public here)
 
 _cache = _Cache()
@@ -49,7 +52,7 @@ def _env_measuring() -> bool:
 class _State(threading.local):
     def __init__(self):
         self.measuring = _env_measuring()
-        self.forced = False  # inside sparseops.tune(): measure even where a key is cached
+        self.forced: set[str] | None = None  # inside sparseops.tune(): the keys measured again, cached or not
 
 
 _state = _State()
@@ -59,7 +62,7 @@ _state = _State()
 def measuring(enabled: bool = True, *, force: bool = False):
     """Turns measuring on or off inside a block (`force`: measure again even where cached)."""
     saved = (_state.measuring, _state.forced)
-    _state.measuring, _state.forced = bool(enabled), bool(force)
+    _state.measuring, _state.forced = bool(enabled), (set() if force else None)
     try:
         yield
     finally:
@@ -69,7 +72,7 @@ def measuring(enabled: bool = True, *, force: bool = False):
 def measuring_allowed(device: torch.device) -> bool:
     if not _state.measuring or torch.are_deterministic_algorithms_enabled():
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():  # (vmap, grad: no timing)
         return False
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
@@ -92,7 +95,8 @@ def entries() -> dict[str, dict]:
 
 
 def measured_seconds() -> float:
-    """Time this process has spent measuring (trials and correctness checks)."""
+    """Time this process has spent measuring: the correctness checks, and what the measured calls
+    took beyond the winner's time."""
     return _cache.measured_s
 
 
@@ -114,11 +118,6 @@ def key(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int],
     name = _device_name(device) if device.type == "cuda" else cpu_isa()
     dims = "x".join(s if isinstance(s, str) else str(int(s)) for s in shape)  # (a str: a tagged bucket, "c500")
     return f"{op}|{device.type}:{name}|{str(dtype).removeprefix('torch.')}|{dims}|d<={density_bucket(density):g}"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -145,145 +144,89 @@ def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], dtype: tor
     return True
 
 
-def _timed(trial: Callable, impl: str, device: torch.device):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = trial(impl)
-    _sync(device)
-    return time.perf_counter() - t0, out
+# ---- measuring in the calls themselves (tuning_sample) ----------------------------------------
+
+def _record(m: Measuring, impl: str, seconds: float) -> None:
+    with _lock:
+        if not m.decided:
+            m.record(impl, seconds)
+            _cache.warm.add((m.layer, impl))  # (its buffers' first touches are behind it, for every mask)
+            if m.next() is None:
+                _decide(m)
 
 
-# The implementations that compute densely: a mask denser than one where they won makes them win again.
-DENSE_PATHS = frozenset({"dense", "mask_multiply", "unmasked", "reference", "unfused"})
-
-
-def _split(k: str) -> tuple[str, float]:
-    """(the key without its density bucket, the bucket)."""
-    prefix, bucket = k.rsplit("|", 1)
-    return prefix, float(bucket.removeprefix("d<="))
-
-
-def _inferred(k: str, live: Sequence[str], entries: dict) -> tuple[str | None, list[str]]:
-    """What the same call at other densities says, as a winner or fewer candidates. Time grows with
-    density for the sparse paths and not for the dense ones: where dense won at a sparser mask it
-    wins here; where a sparse path beat dense clearly at a denser mask, dense cannot win here."""
-    prefix, bucket = _split(k)
-    keep = list(live)
-    trained = entries.get(k.replace(":infer|", "|", 1)) if ":infer|" in k else None
-    if trained and trained.get("winner") in live:  # an evaluation pass runs what its training measured
-        return trained["winner"], keep
-    batchless = _without_batch(k.replace(":infer|", "|", 1))
-    for other, e in entries.items():  # another batch size of this layer (a last, partial batch)
-        if e.get("winner") in live and _without_batch(other.replace(":infer|", "|", 1)) == batchless:
-            return e["winner"], keep
-    if all(c in DENSE_PATHS for c in live):  # which dense path is faster does not depend on the mask
-        for other, e in entries.items():
-            times = e.get("times_ms", {})
-            if "|d<=" in other and _split(other)[0] == prefix and all(c in times for c in live):
-                return min(live, key=times.get), keep
-    for other, e in entries.items():
-        p2, b2 = _split(other) if "|d<=" in other else (None, 0.0)
-        if p2 != prefix or e.get("winner") not in live:
-            continue
-        times = e.get("times_ms", {})
-        dense_best = min((t for i, t in times.items() if i in DENSE_PATHS), default=None)
-        if b2 < bucket and e["winner"] in DENSE_PATHS:
-            return e["winner"], keep
-        if b2 > bucket and e["winner"] not in DENSE_PATHS and dense_best is not None \
-                and times.get(e["winner"], dense_best) <= 0.8 * dense_best:
-            keep = [c for c in keep if c not in DENSE_PATHS]
-    return None, _undominated(prefix, bucket, keep, entries)
-
-
-# Implementations of one kind keep their order across densities (the dense paths do the same work
-# at any density; the sparse ones all scale with the kept weights): one that lost to another of its
-# kind by this margin at the nearest density timed with both is not timed again.
-_DOMINATED = {True: 1.15, False: 1.4}
-
-
-def _undominated(prefix: str, bucket: float, keep: list[str], entries: dict) -> list[str]:
-    for dense_kind, margin in _DOMINATED.items():
-        kind = [c for c in keep if (c in DENSE_PATHS) == dense_kind]
-        if len(kind) < 2:
-            continue
-        timed = [(abs(math.log(b / bucket)), e["times_ms"]) for other, e in entries.items() if "|d<=" in other
-                 for p, b in [_split(other)] if p == prefix and all(c in e.get("times_ms", {}) for c in kind)]
-        if timed:
-            times = min(timed, key=lambda t: t[0])[1]
-            best = min(times[c] for c in kind)
-            keep = [c for c in keep if c not in kind or times[c] <= margin * best]
-    return keep
+def _decide(m: Measuring, prior: str | None = None) -> str:
+    """The fastest candidate measured (else `prior`, else the first), cached and written (under _lock)."""
+    best = {c: min(t) for c, t in m.times.items() if t}
+    winner = min(best, key=best.get) if best else (prior or m.order[0])
+    m.decided = True
+    _cache.exploring.pop(m.k, None)
+    _cache.measured_s += sum(s - best.get(winner, s) for s in m.spent if s > best.get(winner, s))
+    _cache.touched.append(m.k)
+    _cache.load()[m.k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in best.items()},
+                          "calls": len(m.spent)}
+    _cache.save()
+    return winner
 
 
 def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str], prior: str,
          dense: str, trial: Callable | None) -> str:
-    """The implementation to run for key `k`: the cached winner, else (measuring allowed and a
-    `trial` given) the fastest candidate that agrees with `dense`, else `prior`. Candidates that
-    failed the guard for this key are never returned."""
+    """The implementation to run for key `k`: the cached winner; else, measuring allowed and a `trial`
+    given, the candidate this call measures (`trial.sample` then times the call), or the winner once
+    measured; else `prior`. Candidates that failed the guard for this key are never returned."""
     with _lock:
         entries_now = _cache.load()
         cached = entries_now.get(k)
         excluded = _cache.excluded.setdefault(k, set())
+        m = _cache.exploring.get(k)
+        restart = _state.forced is not None and k not in _state.forced
+        if restart:
+            _state.forced.add(k)
+            _cache.exploring.pop(k, None)
+            m = None
     live = [c for c in candidates if c not in excluded]
     if prior not in live:
         prior = dense
-    measure = trial is not None and len(live) > 1 and measuring_allowed(device) and (
-        _state.forced or cached is None or cached.get("winner") not in live)
+    measure = trial is not None and trial.plain and len(live) > 1 and measuring_allowed(device) and (
+        m is not None or restart or cached is None or cached.get("winner") not in live)
     if not measure:
         choice = cached["winner"] if cached and cached.get("winner") in live else prior
-        if choice not in DENSE_PATHS and trial is not None and not torch.compiler.is_compiling():
-            choice = _guard(op, k, device, dtype, choice, dense, trial)
-        return choice
-    start = time.perf_counter()
-    times: dict[str, float] = {}
-    winner, timed = (None, live) if _state.forced else _inferred(k, live, entries_now)
-    try:
+        return _guard(op, k, device, dtype, choice, dense, trial)
+    if m is None:
+        winner, timed = (None, live) if restart else infer.inferred(k, live, entries_now)
         if winner is None and len(timed) == 1:
             winner = timed[0]
-        if winner is None:
-            layer = _shape(k)
-            for impl in timed:
-                # One-time costs stay out of the timed run: a candidate's first run in this process
-                # (first touches of its buffers) is untimed, and a sparse one builds this mask's
-                # layout in the check, that run, or else a few-row run first.
-                unchecked = impl not in DENSE_PATHS and (layer, impl) not in _cache.guarded
-                if unchecked and not _check(op, k, device, dtype, impl, dense, trial):
-                    continue
-                if (layer, impl) not in _cache.warm:
-                    trial(impl)
-                    _cache.warm.add((layer, impl))
-                elif impl not in DENSE_PATHS and not unchecked:
-                    trial(impl, rows=CHECK_ROWS)
-                times[impl] = _timed(trial, impl, device)[0]
-            best = min(times.values())
-            for impl in list(times):  # close calls get one more run: noise decides less often
-                if times[impl] <= 1.3 * best:
-                    times[impl] = min(times[impl], _timed(trial, impl, device)[0])
-            winner = min(times, key=times.get)
-        elif winner not in DENSE_PATHS:
-            winner = _guard(op, k, device, dtype, winner, dense, trial)
-    finally:
-        _cache.measured_s += time.perf_counter() - start
-    with _lock:
-        _cache.touched.append(k)
-        _cache.load()[k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in times.items()},
-                            "prior": prior, **({} if times else {"inferred": True})}
-        _cache.save()
-    return winner
-
-
-def _without_batch(k: str) -> str:
-    """The key without its first problem size (the batch rows)."""
-    parts = k.split("|")
-    if len(parts) >= 4:
-        parts[3] = parts[3].partition("x")[2]
-    return "|".join(parts)
-
-
-def _shape(k: str) -> str:
-    """The guard's key: the layer without its density, batch and channel-work bucket (a kernel right for
-    one is right for all)."""
-    return re.sub(r"xc\d+$", "", _without_batch(_split(k)[0].replace(":infer", "", 1) if "|d<=" in k else k))
+        if winner is not None:
+            with _lock:
+                _cache.touched.append(k)
+                _cache.load()[k] = {"winner": winner, "times_ms": {}, "inferred": True}
+                _cache.save()
+            return _guard(op, k, device, dtype, winner, dense, trial)
+        order = [prior, *(c for c in timed if c != prior)] if prior in timed else timed
+        layer = infer.layer(k)
+        m = Measuring(k, layer, order, {c for c in order if (layer, c) in _cache.warm})
+        with _lock:
+            _cache.exploring[k] = m
+    while True:
+        with _lock:
+            impl = None if m.decided else m.next()
+            if impl is None:
+                return _cache.load()[k]["winner"] if m.decided else _decide(m, prior)
+            m.calls[impl] += 1
+        if impl in DENSE_PATHS:
+            break
+        checked = (m.layer, impl) in _cache.guarded
+        if _guard(op, k, device, dtype, impl, dense, trial) == impl:
+            if checked and m.calls[impl] == 1:  # this mask's layout, built before the timed call (the check built it)
+                start = time.perf_counter()
+                trial(impl, rows=CHECK_ROWS)
+                _cache.measured_s += time.perf_counter() - start
+            break
+        with _lock:
+            m.times.pop(impl, None), m.calls.pop(impl, None)
+            m.order.remove(impl)
+    trial.sample = Sample(m, impl, device, trial.train, _record)
+    return impl
 
 
 # The correctness check runs this many rows of the call (every kept weight, a fraction of the cost).
@@ -295,15 +238,17 @@ def _check(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str,
     """`impl` against the dense path in float64 on a few rows, once per layer and process; one that
     disagrees is excluded for `k`."""
     ok = agrees(trial(impl, rows=CHECK_ROWS), trial(dense, exact=True, rows=CHECK_ROWS), dtype)
-    _cache.guarded.add((_shape(k), impl))
+    _cache.guarded.add((infer.layer(k), impl))
     if not ok:
         _exclude(op, k, impl)
     return ok
 
 
 def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
-           trial: Callable) -> str:
-    if (_shape(k), impl) in _cache.guarded:
+           trial: Callable | None) -> str:
+    """`impl`, checked once per layer and process where it is not a dense path; `dense` if it disagrees."""
+    if impl in DENSE_PATHS or trial is None or torch.compiler.is_compiling() or \
+            (infer.layer(k), impl) in _cache.guarded:
         return impl
     start = time.perf_counter()
     try:
@@ -324,24 +269,38 @@ def _exclude(op: str, k: str, impl: str) -> None:
 # ---- measuring ahead of time ----------------------------------------------------------------
 
 
+def until_measured(step: Callable[[], None], passes: int = 40) -> list[str]:
+    """Runs `step` (the calls to measure, forward and backward) until every key it meets is measured,
+    cached ones again (at most `passes` times); returns those keys."""
+    first = len(_cache.touched)
+    with measuring(True, force=True):
+        for _ in range(passes):
+            step()
+            if not _state.forced & set(_cache.exploring):
+                break
+    return list(dict.fromkeys(_cache.touched[first:]))
+
+
 def tune(model: torch.nn.Module, example_inputs, *, loss_fn: Callable | None = None) -> dict[str, dict]:
     """Measures every sparseops op of `model` for these inputs now (forward and, if the model has
-    trainable parameters, backward), so that training starts on the measured choices; returns the
-    entries measured. The model is left as it was: gradients, buffers (BatchNorm statistics) and the
-    RNG state are restored."""
+    trainable parameters, backward; as many steps as measuring takes), so that training starts on
+    the measured choices; returns the entries measured. The model is left as it was: gradients,
+    buffers (BatchNorm statistics) and the RNG state are restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"sparseops.tune: model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     grads = {p: p.grad for p in model.parameters()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
-    first = len(_cache.touched)
+
+    def step():
+        out = model(*inputs)
+        loss = loss_fn(out) if loss_fn is not None else _sum(out)
+        if loss.requires_grad:
+            loss.backward()
+
     try:
-        with measuring(True, force=True):
-            out = model(*inputs)
-            loss = loss_fn(out) if loss_fn is not None else _sum(out)
-            if loss.requires_grad:
-                loss.backward()
+        keys = until_measured(step)
     finally:
         for p, g in grads.items():
             p.grad = g
@@ -351,7 +310,7 @@ def tune(model: torch.nn.Module, example_inputs, *, loss_fn: Callable | None = N
                     b.copy_(buffers[n])
         torch.set_rng_state(rng)
     now = entries()
-    return {k: now[k] for k in dict.fromkeys(_cache.touched[first:]) if k in now}
+    return {k: now[k] for k in keys if k in now}
 
 
 def _sum(out) -> torch.Tensor:

@@ -89,6 +89,7 @@ class _Cache:
         self.warned: set[tuple[str, str]] = set()
         self.measured_s = 0.0  # time spent measuring in this process
         self.touched: list[str] = []  # keys measured, in order
+        self.exploring: dict = {}  # key -> tuning_sample.Measuring, for keys being measured now
 
     def load(self) -> dict[str, dict]:
         varying = _varying()  # cheap; the rest of the machine does not change in a process

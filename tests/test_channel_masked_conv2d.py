@@ -253,8 +253,8 @@ def test_auto_measures_only_a_mask_keeping_more_than_half(kept, measured, tmp_pa
     monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
     tuning.clear(memory_only=True)
     picks = []
-    real = tuning._timed
-    monkeypatch.setattr(tuning, "_timed", lambda *a: picks.append(a[1]) or real(*a))
+    real = tuning.Sample
+    monkeypatch.setattr(tuning, "Sample", lambda m, impl, *a: picks.append(impl) or real(m, impl, *a))
     layer = sparseops.MaskedConv2d(8, 8, 3, padding=1)
     rows = torch.zeros(8, dtype=torch.bool)
     rows[: int(8 * kept)] = True
@@ -272,7 +272,7 @@ def test_auto_measures_only_a_mask_keeping_more_than_half(kept, measured, tmp_pa
 
 def test_the_guard_checks_a_layer_once_whatever_its_channel_bucket(tmp_path, monkeypatch):
     """A search removing channels walks work buckets: each is measured once, but the channel kernel,
-    right for one bucket, is checked against the dense path only the first time (tuning._shape)."""
+    right for one bucket, is checked against the dense path only the first time (tuning_infer.layer)."""
     from sparseops import tuning
 
     monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))

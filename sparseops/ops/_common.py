@@ -120,13 +120,13 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
 
 
 def trial(run, x, *args, batched: bool = True):
-    """`trial(impl, exact=False, rows=None)` for sparseops.tuning: runs `run(impl, x, *args)` on
+    """`trial(impl, exact=False, rows=None)` for sparseops.tuning's correctness check: runs `run(impl, x, *args)` on
     detached copies of the tensors (in float64 with `exact`, the reference a result is checked
     against), forward and, where the call would train, backward with a fixed random output gradient
     (a private generator: the global RNG is untouched). Returns the output(s) and the gradients.
     `rows`: only the leading entries of a `batched` x that make about that many rows of the product
     (one image of a convolution), for the correctness check, which needs every kept weight, not
-    every row."""
+    every row. `trial.call(impl)` runs the call itself (timed, where tuning measures it)."""
     tensors = [x, *args]
     train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     grad_out = {}
@@ -155,7 +155,16 @@ def trial(run, x, *args, batched: bool = True):
             wrt = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
             return [*ys, *torch.autograd.grad(ys, wrt, [grad_out[y.shape].to(y.dtype) for y in ys])]
 
-    run_one.train = train
+    def call(impl):
+        """The call itself with `impl`: timed where tuning.pick chose it to measure this call."""
+        sample, run_one.sample = run_one.sample, None
+        if sample is None or sample.impl != impl:
+            return run(impl, x, *args)
+        return sample.run(lambda *ts: run(impl, *ts), tensors)
+
+    # (tensor subclasses, DTensor under FSDP2 say, run the cached or prior choice: their calls are not timed)
+    run_one.plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors if isinstance(t, torch.Tensor))
+    run_one.train, run_one.sample, run_one.call = train, None, call
     return run_one
 
 

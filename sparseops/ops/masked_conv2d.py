@@ -97,11 +97,12 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
     checks.like(op, "w", w, x=x, bias=bias)
     geometry = (stride, padding, dilation, groups, *conv_geometry(op, x, w, stride, padding, dilation, groups)[:3])
-    impl = _choose(x, w, info, geometry, trial(_run, x, w, info, bias, geometry), isinstance(layout, torch.Tensor))
+    call = trial(_run, x, w, info, bias, geometry)
+    impl = _choose(x, w, info, geometry, call, isinstance(layout, torch.Tensor))
     if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
         raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "
                          "4-D conv mask (sparseops.block_layout(mask)) so that its tiles follow the taps")
-    return _run(impl, x, w, info, bias, geometry)
+    return call.call(impl)
 
 
 def _choose(x, w, info, geometry, trial_fn, from_mask=True):

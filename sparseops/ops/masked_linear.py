@@ -97,7 +97,8 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         if impl == "triton":
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
-    return _run(_choose(x, w, info, trial(_run, x, w, info, bias), isinstance(layout, torch.Tensor)), x, w, info, bias)
+    call = trial(_run, x, w, info, bias)
+    return call.call(_choose(x, w, info, call, isinstance(layout, torch.Tensor)))
 
 
 def _choose(x, w, info, trial_fn, from_mask=True):

@@ -84,9 +84,8 @@ def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float 
     """`w * scale * sigmoid(beta * s)`, Continuous Sparsification's masked weight, fused: one pass
     forward and one pass for both gradients. `scale` is 1/sigmoid(s0) in the official CS code."""
     beta, scale = _check_pair("soft_mask", w, s, beta, scale)
-    impl = backend.choose("soft_mask", w.device, numel=w.numel(), dtype=w.dtype,
-                          trial=trial(_run_soft_mask, w, s, beta, scale, batched=False))
-    return _run_soft_mask(impl, w, s, beta, scale)
+    call = trial(_run_soft_mask, w, s, beta, scale, batched=False)
+    return call.call(backend.choose("soft_mask", w.device, numel=w.numel(), dtype=w.dtype, trial=call))
 
 
 def _run_soft_mask(impl, w, s, beta, scale):
@@ -140,9 +139,8 @@ def soft_mask_with_l1(w: torch.Tensor, s: torch.Tensor, beta: float = 1.0,
     penalty of the same scores, in one pass forward and one for all the gradients (the penalty's
     included): about half the memory traffic of calling the two."""
     beta, scale = _check_pair("soft_mask_with_l1", w, s, beta, scale)
-    impl = backend.choose("soft_mask_with_l1", w.device, numel=w.numel(), dtype=w.dtype,
-                          trial=trial(_run_with_l1, w, s, beta, scale, batched=False))
-    return _run_with_l1(impl, w, s, beta, scale)
+    call = trial(_run_with_l1, w, s, beta, scale, batched=False)
+    return call.call(backend.choose("soft_mask_with_l1", w.device, numel=w.numel(), dtype=w.dtype, trial=call))
 
 
 def _run_with_l1(impl, w, s, beta, scale):
@@ -160,9 +158,8 @@ def soft_mask_l1(s: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torc
     checks.tensors("soft_mask_l1", s=s)
     checks.same_device("soft_mask_l1", s=s)
     checks.like("soft_mask_l1", "s", s)
-    impl = backend.choose("soft_mask_l1", s.device, numel=s.numel(), dtype=s.dtype,
-                          trial=trial(_run_soft_mask_l1, s, beta, scale, batched=False))
-    return _run_soft_mask_l1(impl, s, beta, scale)
+    call = trial(_run_soft_mask_l1, s, beta, scale, batched=False)
+    return call.call(backend.choose("soft_mask_l1", s.device, numel=s.numel(), dtype=s.dtype, trial=call))
 
 
 def _run_soft_mask_l1(impl, s, beta, scale):

@@ -1,0 +1,117 @@
+"""Measuring a key in its own calls (sparseops.tuning): which candidate each call runs, and timing
+that call forward and backward.
+
+Each call runs one candidate (the prior first, then in turn) on the call's own inputs, timed
+forward and, where it trains, backward: from the output's gradient arriving to the inputs'
+gradients leaving. So measuring costs no extra runs, only the calls a slower candidate took. A
+candidate's first call for a layer in a process is untimed (first touches of its buffers; a new
+mask's layout is built before its first call, in a few-row run), and one far behind the best after
+its first timed call is not run again."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+SAMPLES, CLOSE_SAMPLES, CLOSE, DROP = 2, 3, 1.15, 2.0  # timed calls each; more within CLOSE of the best
+
+
+class Measuring:
+    """A key being measured: the candidates, what each call took, which candidate runs next."""
+
+    def __init__(self, k: str, layer: str, candidates: Sequence[str], warm: set[str]):
+        self.k, self.layer, self.order = k, layer, list(candidates)
+        self.calls = dict.fromkeys(self.order, 0)
+        self.times: dict[str, list[float]] = {c: [] for c in self.order}
+        self.warm = set(warm)  # candidates whose next timed call counts (their first one does not)
+        self.spent: list[float] = []  # every timed call, untimed-first ones included: the cost
+        self.decided = False
+
+    def wanted(self, impl: str) -> bool:
+        t = self.times[impl]
+        best = min((min(v) for v in self.times.values() if v), default=None)
+        if best is not None and t and min(t) > DROP * best:
+            return False
+        close = best is not None and t and min(t) <= CLOSE * best
+        return len(t) < (CLOSE_SAMPLES if close else SAMPLES)
+
+    def next(self) -> str | None:
+        live = [c for c in self.order if self.wanted(c)]
+        cap = len(self.order) * (CLOSE_SAMPLES + 2)  # samples lost (no backward came) do not go on forever
+        if not live or sum(self.calls.values()) >= cap:
+            return None
+        return min(live, key=lambda c: (self.calls[c], self.order.index(c)))
+
+    def record(self, impl: str, seconds: float) -> None:
+        self.spent.append(seconds)
+        if impl in self.warm:
+            self.times[impl].append(seconds)
+        self.warm.add(impl)
+
+
+class Sample:
+    """One call of a key being measured: `run` times it (the forward now, the backward when it comes)."""
+
+    def __init__(self, m: Measuring, impl: str, device: torch.device, train: bool, record: Callable):
+        self.m, self.impl, self.device, self.train, self.record = m, impl, device, train, record
+        self.forward_s = self.backward_t0 = None
+        self.done = False
+
+    def run(self, fn: Callable, tensors: Sequence):
+        wrap = [i for i, t in enumerate(tensors) if self.train and isinstance(t, torch.Tensor) and t.requires_grad]
+        if wrap and torch.is_grad_enabled():
+            ends = _BackwardEnd.apply(self, *(tensors[i] for i in wrap))
+            tensors = list(tensors)
+            for i, t in zip(wrap, ends, strict=True):
+                tensors[i] = t
+        else:
+            wrap = []
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = fn(*tensors)
+        sync(self.device)
+        self.forward_s = time.perf_counter() - t0
+        nodes = {o.grad_fn for o in (out if isinstance(out, (tuple, list)) else (out,))
+                 if isinstance(o, torch.Tensor) and o.grad_fn is not None}
+        if wrap and nodes:
+            for node in nodes:
+                node.register_prehook(self._backward_starts)
+        else:
+            self._finish(0.0)
+        return out
+
+    def _backward_starts(self, grad_outputs):
+        if self.backward_t0 is None:
+            sync(self.device)
+            self.backward_t0 = time.perf_counter()
+
+    def backward_ends(self) -> None:
+        if self.backward_t0 is not None:
+            sync(self.device)
+            self._finish(time.perf_counter() - self.backward_t0)
+
+    def _finish(self, backward_s: float) -> None:
+        if not self.done:
+            self.done = True
+            self.record(self.m, self.impl, self.forward_s + backward_s)
+
+
+class _BackwardEnd(torch.autograd.Function):
+    """Identity on a call's inputs: its backward runs once all the call's gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, sample, *tensors):
+        ctx.sample = sample
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.sample.backward_ends()
+        return (None, *grads)
