@@ -290,14 +290,14 @@ def test_one_kind_loser_at_a_nearby_density_is_not_timed_again(fresh, monkeypatc
     assert set(timed) == {"mask_multiply", "cpu"}, timed  # the nearest (0.1) decides, not 0.8
 
 
-def test_the_correctness_check_runs_a_few_rows_in_float64(fresh, monkeypatch):
+def test_the_correctness_check_runs_a_few_rows(fresh, monkeypatch):
     calls = []
     real = tuning.agrees
     monkeypatch.setattr(tuning, "agrees", lambda got, want, dtype: calls.append((got, want)) or real(got, want, dtype))
     x, w, mask, _ = _call(rows=200)
     assert calls
     for got, want in calls:
-        assert got[0].shape == (tuning.CHECK_ROWS, 96) and want[0].dtype == torch.float64
+        assert got[0].shape == (tuning.CHECK_ROWS, 96) and want[0].dtype == torch.float32
         assert got[2].shape == w.shape  # dw: every kept weight is checked
 
 
@@ -339,3 +339,15 @@ def test_tensor_subclasses_run_the_prior_untimed(fresh, monkeypatch):
         torch.testing.assert_close(y.as_subclass(torch.Tensor), (x @ (w * mask).t()).as_subclass(torch.Tensor))
         y.sum().backward()
     assert timed == [] and tuning.entries() == {}
+
+
+def test_the_checks_reference_widens_half_precision_only():
+    common = importlib.import_module("sparseops.ops._common")
+    seen = []
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32),
+                        (torch.float64, torch.float64)):
+        run = common.trial(lambda impl, x, w: seen.append((x.dtype, w.dtype)) or x @ w.t(),
+                           torch.randn(4, 3, dtype=dtype), torch.randn(2, 3, dtype=dtype))
+        run("dense", exact=True)
+        run("dense")
+        assert seen[-2:] == [(want, want), (dtype, dtype)]

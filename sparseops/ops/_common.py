@@ -121,7 +121,7 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
 
 def trial(run, x, *args, batched: bool = True):
     """`trial(impl, exact=False, rows=None)` for sparseops.tuning's correctness check: runs `run(impl, x, *args)` on
-    detached copies of the tensors (in float64 with `exact`, the reference a result is checked
+    detached copies of the tensors (in float32 at least with `exact`, the reference a result is checked
     against), forward and, where the call would train, backward with a fixed random output gradient
     (a private generator: the global RNG is untouched). Returns the output(s) and the gradients.
     `rows`: only the leading entries of a `batched` x that make about that many rows of the product
@@ -135,7 +135,8 @@ def trial(run, x, *args, batched: bool = True):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             return t
         t = t if items is None else t[:items]
-        return (t.detach().double() if exact else t.detach()).requires_grad_(t.requires_grad)
+        wide = exact and t.dtype in (torch.float16, torch.bfloat16)  # (float32 and float64 stay as they are)
+        return (t.detach().float() if wide else t.detach()).requires_grad_(t.requires_grad)
 
     def run_one(impl, exact=False, rows=None):
         items = None
