@@ -190,8 +190,8 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
     live = [c for c in candidates if c not in excluded]
     if prior not in live:
         prior = dense
-    measure = trial is not None and trial.plain and len(live) > 1 and measuring_allowed(device) and (
-        m is not None or restart or cached is None or cached.get("winner") not in live)
+    measure = trial is not None and len(live) > 1 and measuring_allowed(device) and (
+        m is not None or restart or cached is None or cached.get("winner") not in live) and _plain(trial.tensors)
     if not measure:
         choice = cached["winner"] if cached and cached.get("winner") in live else prior
         return _guard(op, k, device, dtype, choice, dense, trial)
@@ -230,6 +230,12 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
             m.order.remove(impl)
     trial.sample = Sample(m, impl, device, trial.train, _record)
     return impl
+
+
+def _plain(tensors) -> bool:
+    """Whether a call's tensors are plain (tensor subclasses, DTensor under FSDP2 say, run the cached or
+    prior choice: their calls are not timed)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors if isinstance(t, torch.Tensor))
 
 
 # The correctness check runs this many rows of the call (every kept weight, a fraction of the cost).

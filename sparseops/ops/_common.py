@@ -163,9 +163,7 @@ def trial(run, x, *args, batched: bool = True):
             return run(impl, x, *args)
         return sample.run(lambda *ts: run(impl, *ts), tensors)
 
-    # (tensor subclasses, DTensor under FSDP2 say, run the cached or prior choice: their calls are not timed)
-    run_one.plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors if isinstance(t, torch.Tensor))
-    run_one.train, run_one.sample, run_one.call = train, None, call
+    run_one.train, run_one.sample, run_one.call, run_one.tensors = train, None, call, tensors
     return run_one
 
 
