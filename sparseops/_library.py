@@ -52,6 +52,12 @@ def tracing(*tensors) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are in force (a non-reentrant activation checkpoint, offloading):
+    the checkpoint runs a call again in the backward and compares the tensors each run saved."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+
+
 _ISA = [None]
 
 

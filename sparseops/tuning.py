@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import tuning_infer as infer
-from ._library import cpu_isa
+from ._library import cpu_isa, saved_tensors_hooked
 from .tuning_infer import DENSE_PATHS  # noqa: F401  (public here)
 from .tuning_sample import Measuring, Sample
 from .tuning_cache import _Cache, _device_name, cache_dir, cache_file, machine  # noqa: F401  (cache_dir: public here)
@@ -148,12 +148,12 @@ def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], dtype: tor
 
 # ---- measuring in the calls themselves (tuning_sample) ----------------------------------------
 
-def _record(m: Measuring, impl: str, seconds: float) -> None:
+def _record(m: Measuring, impl: str, seconds: float, timed: bool) -> None:
     with _lock:
         if not m.decided:
-            m.record(impl, seconds)
+            m.record(impl, seconds, timed)
             _cache.warm.add((m.layer, impl))  # (its buffers' first touches are behind it, for every mask)
-            if m.next() is None:
+            if m.next() is None and not m.waiting():
                 _decide(m)
 
 
@@ -176,12 +176,18 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
          dense: str, trial: Callable | None) -> str:
     """The implementation to run for key `k`: the cached winner; else, measuring allowed and a `trial`
     given, the candidate this call measures (`trial.sample` then times the call), or the winner once
-    measured; else `prior`. Candidates that failed the guard for this key are never returned."""
+    measured; else `prior`. Candidates that failed the guard for this layer are never returned."""
     with _lock:
         entries_now = _cache.load()
         cached = entries_now.get(k)
-        excluded = _cache.excluded.setdefault(k, set())
+        excluded = set(_cache.excluded.get(infer.layer(k), ()))
         m = _cache.exploring.get(k)
+        # A non-reentrant checkpoint runs the call again in the backward and compares what each run
+        # saved: under saved-tensor hooks a key runs one implementation for the process, unmeasured.
+        hooked = saved_tensors_hooked()
+        pinned = _cache.pinned.get(k) if hooked else None
+        if pinned is not None:
+            return pinned
         restart = _state.forced is not None and k not in _state.forced
         if restart:
             _state.forced.add(k)
@@ -190,11 +196,15 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
     live = [c for c in candidates if c not in excluded]
     if prior not in live:
         prior = dense
-    measure = trial is not None and len(live) > 1 and measuring_allowed(device) and (
+    measure = trial is not None and not hooked and len(live) > 1 and measuring_allowed(device) and (
         m is not None or restart or cached is None or cached.get("winner") not in live) and _plain(trial.tensors)
     if not measure:
         choice = cached["winner"] if cached and cached.get("winner") in live else prior
-        return _guard(op, k, device, dtype, choice, dense, trial)
+        choice = _guard(op, k, device, dtype, choice, dense, trial)
+        if hooked:
+            with _lock:
+                choice = _cache.pinned.setdefault(k, choice)
+        return choice
     if m is None:
         winner, timed = (None, live) if restart else infer.inferred(k, live, entries_now)
         if winner is None and len(timed) == 1:
@@ -208,11 +218,15 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         order = [prior, *(c for c in timed if c != prior)] if prior in timed else timed
         layer = infer.layer(k)
         m = Measuring(k, layer, order, {c for c in order if (layer, c) in _cache.warm})
-        with _lock:
-            _cache.exploring[k] = m
+        with _lock:  # (another thread may have met the key meanwhile: one Measuring per key)
+            m = _cache.exploring.setdefault(k, m)
     while True:
         with _lock:
             impl = None if m.decided else m.next()
+            if impl is None and not m.decided and m.waiting():  # the samples handed out are enough for now
+                best = {c: min(t) for c, t in m.times.items() if t}
+                untimed = min(best, key=best.get) if best else prior
+                break  # (impl None: this call runs it untimed)
             if impl is None:
                 return _cache.load()[k]["winner"] if m.decided else _decide(m, prior)
             m.calls[impl] += 1
@@ -228,7 +242,10 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         with _lock:
             m.times.pop(impl, None), m.calls.pop(impl, None)
             m.order.remove(impl)
-    trial.sample = Sample(m, impl, device, trial.train, _record)
+    if impl is None:
+        return _guard(op, k, device, dtype, untimed, dense, trial)
+    with _lock:
+        trial.sample = m.hand_out(Sample(m, impl, device, trial.train, _record))
     return impl
 
 
@@ -246,16 +263,22 @@ def _check(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str,
            trial: Callable) -> bool:
     """`impl` against the dense path (float32 at least) on a few rows, once per layer and process; one
     that disagrees is excluded for `k`."""
-    ok = agrees(trial(impl, rows=CHECK_ROWS), trial(dense, exact=True, rows=CHECK_ROWS), dtype)
+    try:
+        got, failed = trial(impl, rows=CHECK_ROWS), None
+    except Exception as exc:  # noqa: BLE001  (a candidate's failure must not become the call's)
+        got, failed = None, f"{type(exc).__name__}: {exc}"
+    ok = got is not None and agrees(got, trial(dense, exact=True, rows=CHECK_ROWS), dtype)
     _cache.guarded.add((infer.layer(k), impl))
     if not ok:
-        _exclude(op, k, impl)
+        _exclude(op, k, impl, failed)
     return ok
 
 
 def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
            trial: Callable | None) -> str:
     """`impl`, checked once per layer and process where it is not a dense path; `dense` if it disagrees."""
+    if impl in _cache.excluded.get(infer.layer(k), ()):  # (it failed for another density of the layer)
+        return dense
     if impl in DENSE_PATHS or trial is None or torch.compiler.is_compiling() or \
             (infer.layer(k), impl) in _cache.guarded:
         return impl
@@ -267,12 +290,13 @@ def _guard(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str,
     return impl if ok else dense
 
 
-def _exclude(op: str, k: str, impl: str) -> None:
-    _cache.excluded.setdefault(k, set()).add(impl)
+def _exclude(op: str, k: str, impl: str, failed: str | None = None) -> None:
+    _cache.excluded.setdefault(infer.layer(k), set()).add(impl)  # (for every density of the layer)
     if (k, impl) not in _cache.warned:
         _cache.warned.add((k, impl))
-        warnings.warn(f"sparseops.{op}: the {impl!r} implementation disagrees with the dense result for {k}; "
-                      "it is excluded for this shape (please report this)", RuntimeWarning, stacklevel=5)
+        what = f"failed ({failed})" if failed else "disagrees with the dense result"
+        warnings.warn(f"sparseops.{op}: the {impl!r} implementation {what} for {k}; "
+                      "it is excluded for this layer (please report this)", RuntimeWarning, stacklevel=5)
 
 
 # ---- measuring ahead of time ----------------------------------------------------------------

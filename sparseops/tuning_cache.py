@@ -85,7 +85,8 @@ class _Cache:
         self.varying: tuple | None = None
         self.guarded: set[tuple[str, str]] = set()  # (layer, impl) checked against dense in this process
         self.warm: set[tuple[str, str]] = set()  # (layer, impl) run once in this process: no warm-up needed
-        self.excluded: dict[str, set[str]] = {}
+        self.excluded: dict[str, set[str]] = {}  # layer -> implementations the guard caught
+        self.pinned: dict[str, str] = {}  # key -> what runs under saved-tensor hooks (checkpointing)
         self.warned: set[tuple[str, str]] = set()
         self.measured_s = 0.0  # time spent measuring in this process
         self.touched: list[str] = []  # keys measured, in order

@@ -10,6 +10,7 @@ its first timed call is not run again."""
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,9 +31,15 @@ class Measuring:
         self.k, self.layer, self.order = k, layer, list(candidates)
         self.calls = dict.fromkeys(self.order, 0)
         self.times: dict[str, list[float]] = {c: [] for c in self.order}
-        self.warm = set(warm)  # candidates whose next timed call counts (their first one does not)
+        self.warm = set(warm)  # candidates whose next call is timed (their first one is not)
         self.spent: list[float] = []  # every timed call, untimed-first ones included: the cost
+        # Samples handed out and not recorded yet: many calls of a key can run before one backward (a
+        # model's repeated blocks, gradient accumulation). One whose graph is freed unrun drops out.
+        self.pending: weakref.WeakSet[Sample] = weakref.WeakSet()
         self.decided = False
+
+    def waiting(self, impl: str | None = None) -> int:
+        return sum(1 for s in list(self.pending) if not s.done and (impl is None or s.impl == impl and s.timed))
 
     def wanted(self, impl: str) -> bool:
         t = self.times[impl]
@@ -40,20 +47,27 @@ class Measuring:
         if best is not None and t and min(t) > DROP * best:
             return False
         close = best is not None and t and min(t) <= CLOSE * best
-        return len(t) < (CLOSE_SAMPLES if close else SAMPLES)
+        return len(t) + self.waiting(impl) < (CLOSE_SAMPLES if close else SAMPLES)
 
     def next(self) -> str | None:
+        """The candidate the next call runs; None where none is wanted now (see `waiting`) or too
+        many samples were lost (no backward came for them)."""
         live = [c for c in self.order if self.wanted(c)]
-        cap = len(self.order) * (CLOSE_SAMPLES + 2)  # samples lost (no backward came) do not go on forever
-        if not live or sum(self.calls.values()) >= cap:
+        lost = sum(self.calls.values()) - len(self.spent) - self.waiting()
+        if not live or lost >= len(self.order) * (CLOSE_SAMPLES + 2):
             return None
         return min(live, key=lambda c: (self.calls[c], self.order.index(c)))
 
-    def record(self, impl: str, seconds: float) -> None:
+    def hand_out(self, sample: Sample) -> Sample:
+        sample.timed = sample.impl in self.warm
+        self.warm.add(sample.impl)
+        self.pending.add(sample)
+        return sample
+
+    def record(self, impl: str, seconds: float, timed: bool) -> None:
         self.spent.append(seconds)
-        if impl in self.warm:
+        if timed:
             self.times[impl].append(seconds)
-        self.warm.add(impl)
 
 
 class Sample:
@@ -62,7 +76,7 @@ class Sample:
     def __init__(self, m: Measuring, impl: str, device: torch.device, train: bool, record: Callable):
         self.m, self.impl, self.device, self.train, self.record = m, impl, device, train, record
         self.forward_s = self.backward_t0 = None
-        self.done = False
+        self.done, self.timed = False, False
 
     def run(self, fn: Callable, tensors: Sequence):
         wrap = [i for i, t in enumerate(tensors) if self.train and isinstance(t, torch.Tensor) and t.requires_grad]
@@ -100,7 +114,7 @@ class Sample:
     def _finish(self, backward_s: float) -> None:
         if not self.done:
             self.done = True
-            self.record(self.m, self.impl, self.forward_s + backward_s)
+            self.record(self.m, self.impl, self.forward_s + backward_s, self.timed)
 
 
 class _BackwardEnd(torch.autograd.Function):

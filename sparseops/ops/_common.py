@@ -1,12 +1,14 @@
 """What several op modules share: output fakes, the conv geometry, the layout argument."""
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
 
 from .. import checks
-from .._library import lib
+from .._library import lib, saved_tensors_hooked
 from ..layout import BlockLayout, CsrLayout, MaskStats, mask_stats, refresh
 
 
@@ -144,7 +146,10 @@ def trial(run, x, *args, batched: bool = True):
             per_item = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1  # rows of a linear: every dim but the last
             items = -(-rows // per_item)
         copies = [copy(x, exact, items), *(copy(t, exact) for t in args)]
-        with torch.enable_grad() if train else torch.no_grad():
+        # Under a checkpoint's saved-tensor hooks, these runs on copies must not count as the call's.
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if saved_tensors_hooked() \
+            else contextlib.nullcontext()
+        with hooks, torch.enable_grad() if train else torch.no_grad():
             ys = run(impl, *copies)
             ys = list(ys) if isinstance(ys, (tuple, list)) else [ys]
             if not train:
@@ -158,12 +163,14 @@ def trial(run, x, *args, batched: bool = True):
 
     def call(impl):
         """The call itself with `impl`: timed where tuning.pick chose it to measure this call."""
-        sample, run_one.sample = run_one.sample, None
+        this = me()  # (weakly: run_one holds `call`, and a cycle would keep the call's tensors until gc)
+        sample, this.sample = this.sample, None
         if sample is None or sample.impl != impl:
             return run(impl, x, *args)
         return sample.run(lambda *ts: run(impl, *ts), tensors)
 
     run_one.train, run_one.sample, run_one.call, run_one.tensors = train, None, call, tensors
+    me = weakref.ref(run_one)
     return run_one
 
 
