@@ -14,8 +14,8 @@ Correctness guard: the first time an implementation other than a dense one runs 
 process, its result on a few rows of the call is compared with the dense path's (on detached
 copies; half-precision ones in float32, so that a kernel more exact than half-precision torch is
 not taken for a wrong one; float64 was tried and dropped: it cost 150-170 ms per check on a
-2048x2048 layer, for a tolerance of 1e-3 that float32 rounding never nears); one that disagrees is
-excluded for that key, with one warning naming it. So a kernel never run before (a new GPU) is a
+2048x2048 layer, for a tolerance of 1e-3 that float32 rounding never nears); one that disagrees (or raises) is
+excluded for that layer, with one warning naming it. So a kernel never run before (a new GPU) is a
 safe candidate.
 
 Reproducible: measuring changes results only by the rounding of the implementation each call ran
