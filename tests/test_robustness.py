@@ -434,3 +434,24 @@ def test_bad_max_density_variable_is_named(monkeypatch):
     monkeypatch.setenv("SPARSEOPS_MAX_DENSITY", "abc")
     with pytest.raises(ValueError, match="SPARSEOPS_MAX_DENSITY.*'abc'"):
         backend._env_max_density()
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_double_backward_through_a_kernel_raises_instead_of_going_wrong(op):
+    g = torch.Generator().manual_seed(0)
+    if op == "linear":
+        x, w = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
+        mask = torch.rand(6, 8, generator=g) < 0.3
+        run = lambda: sparseops.masked_linear(x, w, mask)  # noqa: E731
+    else:
+        x, w = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True), torch.randn(4, 3, 3, 3, generator=g,
+                                                                                     requires_grad=True)
+        mask = torch.rand(4, 3, 3, 3, generator=g) < 0.3
+        run = lambda: sparseops.masked_conv2d(x, w, mask, None, 1, 1)  # noqa: E731
+    with sparseops.backend("cpu"):
+        (dw,) = torch.autograd.grad(run().square().sum(), w)  # a first derivative is fine
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(run().square().sum(), w, create_graph=True)
+    with sparseops.backend("reference"):
+        (ref,) = torch.autograd.grad(run().square().sum(), w, create_graph=True)
+    torch.testing.assert_close(dw, ref.detach())
