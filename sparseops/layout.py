@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._library import lib
+from ._library import _PLAIN, lib
 
 _INT32_MAX = 2**31 - 1
 
@@ -368,16 +368,24 @@ def refresh(mask: torch.Tensor) -> None:
     key = _key(mask)  # (keyed on the base, as every cache: a view is a new tensor every call)
     hit = _get(_snapshots, mask, key)
     if hit is not None and hit[0] == mask._version:
-        if torch.equal(hit[1], hit[2]):
+        if hit[1](hit[2], hit[3]):
             return
         invalidate(mask)
-    # The copy and the mask as int64 words, built once per version: the check is then one torch.equal.
-    # (The mask's words view an alias, which does not keep `mask` itself alive; the key holds its
-    # data_ptr, so a mask given other memory gets an entry of its own.)
+    _put(_snapshots, mask, key, (mask._version, *_snapshot(mask)))
+
+
+def _snapshot(mask: torch.Tensor):
+    """(same, a, b): `same(a, b)` says whether `mask` still holds what it holds now: a large contiguous
+    bool mask against a one-bit copy (csrc/cpu/mask_snapshot.cpp: reads an eighth more, not twice the
+    mask), any other against a copy, as int64 words where it can be. `a` views an alias, which does
+    not keep `mask` alive; the key holds its data_ptr: a mask given other memory gets its own entry."""
     alias = mask.detach()
+    if alias.dtype == torch.bool and alias.numel() >= 65536 and alias.is_contiguous() and type(mask) in _PLAIN:
+        return lib._same_as_packed.default, alias, lib._pack_mask(alias)
     copy = alias.clone(memory_format=torch.preserve_format)
-    pair = (_words(copy), _words(alias)) if alias.is_contiguous() and copy.is_contiguous() else (copy, alias)
-    _put(_snapshots, mask, key, (mask._version, *pair))
+    if alias.is_contiguous() and copy.is_contiguous():
+        return torch.equal, _words(alias), _words(copy)
+    return torch.equal, alias, copy
 
 
 def invalidate(mask: torch.Tensor) -> None:
