@@ -121,6 +121,7 @@ def density(v, name: str) -> float:
 
 def pair(op: str, v, name: str) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+    if len(t) != 2 or not (isinstance(t[0], int) and isinstance(t[1], int)) or isinstance(t[0], bool) or \
+            isinstance(t[1], bool):  # (no generator: three pairs per conv call)
         raise TypeError(f"sparseops.{op}: {name} must be an int or a pair of ints, got {v!r}")
     return t
