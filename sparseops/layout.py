@@ -161,7 +161,7 @@ class IdCache:
 
         def forget(ref):  # the tensor died: drop its entry, unless its id was reused since
             if entries.get(ident, (None,))[0] is ref:
-                del entries[ident]
+                entries.pop(ident, None)
 
         entries[ident] = (weakref.ref(key, forget), value)
 

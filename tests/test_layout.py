@@ -190,3 +190,25 @@ def test_packed_mask_copy_sees_every_byte(numel):
         lib._same_as_packed(mask, packed[:-1])
     with pytest.raises(ValueError, match="sparseops._pack_mask: mask must be a contiguous CPU bool"):
         lib._pack_mask(mask.float())
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (300, 256)])
+def test_the_caches_of_a_call_free_the_mask_with_it(shape):
+    """What an op call caches for a mask (its stats, the copy refresh checks it with: one bit per entry
+    from 64K entries, views of an alias of the mask) neither keeps the mask alive nor outlives it."""
+    import gc
+    import weakref
+
+    import sparseops
+    from sparseops import layout
+
+    mask = torch.rand(*shape) < 0.5
+    x, w = torch.randn(3, shape[1], requires_grad=True), torch.randn(*shape, requires_grad=True)
+    sparseops.masked_linear(x, w, mask).sum().backward()
+    caches = (layout._snapshots, layout._stats_cache)
+    ident, ref = id(mask), weakref.ref(mask)
+    keys = [c._entries[ident][0] for c in caches]
+    del mask
+    gc.collect()
+    assert ref() is None
+    assert all(c._entries.get(ident, (None,))[0] is not key for c, key in zip(caches, keys))
