@@ -126,6 +126,11 @@ TORCH_LIBRARY(sparseops, m) {
   // A 2-D bool mask's CSR and its transpose's, (row_ptr, col_idx, t_row_ptr, t_col_idx), int32 or
   // int64 (sparseops/layout.py on CPU masks; csrc/cpu/csr_from_mask.cpp).
   m.def("_csr_from_mask(Tensor mask, bool int64) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The one-bit-per-entry copy of a contiguous CPU bool mask (uint8 [ceil(numel/8)]) and whether the
+  // mask still equals it, byte for byte (layout.refresh's check for writes the version counter
+  // misses; csrc/cpu/mask_snapshot.cpp).
+  m.def("_pack_mask(Tensor mask) -> Tensor");
+  m.def("_same_as_packed(Tensor mask, Tensor packed) -> bool");
 
   // Introspection for `python -m sparseops info` and tests of every ISA variant.
   m.def("_cpu_isa() -> str", [] { return sparseops::cpu::isa_name(sparseops::cpu::active_isa()); });

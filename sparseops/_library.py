@@ -59,13 +59,14 @@ def saved_tensors_hooked() -> bool:
 
 
 _ISA = [None]
+_CPU_ISA = lib._cpu_isa.default  # (the overload itself: ~0.15 us less than the packet, 3 calls per op call)
 
 
 def cpu_isa() -> str:
     """The CPU kernel variant in use (default, avx2, avx512). Under torch.compile (which cannot trace
     an op returning a string) the value last read outside it."""
     if not torch.compiler.is_compiling() or _ISA[0] is None:
-        _ISA[0] = lib._cpu_isa()
+        _ISA[0] = _CPU_ISA()
     return _ISA[0]
 
 

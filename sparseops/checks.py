@@ -93,12 +93,16 @@ def tensors(op: str, bias=None, **named) -> None:
 
 def same_device(op: str, **named) -> None:
     """Dense tensors on one device (the dispatcher would otherwise pick a device silently)."""
+    device, mixed = None, False
     for name, t in named.items():
-        if t is not None and t.layout != torch.strided:
+        if t is None:
+            continue
+        if t.layout != torch.strided:
             raise ValueError(f"sparseops.{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        mixed = mixed or (device is not None and t.device != device)
+        device = t.device if device is None else device
+    if mixed:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in named.items() if t is not None)
         raise ValueError(f"sparseops.{op}: all tensors must be on one device, got {listing}")
 
 
@@ -117,6 +121,7 @@ def density(v, name: str) -> float:
 
 def pair(op: str, v, name: str) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+    if len(t) != 2 or not (isinstance(t[0], int) and isinstance(t[1], int)) or isinstance(t[0], bool) or \
+            isinstance(t[1], bool):  # (no generator: three pairs per conv call)
         raise TypeError(f"sparseops.{op}: {name} must be an int or a pair of ints, got {v!r}")
     return t

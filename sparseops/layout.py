@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ._library import lib
+from ._library import _PLAIN, lib
 
 _INT32_MAX = 2**31 - 1
 
@@ -145,23 +145,49 @@ def _bool_2d(mask: torch.Tensor) -> torch.Tensor:
     return m.reshape(m.shape[0], math.prod(m.shape[1:]))
 
 
-_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_stats_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class IdCache:
+    """A dict keyed by a tensor's identity that does not keep the tensor alive, as torch's
+    WeakIdKeyDictionary, whose lookup builds a weak reference each time (~1 us, several per call)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, key, default=None):
+        hit = self._entries.get(id(key))
+        return default if hit is None or hit[0]() is not key else hit[1]
+
+    def __setitem__(self, key, value) -> None:
+        ident, entries = id(key), self._entries
+
+        def forget(ref):  # the tensor died: drop its entry, unless its id was reused since
+            if entries.get(ident, (None,))[0] is ref:
+                entries.pop(ident, None)
+
+        entries[ident] = (weakref.ref(key, forget), value)
+
+    def pop(self, key, default=None):
+        if self.get(key, self) is self:
+            return default
+        return self._entries.pop(id(key))[1]
+
+
+_cache = IdCache()
+_stats_cache = IdCache()
 
 
 def _key(mask: torch.Tensor):
-    return (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)
+    return (mask.data_ptr(), mask.shape, mask.stride(), mask.dtype, mask.device)
 
 
 # Each cache maps the tensor that owns the memory (a view's base: Conv1D's `weight_mask.t()`, a view a
 # compiled graph makes of its input, is a new tensor every call) to {the view's _key: entry}. A view
 # shares its base's version counter, so the staleness rule holds for views too.
-def _get(cache: WeakIdKeyDictionary, mask: torch.Tensor, key):
+def _get(cache: IdCache, mask: torch.Tensor, key):
     hits = cache.get(mask if mask._base is None else mask._base)
     return None if hits is None else hits.get(key)
 
 
-def _put(cache: WeakIdKeyDictionary, mask: torch.Tensor, key, value) -> None:
+def _put(cache: IdCache, mask: torch.Tensor, key, value) -> None:
     owner = mask if mask._base is None else mask._base
     hits = cache.get(owner)
     if hits is None:
@@ -268,7 +294,7 @@ def build_block_layout(mask: torch.Tensor, block: int) -> BlockLayout:
                        int(kept.sum()), _alias(mask), mask._version)
 
 
-_block_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_block_cache = IdCache()
 
 
 def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
@@ -284,7 +310,7 @@ def block_layout(mask: torch.Tensor, block: int = 32) -> BlockLayout:
     return layout
 
 
-_float_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_float_cache = IdCache()
 
 
 def mask_as(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -320,8 +346,8 @@ def same_content(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(_words(a), _words(b))
 
 
-_snapshots: WeakIdKeyDictionary = WeakIdKeyDictionary()
-EXTRA_CACHES: list[WeakIdKeyDictionary] = []  # other modules' caches of layouts (layout_channels)
+_snapshots = IdCache()
+EXTRA_CACHES: list[IdCache] = []  # other modules' caches of layouts (layout_channels)
 # SPARSEOPS_CHECK_WRITES=0 turns the content checks off, for code that never writes masks (or ticket
 # scores) behind the version counter: they cost a pass over the mask per call (docs/integrations.md).
 CHECK_WRITES = os.environ.get("SPARSEOPS_CHECK_WRITES", "1") != "0"
@@ -342,10 +368,24 @@ def refresh(mask: torch.Tensor) -> None:
     key = _key(mask)  # (keyed on the base, as every cache: a view is a new tensor every call)
     hit = _get(_snapshots, mask, key)
     if hit is not None and hit[0] == mask._version:
-        if same_content(hit[1], mask):
+        if hit[1](hit[2], hit[3]):
             return
         invalidate(mask)
-    _put(_snapshots, mask, key, (mask._version, mask.detach().clone()))
+    _put(_snapshots, mask, key, (mask._version, *_snapshot(mask)))
+
+
+def _snapshot(mask: torch.Tensor):
+    """(same, a, b): `same(a, b)` says whether `mask` still holds what it holds now: a large contiguous
+    bool mask against a one-bit copy (csrc/cpu/mask_snapshot.cpp: reads an eighth more, not twice the
+    mask), any other against a copy, as int64 words where it can be. `a` views an alias, which does
+    not keep `mask` alive; the key holds its data_ptr: a mask given other memory gets its own entry."""
+    alias = mask.detach()
+    if alias.dtype == torch.bool and alias.numel() >= 65536 and alias.is_contiguous() and type(mask) in _PLAIN:
+        return lib._same_as_packed.default, alias, lib._pack_mask(alias)
+    copy = alias.clone(memory_format=torch.preserve_format)
+    if alias.is_contiguous() and copy.is_contiguous():
+        return torch.equal, _words(alias), _words(copy)
+    return torch.equal, alias, copy
 
 
 def invalidate(mask: torch.Tensor) -> None:

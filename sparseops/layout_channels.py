@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
-
-from .layout import EXTRA_CACHES, _alias, _get, _key, _put, as_bool_mask
+from .layout import EXTRA_CACHES, IdCache, _alias, _get, _key, _put, as_bool_mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +57,7 @@ def build_channel_layout(mask: torch.Tensor) -> ChannelLayout:
                          mask._version)
 
 
-_channel_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_channel_cache = IdCache()
 EXTRA_CACHES.append(_channel_cache)  # layout.invalidate forgets these too
 
 

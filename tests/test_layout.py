@@ -167,3 +167,48 @@ def test_the_cpu_builder_equals_the_torch_one(shape, density):
         torch.ops.sparseops._csr_from_mask(m.view(-1), False)
     with pytest.raises(TypeError, match="sparseops._csr_from_mask: mask must be bool"):
         torch.ops.sparseops._csr_from_mask(m.float(), False)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 65536 + 5])
+def test_packed_mask_copy_sees_every_byte(numel):
+    """layout.refresh's one-bit copy of a large bool mask (csrc/cpu/mask_snapshot.cpp): equal to the
+    mask it was packed from, unequal after any entry flips or any byte stops being 0/1 (a numpy
+    write), including the last, partial word."""
+    lib = torch.ops.sparseops
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.5
+    packed = lib._pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-numel // 8)
+    assert lib._same_as_packed(mask, packed)
+    raw = mask.numpy().view("uint8")
+    for i in sorted({0, numel // 2, numel - 1}):
+        for value in (1 - raw[i], 2):
+            old, raw[i] = raw[i], value
+            assert not lib._same_as_packed(mask, packed)
+            raw[i] = old
+    assert lib._same_as_packed(mask, packed)
+    with pytest.raises(ValueError, match="sparseops._same_as_packed: packed must be"):
+        lib._same_as_packed(mask, packed[:-1])
+    with pytest.raises(ValueError, match="sparseops._pack_mask: mask must be a contiguous CPU bool"):
+        lib._pack_mask(mask.float())
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (300, 256)])
+def test_the_caches_of_a_call_free_the_mask_with_it(shape):
+    """What an op call caches for a mask (its stats, the copy refresh checks it with: one bit per entry
+    from 64K entries, views of an alias of the mask) neither keeps the mask alive nor outlives it."""
+    import gc
+    import weakref
+
+    import sparseops
+    from sparseops import layout
+
+    mask = torch.rand(*shape) < 0.5
+    x, w = torch.randn(3, shape[1], requires_grad=True), torch.randn(*shape, requires_grad=True)
+    sparseops.masked_linear(x, w, mask).sum().backward()
+    caches = (layout._snapshots, layout._stats_cache)
+    ident, ref = id(mask), weakref.ref(mask)
+    keys = [c._entries[ident][0] for c in caches]
+    del mask
+    gc.collect()
+    assert ref() is None
+    assert all(c._entries.get(ident, (None,))[0] is not key for c, key in zip(caches, keys))

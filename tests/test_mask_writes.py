@@ -86,6 +86,21 @@ def test_mask_writes_are_seen(kind, write, backend, start):
         _check(layer, x, ref_fn)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("write", ["data", "numpy", "from_numpy", "index"])
+def test_writes_to_a_large_mask_are_seen(write, backend):
+    """From 64K entries refresh keeps a one-bit copy of a bool mask (layout._snapshot)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 300).double()
+    x = torch.randn(3, 256, dtype=torch.float64)
+    sparseops.patch(layer)
+    layer.set_mask(random_mask(layer.weight.shape, 0.3, torch.Generator().manual_seed(1)))
+    with sparseops.backend(backend):
+        _check(layer, x, F.linear)
+        _write(write, layer, _new_mask(layer.weight.shape))
+        _check(layer, x, F.linear)
+
+
 # ---- soft layers in ticket mode ----------------------------------------------------------------
 
 

@@ -60,6 +60,18 @@ def test_gradients_and_opcheck():
     torch.library.opcheck(lib.where_mask_, (w.detach().clone(), mask))
 
 
+def test_backward_keeps_only_the_mask():
+    """The C++ formula saves the mask, not w: w may change (an optimiser step) before backward."""
+    w = torch.randn(6, 9, requires_grad=True)
+    mask = random_mask((6, 9), 0.5)
+    y = wm.where_mask(w, mask)
+    with torch.no_grad():
+        w.add_(1.0)
+    g = torch.randn(6, 9)
+    (dw,) = torch.autograd.grad(y, w, g)
+    assert torch.equal(dw, torch.where(mask, g, 0))
+
+
 @pytest.mark.parametrize("fn", [lib.where_mask, lib.where_mask_])
 def test_bad_input_names_the_argument(fn):
     w, mask = torch.randn(4, 5), random_mask((4, 5), 0.5)

@@ -5,6 +5,7 @@
 // pruned one's with zero: exactly where's result (+0.0), reading the bool mask's one byte per entry.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -75,5 +76,37 @@ TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
   m.impl("where_mask", &cpu::where_mask);
   m.impl("where_mask_", &where_mask_inplace_cpu);
 }
+
+namespace {
+
+// Its autograd formula in C++ (the gradient is the same select of the incoming one): torch.library's
+// Python autograd cost more than the select itself on small layers, run on every dense forward.
+at::Tensor where_mask_call(const at::Tensor& w, const at::Tensor& mask) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sparseops::where_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(w, mask);
+}
+
+struct WhereMaskFunction : public torch::autograd::Function<WhereMaskFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& w, const at::Tensor& mask) {
+    ctx->save_for_backward({mask});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return where_mask_call(w, mask);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto mask = ctx->get_saved_variables()[0];
+    return {where_mask_call(grads[0], mask), at::Tensor()};  // (through autograd: double backward)
+  }
+};
+
+at::Tensor where_mask_autograd(const at::Tensor& w, const at::Tensor& mask) {
+  return WhereMaskFunction::apply(w, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparseops, Autograd, m) { m.impl("where_mask", &where_mask_autograd); }
 
 }  // namespace sparseops
