@@ -142,10 +142,9 @@ def _register(spec: _Spec, name: str) -> None:
         ctx.attrs = [None if s else v for v, s, p in zip(inputs, saved_slots, passed) if p]
 
     def backward(ctx, grad):
-        if python_backward is None and torch.is_grad_enabled() and (
-                grad.requires_grad or any(t.requires_grad for t in ctx.saved_tensors)):
-            # (the compiled backward ops have no autograd of their own: a second derivative through
-            # them would be silently wrong)
+        if torch.is_grad_enabled() and (grad.requires_grad or any(t.requires_grad for t in ctx.saved_tensors)):
+            # (the backward ops have no autograd of their own: a second derivative through the compiled
+            # ones would be silently wrong, through the Python ones fail on an out= GEMM)
             raise NotImplementedError(f"sparseops.{name}: double backward (create_graph=True) is not implemented by "
                                       "its sparse kernels; compute it under sparseops.backend('reference')")
         saved = iter(ctx.saved_tensors)

@@ -448,10 +448,11 @@ def test_double_backward_through_a_kernel_raises_instead_of_going_wrong(op):
                                                                                      requires_grad=True)
         mask = torch.rand(4, 3, 3, 3, generator=g) < 0.3
         run = lambda: sparseops.masked_conv2d(x, w, mask, None, 1, 1)  # noqa: E731
-    with sparseops.backend("cpu"):
-        (dw,) = torch.autograd.grad(run().square().sum(), w)  # a first derivative is fine
-        with pytest.raises(NotImplementedError, match="double backward"):
-            torch.autograd.grad(run().square().sum(), w, create_graph=True)
+    for name in ("cpu", "dense") if op == "linear" else ("cpu",):  # (conv's dense path is plain autograd)
+        with sparseops.backend(name):
+            (dw,) = torch.autograd.grad(run().square().sum(), w)  # a first derivative is fine
+            with pytest.raises(NotImplementedError, match="double backward"):
+                torch.autograd.grad(run().square().sum(), w, create_graph=True)
     with sparseops.backend("reference"):
         (ref,) = torch.autograd.grad(run().square().sum(), w, create_graph=True)
     torch.testing.assert_close(dw, ref.detach())
