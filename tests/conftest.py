@@ -206,3 +206,15 @@ def compare_cuda_grads(outs, leaves, ref, ref_leaves, mask, dtype, w_index=1):
         torch.testing.assert_close(mine.grad.cpu().double(), theirs.grad, rtol=rtol, atol=atol)
     dw = leaves[w_index].grad.cpu()
     assert bool((dw.reshape(mask.shape)[~mask] == 0).all()), "dw must be exactly zero at pruned entries"
+
+
+@pytest.fixture
+def tuning_on(tmp_path, monkeypatch):
+    """auto's measuring on, over an empty cache in a private directory (the user's is untouched)."""
+    from sparseops import tuning
+
+    monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
+    tuning.clear(memory_only=True)
+    with tuning.measuring(True):
+        yield tmp_path
+    tuning.clear(memory_only=True)

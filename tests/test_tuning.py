@@ -13,13 +13,8 @@ ml = importlib.import_module("sparseops.ops.masked_linear")
 
 
 @pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """An empty cache in a private directory, measuring on."""
-    monkeypatch.setenv("SPARSEOPS_CACHE_DIR", str(tmp_path))
-    tuning.clear(memory_only=True)
-    with tuning.measuring(True):
-        yield tmp_path
-    tuning.clear(memory_only=True)
+def fresh(tuning_on):
+    return tuning_on  # (conftest: an empty private cache, measuring on)
 
 
 def _call(n=96, k=80, rows=16, density=0.05, seed=0):
