@@ -239,9 +239,9 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         if _guard(op, k, device, dtype, impl, dense, trial) == impl:
             if checked and m.calls[impl] == 1:  # this mask's layout, built before the timed call (the check built it)
                 start = time.perf_counter()
-                trial(impl, rows=CHECK_ROWS)
+                trial.prepare(impl)
                 _cache.measured_s += time.perf_counter() - start
-            with _lock:  # (the few-row run just now was its first run on the layer: this call is timed)
+            with _lock:  # (its first run on the layer was the check's: this call is timed)
                 m.warm.add(impl)
             break
         with _lock:

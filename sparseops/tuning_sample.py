@@ -5,8 +5,8 @@ Each call runs one candidate (the prior first, then in turn) on the call's own i
 forward and, where it trains, backward: from the output's gradient arriving to the inputs'
 gradients leaving. So measuring costs no extra runs, only the calls a slower candidate took. A
 dense candidate's first call for a layer in a process is untimed (first touches of its buffers; a
-sparse one runs a few rows first: tuning's check, or a run that builds a new mask's layout), and one
-far behind the best after its first timed call is not run again."""
+sparse one's first run is tuning's few-row check, and a new mask's layout is built before its first
+call), and one far behind the best after its first timed call is not run again."""
 from __future__ import annotations
 
 import time

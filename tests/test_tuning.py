@@ -346,3 +346,18 @@ def test_the_checks_reference_widens_half_precision_only():
         run("dense", exact=True)
         run("dense")
         assert seen[-2:] == [(want, want), (dtype, dtype)]
+
+
+def test_a_new_mask_of_a_measured_layer_gets_its_layout_before_its_first_timed_call(fresh, monkeypatch):
+    """No 16-row run at the layer's later masks: the kernel's calls there are all timed, the layout
+    built before the first one."""
+    _measure(density=0.05)
+    events = []
+    real_sample, real_csr, real_run = tuning.Sample, ml.as_csr, ml._run
+    monkeypatch.setattr(tuning, "Sample", lambda m, impl, *a: events.append(("sample", impl)) or real_sample(m, impl, *a))
+    monkeypatch.setattr(ml, "as_csr", lambda info: events.append(("layout", info.nnz)) or real_csr(info))
+    monkeypatch.setattr(ml, "_run", lambda impl, x, *a: events.append(("run", impl, x.shape[0])) or real_run(impl, x, *a))
+    _measure(density=0.15, rows=64)
+    first = events.index(("sample", "cpu"))
+    assert any(e[0] == "layout" for e in events[:first]), events
+    assert ("run", "cpu", tuning.CHECK_ROWS) not in events, events

@@ -121,14 +121,15 @@ def as_layout(op: str, layout) -> CsrLayout | BlockLayout | MaskStats:
     return layout
 
 
-def trial(run, x, *args, batched: bool = True):
+def trial(run, x, *args, batched: bool = True, prepare=None):
     """`trial(impl, exact=False, rows=None)` for sparseops.tuning's correctness check: runs `run(impl, x, *args)` on
     detached copies of the tensors (in float32 at least with `exact`, the reference a result is checked
     against), forward and, where the call would train, backward with a fixed random output gradient
     (a private generator: the global RNG is untouched). Returns the output(s) and the gradients.
     `rows`: only the leading entries of a `batched` x that make about that many rows of the product
     (one image of a convolution), for the correctness check, which needs every kept weight, not
-    every row. `trial.call(impl)` runs the call itself (timed, where tuning measures it)."""
+    every row. `trial.call(impl)` runs the call itself (timed, where tuning measures it);
+    `trial.prepare(impl)` builds what `impl` needs of this mask (its layout) before a timed call."""
     tensors = [x, *args]
     train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     grad_out = {}
@@ -170,6 +171,7 @@ def trial(run, x, *args, batched: bool = True):
         return sample.run(lambda *ts: run(impl, *ts), tensors)
 
     run_one.train, run_one.sample, run_one.call, run_one.tensors = train, None, call, tensors
+    run_one.prepare = prepare or (lambda impl: None)
     me = weakref.ref(run_one)
     return run_one
 

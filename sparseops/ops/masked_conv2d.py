@@ -97,7 +97,8 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     x, w, bias = autocast_args(w.device, x, w, bias)  # under torch.autocast: its dtype, as F.conv2d
     checks.like(op, "w", w, x=x, bias=bias)
     geometry = (stride, padding, dilation, groups, *conv_geometry(op, x, w, stride, padding, dilation, groups)[:3])
-    call = trial(_run, x, w, info, bias, geometry)
+    call = trial(_run, x, w, info, bias, geometry,
+                 prepare=lambda impl: impl in ("cpu", "cuda", "triton") and as_csr(info))
     impl = _choose(x, w, info, geometry, call, isinstance(layout, torch.Tensor))
     if impl == "triton_block" and info.taps != w.shape[2] * w.shape[3]:
         raise ValueError(f"sparseops.{op}: the block layout was built from a 2-D mask; build it from the "

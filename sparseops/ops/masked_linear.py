@@ -97,7 +97,7 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         if impl == "triton":
             return lib.triton_masked_linear_block(x, w, info.mask, *info.tensors(), info.block, bias)
         return masked_linear(x, w, info.mask, bias)  # the element path
-    call = trial(_run, x, w, info, bias)
+    call = trial(_run, x, w, info, bias, prepare=lambda impl: impl in _KERNELS and as_csr(info))
     return call.call(_choose(x, w, info, call, isinstance(layout, torch.Tensor)))
 
 
