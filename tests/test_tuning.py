@@ -283,6 +283,11 @@ def test_one_kind_loser_at_a_nearby_density_is_not_timed_again(fresh, monkeypatc
     entries[f"{prefix}|d<=0.8"] = {"winner": "dense", "times_ms": {"mask_multiply": 9.0, "dense": 4.0}}
     _measure(density=0.03)
     assert set(timed) == {"mask_multiply", "cpu"}, timed  # the nearest (0.1) decides, not 0.8
+    timed.clear()
+    entries.clear()  # the dense paths' race is the same at every density: a close one is not run again
+    entries[f"{prefix}|d<=0.1"] = {"winner": "cpu", "times_ms": {"mask_multiply": 4.0, "dense": 4.1, "cpu": 3.5}}
+    _measure(density=0.03)
+    assert "mask_multiply" in timed and "dense" not in timed, timed
 
 
 def test_the_correctness_check_runs_a_few_rows(fresh, monkeypatch):
