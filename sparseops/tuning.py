@@ -162,17 +162,22 @@ def _record(m: Measuring, impl: str, seconds: float, timed: bool) -> None:
 
 def _decide(m: Measuring, prior: str | None = None) -> str:
     """The fastest candidate measured (else `prior`, else the first), cached and written (under _lock)."""
-    best = {c: min(t) for c, t in m.times.items() if t}
+    best = m.best()
     winner = min(best, key=best.get) if best else (prior or m.order[0])
     m.decided = True
     _cache.exploring.pop(m.k, None)
     cost = sum(s - best.get(winner, s) for s in m.spent if s > best.get(winner, s))
     _cache.measured_s += cost
-    _cache.touched.append(m.k)
-    _cache.load()[m.k] = {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in best.items()},
-                          "calls": len(m.spent), "cost_ms": round(cost * 1e3, 2)}
-    _cache.save()
+    _store(m.k, {"winner": winner, "times_ms": {i: round(t * 1e3, 4) for i, t in best.items()},
+                 "calls": len(m.spent), "cost_ms": round(cost * 1e3, 2)})
     return winner
+
+
+def _store(k: str, entry: dict) -> None:
+    """Caches `entry` for key `k` in memory and the machine's file (under _lock)."""
+    _cache.touched.append(k)
+    _cache.load()[k] = entry
+    _cache.save()
 
 
 def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str], prior: str,
@@ -214,9 +219,7 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
             winner = timed[0]
         if winner is not None:
             with _lock:
-                _cache.touched.append(k)
-                _cache.load()[k] = {"winner": winner, "times_ms": {}, "inferred": True}
-                _cache.save()
+                _store(k, {"winner": winner, "times_ms": {}, "inferred": True})
             return _guard(op, k, device, dtype, winner, dense, trial)
         order = [prior, *(c for c in timed if c != prior)] if prior in timed else timed
         layer = infer.layer(k)
@@ -227,7 +230,7 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
         with _lock:
             impl = None if m.decided else m.next()
             if impl is None and not m.decided and m.waiting():  # the samples handed out are enough for now
-                best = {c: min(t) for c, t in m.times.items() if t}
+                best = m.best()
                 untimed = min(best, key=best.get) if best else prior
                 break  # (impl None: this call runs it untimed)
             if impl is None:
@@ -267,7 +270,7 @@ CHECK_ROWS = 16
 def _check(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str, dense: str,
            trial: Callable) -> bool:
     """`impl` against the dense path (float32 at least) on a few rows, once per layer and process; one
-    that disagrees is excluded for `k`."""
+    that disagrees (or raises) is excluded for the layer."""
     try:
         got, failed = trial(impl, rows=CHECK_ROWS), None
     except Exception as exc:  # noqa: BLE001  (a candidate's failure must not become the call's)

@@ -41,9 +41,13 @@ class Measuring:
     def waiting(self, impl: str | None = None) -> int:
         return sum(1 for s in list(self.pending) if not s.done and (impl is None or s.impl == impl and s.timed))
 
+    def best(self) -> dict[str, float]:
+        """Each timed candidate's fastest call (seconds)."""
+        return {c: min(t) for c, t in self.times.items() if t}
+
     def wanted(self, impl: str) -> bool:
         t = self.times[impl]
-        best = min((min(v) for v in self.times.values() if v), default=None)
+        best = min(self.best().values(), default=None)
         if best is not None and t and min(t) > DROP * best:
             return False
         close = best is not None and t and min(t) <= CLOSE * best
