@@ -2,6 +2,7 @@
 sizes (sparseops.tuning): a winner without measuring, or fewer candidates to measure."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -78,6 +79,7 @@ def without_batch(k: str) -> str:
     return "|".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)  # (a regex on every call's key otherwise: `pick` asks it 1-3 times a call)
 def layer(k: str) -> str:
     """The guard's key: the layer without its density, batch and channel-work bucket (a kernel right for
     one is right for all)."""
