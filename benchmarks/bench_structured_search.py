@@ -9,15 +9,16 @@
 - Channel IMP (`tickets.imp(granularity="channel")`): levels of L1 filter pruning with a fixed number
   of SGD steps each, with sparseops (`auto`) and with plain mask multiplication (the `reference`
   backend: conv(x, w * mask)), same seed. A pruned filter's channel is removed (its readers' columns
-  masked too, sparseops.tickets.removal) in both.
+  masked too, sparseops.tickets.removal) in both. `imp-shrink`: the same, sparseops with `shrink=True`
+  (each pruned level trains the physically smaller model, sparseops.shrink, and writes it back).
 
 Each pair must give the same result, and the script says whether it did: structured CS the same gates
 every round and the same per-epoch losses, channel IMP the same masks every level and the same final
-weights. Both run with `auto` measuring (a fresh cache per search, as a first run gets; the time spent
+state (batch norm statistics of removed channels aside: shrunk levels leave those). Both run with `auto` measuring (a fresh cache per search, as a first run gets; the time spent
 measuring, tuning.measured_seconds(), reported apart) and without (the prior alone), unless `--tune`
 says one. One command writes results/structured-search-<cpu>-<isa>.{json,md}:
 
-    python benchmarks/bench_structured_search.py [--method scs|imp|both] [--tune both|on|off] [--images 128] \
+    python benchmarks/bench_structured_search.py [--method scs|imp|imp-shrink|all] [--tune both|on|off] [--images 128] \
         [--batch 32] [--epochs 4] [--rounds 1] [--levels 3] [--steps 2] [--out results/....json]
 
 Not a test (a search takes minutes at realistic sizes).
@@ -68,14 +69,15 @@ def scs_search(skip: bool, args) -> dict:
         for r in result.levels]}
 
 
-def imp_search(backend: str | None, args) -> dict:
+def imp_search(backend: str | None, args, shrink: bool = False) -> dict:
     torch.manual_seed(args.seed)
     model = vgg16()
     train = timed_sgd_train(args.batch, args.steps, args.seed)
     measured = tuning.measured_seconds()
     t0 = time.perf_counter()
     with sparseops.backend(backend):
-        result = tickets.imp(model, train, levels=args.levels, rate=0.3, granularity="channel", progress=False)
+        result = tickets.imp(model, train, levels=args.levels, rate=0.3, granularity="channel", progress=False,
+                             shrink=shrink, example_inputs=torch.zeros(2, 3, 32, 32) if shrink else None)
     wall = time.perf_counter() - t0
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
     return {"wall_time": wall, "measuring_s": tuning.measured_seconds() - measured, "_state": state, "levels": [
@@ -101,9 +103,19 @@ def _same_scs(a, b) -> dict:
 def _same_imp(a, b) -> dict:
     masks = all(torch.equal(x["_masks"][k], y["_masks"][k]) for x, y in zip(a["levels"], b["levels"], strict=True)
                 for k in x["_masks"])
-    diff = max(float((a["_state"][k].double() - b["_state"][k].double()).abs().max()) for k in a["_state"]
+    diff = max(float((_live(a["_state"], k) - _live(b["_state"], k)).abs().max()) for k in a["_state"]
                if a["_state"][k].is_floating_point())
     return {"same_masks": masks, "max_weight_diff": diff}
+
+
+def _live(state: dict, k: str) -> torch.Tensor:
+    """state[k] in float64, a batch norm's running statistics zeroed at removed (dead) channels: a
+    search on shrunk models (imp shrink=True) does not update those, and no output depends on them."""
+    t = state[k].double()
+    base, _, leaf = k.rpartition(".")
+    if leaf in ("running_mean", "running_var") and base + ".weight" in state and base + ".bias" in state:
+        t = t * ((state[base + ".weight"] != 0) | (state[base + ".bias"] != 0))
+    return t
 
 
 def pair(method: str, args) -> dict:
@@ -112,7 +124,7 @@ def pair(method: str, args) -> dict:
         ours, ref = scs_search(True, args), scs_search(False, args)
         same = _same_scs(ours, ref)
     else:
-        ours, ref = imp_search(None, args), imp_search("reference", args)
+        ours, ref = imp_search(None, args, shrink=method == "imp-shrink"), imp_search("reference", args)
         same = _same_imp(ours, ref)
         for run in (ours, ref):
             run.pop("_state")
@@ -132,6 +144,9 @@ def _uptime() -> str:
         return "?"
 
 
+_TITLES = {"scs": "structured CS", "imp": "channel IMP", "imp-shrink": "channel IMP, shrunk levels"}
+
+
 def report(out: dict) -> str:
     m, a = out["machine"], out["args"]
     lines = [f"# Structured searches: CIFAR VGG-16, synthetic data ({m['cpu']}, {m['isa']} kernels, {m['threads']} "
@@ -147,7 +162,7 @@ def report(out: dict) -> str:
         for method, r in runs.items():
             same = (f"gates {r['same_gates']}, loss diff {r['max_loss_diff']:.1e}" if method == "scs" else
                     f"masks {r['same_masks']}, weight diff {r['max_weight_diff']:.1e}")
-            lines.append(f"| {'structured CS' if method == 'scs' else 'channel IMP'} | {mode} | "
+            lines.append(f"| {_TITLES[method]} | {mode} | "
                          f"{r['mask_multiply']['wall_time']:.1f} s | {r['sparseops']['wall_time']:.1f} s | "
                          f"{r['sparseops']['measuring_s']:.1f} s | {r['speedup']:.2f}x | "
                          f"{r['speedup_without_measuring']:.2f}x | "
@@ -157,14 +172,15 @@ def report(out: dict) -> str:
                                 for x in runs["scs"]["sparseops"]["rounds"])
         for mode, runs in out["runs"].items() if "scs" in runs)]
     lines += ["Work kept per level (channel IMP, kept rows x columns of the masked layers): " + "; ".join(
-        f"{mode}: " + ", ".join(f"{x['work_kept']:.0%}" for x in runs["imp"]["sparseops"]["levels"])
-        for mode, runs in out["runs"].items() if "imp" in runs)]
+        f"{mode}: " + ", ".join(f"{x['work_kept']:.0%}" for x in runs[m]["sparseops"]["levels"])
+        for mode, runs in out["runs"].items() for m in ("imp", "imp-shrink") if m in runs)]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", choices=("scs", "imp", "both"), default="both")
+    ap.add_argument("--method", choices=("scs", "imp", "imp-shrink", "all"), default="all",
+                    help="imp-shrink: channel IMP with shrink=True (each level trains the shrunk model)")
     ap.add_argument("--tune", choices=("both", "on", "off"), default="both",
                     help="auto's measuring: on (a fresh cache per search), off (the prior), or both runs")
     ap.add_argument("--images", type=int, default=128, help="structured CS: synthetic training images")
@@ -186,7 +202,7 @@ def main(argv=None):
            "load_before": _uptime(), "runs": {}}
     warm = vgg16()
     F.cross_entropy(warm(torch.randn(args.batch, 3, 32, 32)), torch.randint(0, 10, (args.batch,))).backward()
-    methods = ("scs", "imp") if args.method == "both" else (args.method,)
+    methods = ("scs", "imp", "imp-shrink") if args.method == "all" else (args.method,)
     for mode in (("on", "off") if args.tune == "both" else (args.tune,)):
         runs = out["runs"].setdefault("on" if mode == "on" else "off", {})
         for method in methods:

@@ -51,6 +51,11 @@ def shrink(model: nn.Module, example_inputs, *, inplace: bool = False) -> nn.Mod
     """A copy of `model` (or `model` itself, with `inplace`) with its dead channels and gated-off
     blocks removed (see the module docstring). `example_inputs` is a batch the model accepts (a
     tensor, or a tuple of its arguments), used once, in eval mode, to trace the dependency graph."""
+    return shrink_mapped(model, example_inputs, inplace=inplace)[0]
+
+
+def shrink_mapped(model: nn.Module, example_inputs, *, inplace: bool = False) -> tuple[nn.Module, Cuts]:
+    """`shrink`, and where each kept entry of the smaller model came from (for `write_back`)."""
     check_model(model, "shrink")
     tp = _torch_pruning()
     out = model if inplace else copy.deepcopy(model)
@@ -70,11 +75,14 @@ def shrink(model: nn.Module, example_inputs, *, inplace: bool = False) -> nn.Mod
             idxs = idxs[1:]
         if idxs:
             plans.append((root.target.module, root.handler, idxs))
+    cuts = Cuts()
     for module, handler, idxs in plans:
         group = graph.get_pruning_group(module, handler, idxs)
         for item in group.items:
             _cut_mask(masks, item.dep, item.idxs, tp)
+            cuts.add(tp, item.dep, item.idxs)
         group.prune()
+    cuts.name(out)
     if constant:
         warnings.warn(f"sparseops.shrink: kept {constant} channel(s) whose filters are all pruned but which are not "
                       "dead: a BatchNorm or layer bias there, or another layer writing the same channel (a residual "
@@ -84,7 +92,7 @@ def shrink(model: nn.Module, example_inputs, *, inplace: bool = False) -> nn.Mod
     _repatch(out, masks)
     for m, mode in training:
         m.train(mode)
-    return out
+    return out, cuts
 
 
 def _fold_masks(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
@@ -174,3 +182,71 @@ def _repatch(model: nn.Module, masks) -> None:
     patch(model, filter_fn=lambda m, name: m in sparse)
     for m, mask in sparse.items():
         m.set_mask(mask)
+
+
+class Cuts:
+    """Which channels `shrink` removed, per module (by its name in the model) and side: "out" (dim 0
+    of its per-channel tensors: a layer's filters and bias, a BatchNorm's) and "in" (dim 1 of a layer's
+    weight). Modules cut by other torch-pruning handlers (a LayerNorm, an embedding) are `unknown`."""
+
+    def __init__(self):
+        self.removed: dict = {}
+        self.unknown: set = set()
+
+    def add(self, tp, dep, idxs) -> None:
+        m = dep.target.module
+        if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
+                           tp.prune_batchnorm_out_channels, tp.prune_batchnorm_in_channels):
+            side = "out"
+        elif dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels):
+            side = "in"
+            if getattr(m, "groups", 1) != 1:
+                self.unknown.add(m)  # (a grouped convolution's weight holds in/groups channels)
+        else:
+            if isinstance(m, nn.Module) and any(True for _ in [*m.parameters(False), *m.buffers(False)]):
+                self.unknown.add(m)
+            return
+        self.removed.setdefault(m, {}).setdefault(side, set()).update(int(i) for i in idxs)
+
+    def name(self, model: nn.Module) -> None:
+        """Keys the modules by their names in `model` (before _repatch swaps any for sparseops layers)."""
+        names = {m: n for n, m in model.named_modules()}
+        self.removed = {names[m]: sides for m, sides in self.removed.items()}
+        self.unknown = {names.get(m, type(m).__name__) for m in self.unknown}
+
+
+@torch.no_grad()
+def write_back(model: nn.Module, small: nn.Module, cuts: Cuts) -> None:
+    """Copies the parameters and buffers of `small` (from `shrink_mapped(model, ...)`, trained since)
+    into the entries of `model`'s that they were cut from; removed entries keep their values. Masks
+    are not copied (training does not change them)."""
+    full = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, t in [*small.named_parameters(), *small.named_buffers()]:
+        if name.endswith("_mask"):
+            continue
+        module = name.rpartition(".")[0]
+        if module in cuts.unknown:
+            raise NotImplementedError(f"sparseops.shrink: cannot write {name!r} back: torch-pruning cut module "
+                                      f"{module!r} in a way sparseops does not map (only Conv2d, Linear, BatchNorm)")
+        if name not in full:
+            raise ValueError(f"sparseops.shrink: the shrunk model has {name!r}, which the full model does not")
+        target, sides = full[name], cuts.removed.get(module, {})
+        index = [None] * target.dim()
+        for dim, side in ((0, "out"), (1, "in")):
+            if side in sides and target.dim() > dim:
+                gone = sides[side]
+                index[dim] = torch.tensor([i for i in range(target.shape[dim]) if i not in gone], dtype=torch.long,
+                                          device=target.device)
+        want = tuple(len(i) if i is not None else n for i, n in zip(index, target.shape))
+        if want != tuple(t.shape):
+            raise RuntimeError(f"sparseops.shrink: cannot write {name!r} back: its shape {tuple(t.shape)} is not "
+                               f"the kept part {want} of the full model's {tuple(target.shape)}")
+        cut = [d for d, i in enumerate(index) if i is not None]
+        new = t if not cut else target.clone()
+        if len(cut) == 2:
+            new[index[0].unsqueeze(1), index[1]] = t
+        elif cut:
+            new.index_copy_(cut[0], index[cut[0]], t)
+        # A masked weight keeps its value (shrink zeroed it in the copy; training leaves it alone).
+        mask = full.get(name + "_mask")
+        target.copy_(new if mask is None else torch.where(mask, new, target))

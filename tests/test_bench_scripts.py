@@ -31,7 +31,8 @@ def test_bench_structured_search_runs(tmp_path):
                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["scs"]["same_gates"] and data["imp"]["same_masks"]
+    assert data["scs"]["same_gates"] and data["imp"]["same_masks"] and data["imp-shrink"]["same_masks"]
+    assert data["imp-shrink"]["max_weight_diff"] < 1e-3  # (batch norm statistics of removed channels aside)
     assert [r["round"] for r in data["scs"]["sparseops"]["rounds"]] == [0, 1]
     assert [r["level"] for r in data["imp"]["mask_multiply"]["levels"]] == [0, 1]
 

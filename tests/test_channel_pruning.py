@@ -136,13 +136,26 @@ def test_random_channel_imp_is_the_baseline():
 
 def test_cli_runs_channel_imp(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "imp", "--granularity", "channel",
-                    "--norm", "l2", "--model", "mlp", "--levels", "1", "--epochs", "1", "--no-progress",
-                    "--save-ticket", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True, cwd=root,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    masks = Ticket.load(tmp_path / "t.pt").masks
-    assert int(masks["0"].any(1).sum()) == 256 - math.ceil(0.2 * 256)  # layerwise: 20% of each layer's filters
-    assert int(masks["2"].any(1).sum()) == 128 - math.ceil(0.2 * 128) and masks["4"].all()
+    found = []
+    for extra in ([], ["--shrink"]) if _has_torch_pruning() else ([],):  # --shrink: the same search, shrunk levels
+        subprocess.run([sys.executable, "-m", "sparseops", "ticket", "--method", "imp", "--granularity", "channel",
+                        "--norm", "l2", "--model", "mlp", "--levels", "2", "--epochs", "1", "--no-progress",
+                        "--save-ticket", str(tmp_path / "t.pt"), *extra], capture_output=True, text=True, check=True,
+                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        found.append(Ticket.load(tmp_path / "t.pt").masks)
+    masks = found[0]
+    kept0, kept2 = 256 - math.ceil(0.2 * 256), 128 - math.ceil(0.2 * 128)  # layerwise: 20% of each layer's filters
+    assert int(masks["0"].any(1).sum()) == kept0 - math.ceil(0.2 * kept0)
+    assert int(masks["2"].any(1).sum()) == kept2 - math.ceil(0.2 * kept2) and masks["4"].all()
+    assert all(torch.equal(m[k], masks[k]) for m in found[1:] for k in masks)
+
+
+def _has_torch_pruning() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cnn():

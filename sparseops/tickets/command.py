@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", choices=("weight", "channel"), default="weight",
                    help="IMP/random: prune single weights or whole filters (channel IMP, by --norm)")
     p.add_argument("--norm", choices=("l1", "l2"), default="l1", help="IMP --granularity channel: filter norm")
+    p.add_argument("--shrink", action="store_true", help="IMP --granularity channel: train each pruned level on "
+                   "the physically smaller model (sparseops.shrink; needs torch-pruning)")
     p.add_argument("--flops-weighted", action="store_true", help="structured-cs: weight each unit's gate by its "
                    "multiply-accumulates")
     p.add_argument("--temperature", choices=TEMPERATURES, default="global", help="structured-cs: one beta schedule "
@@ -157,6 +159,8 @@ def search(args: argparse.Namespace, out=print):
                          budget=args.budget, exclude=args.exclude,
                          pruning="magnitude" if args.method == "imp" else "random", preset=preset,
                          granularity=getattr(args, "granularity", "weight"), norm=getattr(args, "norm", "l1"),
+                         shrink=getattr(args, "shrink", False),
+                         example_inputs=train[0][:2] if getattr(args, "shrink", False) else None,
                          checkpoint_dir=args.checkpoint_dir, generator=torch.Generator().manual_seed(args.seed),
                          progress=progress)
     return result, model

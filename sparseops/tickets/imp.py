@@ -14,6 +14,7 @@ import os
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..distributed import check_masks, is_dtensor
 from ..patch import check_model, patch
+from ..shrink import shrink_mapped, write_back
 from .files import python_rng_state, read_checkpoints, save_checkpoint
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
@@ -140,7 +142,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         pruning: str = "magnitude", filter_fn: Callable | None = None,
         checkpoint_dir: str | os.PathLike | None = None, generator: torch.Generator | None = None,
         progress: bool = True, preset=None, granularity: str = "weight", norm: str = "l1",
-        remove_channels: bool = True) -> SearchResult:
+        remove_channels: bool = True, shrink: bool = False, example_inputs=None) -> SearchResult:
     """Runs `levels` pruning levels after a dense level 0 and returns every level's result.
 
     train_fn(model, level) trains the model in place for one level (building its own optimiser) and
@@ -167,6 +169,13 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     pruned filter's channel is removed where the model's graph makes that exact (sparseops.tickets.removal:
     the readers' columns masked, its batch norm's scale and shift zeroed), else (or `remove_channels=False`)
     only its row is masked.
+
+    `shrink=True` (channel IMP) trains each pruned level on a physically smaller copy of the model
+    (`sparseops.shrink(model, example_inputs)`: the removed channels gone from every layer, batch norm,
+    activation and pooling, not just skipped by the masked layers) and writes its trained parameters
+    and buffers back into `model`'s kept entries. train_fn then gets that copy: it must train the model
+    it is given (it raises if `model`'s own parameters changed meanwhile). The removed channels' batch
+    norm statistics are not updated then (the channels are dead: no output depends on them).
 
     With `checkpoint_dir`, each finished level is saved (masks, trained weights, rewind weights,
     metrics, torch's, Python's and `generator`'s RNG states); calling imp again with the same directory and settings
@@ -198,6 +207,16 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
             raise ValueError(f"sparseops.tickets.imp: norm must be 'l1' or 'l2', got {norm!r}")
         scope = "layerwise" if scope is None else scope
         budget = "prunable"
+    if shrink:
+        if granularity != "channel" or not remove_channels:
+            raise ValueError("sparseops.tickets.imp: shrink=True needs granularity='channel' and remove_channels=True "
+                             "(only removed channels are dead, and only they can be cut out)")
+        if example_inputs is None:
+            raise ValueError("sparseops.tickets.imp: shrink=True needs example_inputs (a batch the model accepts, to "
+                             "trace its graph)")
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise NotImplementedError("sparseops.tickets.imp: shrink=True on a model sharded by FSDP2 (DTensor "
+                                      "parameters) is not supported")
     rate = check_rate(0.2 if rate is None else rate, "imp")
     rewind = 0 if rewind is None else rewind
     rewind_point = parse_rewind(rewind)
@@ -258,7 +277,8 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         level = Level(index, sparsity, rewind_point, save_rewind if index == 0 and not saved else None,
                       start=(0, 0, 0) if index == 0 else start_point)
         t0 = time.perf_counter()
-        metrics = train_fn(model, level)
+        metrics = train_fn(model, level) if not (shrink and index > 0) else _train_shrunk(model, train_fn, level,
+                                                                                         example_inputs)
         wall = time.perf_counter() - t0
         if index == 0:
             if "state" not in saved:
@@ -286,6 +306,20 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
     if bar is not None:
         bar.close()
     return SearchResult("imp" if pruning == "magnitude" else "random", results)
+
+
+def _train_shrunk(model: nn.Module, train_fn: Callable, level, example_inputs):
+    """train_fn on the shrunk model, its result written back into `model` (imp's shrink=True)."""
+    with warnings.catch_warnings():  # (channels of layers whose readers are excluded stay, by design)
+        warnings.filterwarnings("ignore", message="sparseops.shrink: kept")
+        small, cuts = shrink_mapped(model, example_inputs)
+    versions = [p._version for p in model.parameters()]
+    metrics = train_fn(small, level)
+    if versions != [p._version for p in model.parameters()]:
+        raise RuntimeError("sparseops.tickets.imp: with shrink=True, train_fn must train the model it is given (a "
+                           "smaller copy), but the full model's parameters changed (an optimiser over them?)")
+    write_back(model, small, cuts)
+    return metrics
 
 
 def _resume(model, checkpoint_dir, config, generator):
