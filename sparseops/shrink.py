@@ -39,7 +39,7 @@ _ZERO_PRESERVING = ("Relu", "LeakyRelu", "Hardtanh", "Gelu", "Silu", "Elu", "Har
                     "Reshape", "UnsafeView", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Cat", "Split", "Slice")
 
 
-def _torch_pruning():
+def require_torch_pruning():
     try:
         import torch_pruning
     except ImportError as exc:
@@ -57,7 +57,7 @@ def shrink(model: nn.Module, example_inputs, *, inplace: bool = False) -> nn.Mod
 def shrink_mapped(model: nn.Module, example_inputs, *, inplace: bool = False) -> tuple[nn.Module, Cuts]:
     """`shrink`, and where each kept entry of the smaller model came from (for `write_back`)."""
     check_model(model, "shrink")
-    tp = _torch_pruning()
+    tp = require_torch_pruning()
     out = model if inplace else copy.deepcopy(model)
     training = [(m, m.training) for m in out.modules()]
     masks = _fold_masks(out)

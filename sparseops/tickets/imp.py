@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distributed import check_masks, is_dtensor
 from ..patch import check_model, patch
-from ..shrink import shrink_mapped, write_back
+from ..shrink import require_torch_pruning, shrink_mapped, write_back
 from .files import python_rng_state, read_checkpoints, save_checkpoint
 from .masks import get_masks, set_masks, sparsity_report
 from .presets import IMPPreset
@@ -217,6 +217,7 @@ def imp(model: nn.Module, train_fn: Callable, *, levels: int, rate: float | None
         if any(is_dtensor(p) for p in model.parameters()):
             raise NotImplementedError("sparseops.tickets.imp: shrink=True on a model sharded by FSDP2 (DTensor "
                                       "parameters) is not supported")
+        require_torch_pruning()  # (now, not after level 0's training: an ImportError naming the extra)
     rate = check_rate(0.2 if rate is None else rate, "imp")
     rewind = 0 if rewind is None else rewind
     rewind_point = parse_rewind(rewind)
