@@ -132,3 +132,35 @@ def test_bad_input():
         small[0].weight = nn.Parameter(small[0].weight[:1].clone())
     with pytest.raises(RuntimeError, match="cannot write '0.weight' back"):
         write_back(model, small, cuts)
+
+
+def test_shrunk_levels_of_a_resnet():
+    """ResNet-20: only each block's first convolution is removable (the second's channels join the residual
+    sum); the shrunk levels train fewer parameters and end where the masked ones do."""
+    from sparseops.tickets.zoo import resnet20
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g))
+            for _ in range(2)]
+
+    def train_fn(m, level):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            level.step()
+        return {"params": sum(p.numel() for p in m.parameters())}
+
+    models, results = [], []
+    for shrink in (False, True):
+        torch.manual_seed(0)
+        models.append(resnet20().double())
+        results.append(imp(models[-1], train_fn, levels=2, rate=0.4, granularity="channel", progress=False,
+                           shrink=shrink, example_inputs=data[0][0][:2]))
+    assert [r.metrics["params"] for r in results[0].levels] == [272474] * 3
+    assert results[1].levels[2].metrics["params"] < results[1].levels[1].metrics["params"] < 272474
+    for x, y in zip(results[0].levels, results[1].levels, strict=True):
+        assert all(torch.equal(x.masks[k], y.masks[k]) for k in x.masks)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
