@@ -8,7 +8,7 @@ taken as a residual *branch* F whose parent adds its input back: it returns `g *
 x's shape when `g` is 0, so its output must keep its input's shape. The block's attribute `gate` (a
 0-dim float buffer, 1 after gating) is the hard gate; 0 means off. A soft gate (`attach_gate_score`)
 is `sigmoid(gate_beta * gate_score) / sigmoid(gate_s0)`, CS's scaled mask, until `set_gate_ticket`,
-and exactly 0 where `gate_beta * gate_score < GATE_OFF_BELOW` (`soft_gate`).
+and exactly 0 where `gate_beta * gate_score < -43.7` (`soft_gate`).
 
 Channel gates. `ChannelGate(C)` holds one score per channel; `gate_channels(module, C)` multiplies the
 module's output channel c (dim 1) by the gate's value (soft as above, or its hard buffer).
@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .reference import cut_sigmoid
 
 
 def _relu(block, out):
@@ -64,19 +66,11 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
-# A soft gate is exactly 0 (and so is its gradient) where sigmoid(beta * s) < 2^-63, i.e. beta * s <
-# -63 ln 2 = -43.7, not only where fp32's sigmoid underflows (-103.3): a smaller gate makes the
-# activations and gradients it multiplies subnormal (2^-63 is the square root of fp32's smallest normal
-# number, so its product with anything above 2^-63 is normal), which x86 computes up to 100x slower, and
-# it contributes nothing: 2^-63 is 1e-12 of fp32's resolution at 1, and its gradient to s (beta *
-# gate) cannot bring s back. One cut for every dtype, so that float64 runs make the same search.
-GATE_OFF_BELOW = -63 * math.log(2)
-
-
 def soft_gate(beta, score: torch.Tensor, s0: float) -> torch.Tensor:
-    """`sigmoid(beta * score) / sigmoid(s0)`, exactly 0 where `beta * score < GATE_OFF_BELOW`."""
-    z = beta * score
-    return torch.sigmoid(z).masked_fill(z < GATE_OFF_BELOW, 0) / _sigmoid(s0)
+    """`sigmoid(beta * score) / sigmoid(s0)`, exactly 0 (gradient 0) where `beta * score` is below
+    sparseops.reference.SIGMOID_OFF_BELOW (-43.7): a smaller gate would make what it multiplies
+    subnormal, slow on x86 (reference.py says why the cut is there)."""
+    return cut_sigmoid(beta * score) / _sigmoid(s0)
 
 
 def _known(module: nn.Module):
