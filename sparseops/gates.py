@@ -7,7 +7,8 @@ computes `post(shortcut(x))`: F is not run, in forward or backward. Any other mo
 taken as a residual *branch* F whose parent adds its input back: it returns `g * F(x)`, and zeros of
 x's shape when `g` is 0, so its output must keep its input's shape. The block's attribute `gate` (a
 0-dim float buffer, 1 after gating) is the hard gate; 0 means off. A soft gate (`attach_gate_score`)
-is `sigmoid(gate_beta * gate_score) / sigmoid(gate_s0)`, CS's scaled mask, until `set_gate_ticket`.
+is `sigmoid(gate_beta * gate_score) / sigmoid(gate_s0)`, CS's scaled mask, until `set_gate_ticket`,
+and exactly 0 where `gate_beta * gate_score < -43.7` (`soft_gate`).
 
 Channel gates. `ChannelGate(C)` holds one score per channel; `gate_channels(module, C)` multiplies the
 module's output channel c (dim 1) by the gate's value (soft as above, or its hard buffer).
@@ -19,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .reference import cut_sigmoid
 
 
 def _relu(block, out):
@@ -63,6 +66,13 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
+def soft_gate(beta, score: torch.Tensor, s0: float) -> torch.Tensor:
+    """`sigmoid(beta * score) / sigmoid(s0)`, exactly 0 (gradient 0) where `beta * score` is below
+    sparseops.reference.SIGMOID_OFF_BELOW (-43.7): a smaller gate would make what it multiplies
+    subnormal, slow on x86 (reference.py says why the cut is there)."""
+    return cut_sigmoid(beta * score) / _sigmoid(s0)
+
+
 def _known(module: nn.Module):
     cls = type(module)
     return BLOCKS.get((cls.__module__, cls.__qualname__))
@@ -79,7 +89,7 @@ class _GatedMixin:
 
     def gate_value(self) -> torch.Tensor:
         if self.gate_soft:
-            return torch.sigmoid(self.gate_beta * self.gate_score) / _sigmoid(self.gate_s0)
+            return soft_gate(self.gate_beta, self.gate_score, self.gate_s0)
         return self.gate
 
     def _gate_off(self, g: torch.Tensor) -> bool:
@@ -249,8 +259,8 @@ def set_gate_ticket(block: nn.Module) -> None:
 
 
 class ChannelGate(nn.Module):
-    """One gate per channel: soft `sigmoid(beta * score) / sigmoid(s0)` (per-channel `beta`), or the
-    hard buffer `hard` once `soft` is False. `hard` starts at 1 (every channel kept)."""
+    """One gate per channel: soft `soft_gate(beta, score, s0)` (per-channel `beta`), or the hard
+    buffer `hard` once `soft` is False. `hard` starts at 1 (every channel kept)."""
 
     def __init__(self, channels: int, s0: float = 0.0, device=None, dtype=None):
         super().__init__()
@@ -263,7 +273,7 @@ class ChannelGate(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.soft:
-            return torch.sigmoid(self.beta * self.score) / _sigmoid(self.s0)
+            return soft_gate(self.beta, self.score, self.s0)
         return self.hard
 
     @torch.no_grad()

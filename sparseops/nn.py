@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import reference
 from .layout import as_bool_mask, same_content
 from .ops.masked_conv2d import masked_conv2d
 from .ops.masked_linear import masked_linear
@@ -186,7 +187,7 @@ class _SoftMaskedMixin:
         """The mask as the forward applies it (soft, or the hard ticket mask), times `scale`."""
         if self.ticket:
             return self.ticket_mask().to(self.weight.dtype) * self.scale
-        return torch.sigmoid(self.beta * self.weight_score) * self.scale
+        return reference.cut_sigmoid(self.beta * self.weight_score) * self.scale
 
     def ticket_mask(self) -> torch.Tensor:
         """The hard mask CS keeps: s > 0 (in ticket mode, the one the forward computes with)."""

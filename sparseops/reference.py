@@ -15,6 +15,19 @@ from .layout import mask_as
 
 _F32_MAX = 3.4028234663852886e38
 
+# A soft mask or gate is exactly 0, with gradient 0, where sigmoid(z) < 2^-63, i.e. z < -63 ln 2 = -43.7,
+# not only where fp32's sigmoid underflows (-103.3): a smaller value makes the weights, activations and
+# gradients it multiplies subnormal (2^-63 is the square root of fp32's smallest normal number, so its
+# product with anything above 2^-63 is normal), which x86 computes up to 100x slower; and it contributes
+# nothing: it is 1e-12 of fp32's resolution at 1, and its gradient to s (beta * sigmoid) cannot bring
+# s back. One cut for every dtype, so that float64 runs are the same search. Every kernel applies it.
+SIGMOID_OFF_BELOW = -63 * math.log(2)
+
+
+def cut_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """sigmoid(z), exactly 0 (gradient 0) where z < SIGMOID_OFF_BELOW."""
+    return torch.sigmoid(z).masked_fill(z < SIGMOID_OFF_BELOW, 0)
+
 
 def _scaled(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
     """beta * s. Where beta (or beta * scale) is past float32's range, as a product of k equal
@@ -31,13 +44,13 @@ def _scaled(s: torch.Tensor, beta: float, scale: float) -> torch.Tensor:
 
 
 def soft_mask(w: torch.Tensor, s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
-    """Continuous Sparsification's soft mask: w * scale * sigmoid(beta * s)."""
-    return w * scale * torch.sigmoid(_scaled(s, beta, scale))
+    """Continuous Sparsification's soft mask: w * scale * sigmoid(beta * s) (0 below the cut, cut_sigmoid)."""
+    return w * scale * cut_sigmoid(_scaled(s, beta, scale))
 
 
 def soft_mask_l1(s: torch.Tensor, beta: float, scale: float = 1.0) -> torch.Tensor:
     """CS's L0 surrogate penalty: scale * sum(sigmoid(beta * s))."""
-    return scale * torch.sigmoid(_scaled(s, beta, scale)).sum()
+    return scale * cut_sigmoid(_scaled(s, beta, scale)).sum()
 
 
 def masked_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

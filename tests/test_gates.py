@@ -154,3 +154,46 @@ def test_remove_gates_gives_the_plain_blocks_back():
     gates.remove_gates(model)
     assert not gates.gated_blocks(model) and type(model[3]).__name__ == "_Block"
     assert not any(k.endswith(".gate") for k in model.state_dict())
+
+
+def test_soft_gates_below_the_cut_are_exactly_zero_never_subnormal_with_zero_gradient():
+    # beta * s from well inside fp32's normal range of sigmoid, across the cut (-43.7), into the range
+    # where fp32's sigmoid is subnormal (-87.3 to -103.3) and beyond; scale 1 / sigmoid(0.5)
+    z = torch.tensor([2.0, -1.0, -30.0, -43.6, -43.7, -60.0, -90.0, -100.0, -120.0])
+    gate = gates.ChannelGate(len(z), s0=0.5)
+    with torch.no_grad():
+        gate.beta.fill_(4.0)
+        gate.score.copy_(z / 4.0)
+    g = gate()
+    off = z < -63 * math.log(2)  # sigmoid(z) < 2^-63
+    assert off.tolist() == [False] * 4 + [True] * 5
+    assert (g[off] == 0).all() and gate.off().tolist() == off.tolist()
+    assert (g[~off] >= torch.finfo(torch.float32).tiny).all()  # none subnormal
+    w = torch.linspace(0.5, 2.0, len(z))
+    (g * w).sum().backward()
+    grad = gate.score.grad
+    assert torch.isfinite(grad).all() and (grad[off] == 0).all()
+    # the kept gates and their gradients are sigmoid's, against float64
+    z64 = (4.0 * gate.score.detach().double()).requires_grad_()
+    ref = torch.sigmoid(z64) * (1 + math.exp(-0.5))
+    (ref * w.double()).sum().backward()
+    torch.testing.assert_close(g[~off].double(), ref[~off].detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad[~off].double(), 4.0 * z64.grad[~off], rtol=1e-5, atol=0)
+    # gradcheck in float64 on either side of the cut (the cut itself is a step)
+    s = torch.tensor([0.3, -2.0, -10.0, -12.0, -30.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s_: gates.soft_gate(4.0, s_, 0.5), (s,))
+
+
+def test_a_layer_gate_below_the_cut_is_exactly_zero_and_skips_the_branch():
+    model = resnet20()
+    sparseops.patch(model, layer_gates=True)
+    block = model[4]
+    gates.attach_gate_score(block)
+    block.gate_beta = 50.0
+    with torch.no_grad():
+        block.gate_score.fill_(-1.0)  # sigmoid(-50) = 2e-22: normal, but below the cut
+    assert block.gate_value().item() == 0.0
+    calls = _counting(block.conv1)
+    x = torch.randn(1, 16, 4, 4)
+    torch.testing.assert_close(block(x), torch.relu(x))
+    assert calls["forward"] == 0

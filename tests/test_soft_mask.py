@@ -11,7 +11,7 @@ import sparseops
 from sparseops import reference
 
 from cases import CUDA_SOFT_MASK_SIZES, SOFT_MASK_L1_SHAPES, SOFT_MASK_SHAPES, SOFT_MASK_SIZES
-from conftest import TRITON, needs_gpu, needs_triton
+from conftest import TRITON, impl_params, needs_gpu, needs_triton
 
 SHAPES = SOFT_MASK_SHAPES
 
@@ -290,3 +290,44 @@ def test_cuda_float64_keeps_beta_and_scale_exact():
                                rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(sparseops.soft_mask_l1(s, beta, scale), reference.soft_mask_l1(s, beta, scale),
                                rtol=1e-13, atol=1e-13)
+
+
+# beta * s across the cut -63 ln 2 (sigmoid < 2^-63): above it the sigmoid, below it exactly 0, as are
+# the gradients (fp32's sigmoid itself is subnormal from -87.3 to -103.3, and a mask far above that
+# makes the masked weight subnormal: x86 arithmetic on either is up to 100x slower)
+CUT_Z = [2.0, -1.0, -30.0, -43.6, -43.7, -50.0, -60.0, -90.0, -100.0, -120.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("impl", impl_params(per_isa=True), indirect=True)  # each ISA's vectorised sigmoid
+def test_below_the_cut_the_mask_and_its_gradients_are_exactly_zero(impl, dtype):
+    if dtype not in impl.dtypes:
+        pytest.skip(f"{impl.name} does not take {dtype}")
+    beta, scale = 4.0, 1.5
+    z = torch.tensor(CUT_Z * 4, dtype=dtype)  # 40 entries: whole vectors and a tail
+    off = (z < -63 * math.log(2)).to(impl.device)
+    s = (z / beta).to(impl.device).requires_grad_()
+    w = impl.leaf(len(z), dtype=dtype)
+    with impl.force():
+        out = sparseops.soft_mask(w, s, beta, scale)
+        l1 = sparseops.soft_mask_l1(s, beta, scale)
+    assert (out[off] == 0).all() and (out[~off] != 0).all()
+    g = torch.randn_like(out)
+    dw, ds = torch.autograd.grad(out, (w, s), g, retain_graph=True)
+    (dl1,) = torch.autograd.grad(l1, s)
+    for grad in (dw, ds, dl1):
+        assert torch.isfinite(grad).all() and (grad[off] == 0).all()
+    assert (dw[~off] != 0).all() and (dl1[~off] != 0).all()
+    impl.check(out, (w, s), lambda w, s: reference.soft_mask(w, s, beta, scale), dtype)
+    torch.testing.assert_close(l1.double(), reference.soft_mask_l1(s.detach().double(), beta, scale),
+                               **impl.tol(dtype))
+
+
+def test_the_reference_cuts_below_minus_63_ln_2_with_gradient_zero():
+    z = torch.tensor(CUT_Z, dtype=torch.float64, requires_grad=True)
+    m = reference.cut_sigmoid(z)
+    off = z.detach() < -63 * math.log(2)
+    assert (m[off] == 0).all() and torch.equal(m[~off], torch.sigmoid(z[~off]))
+    (dz,) = torch.autograd.grad(m.sum(), z)
+    assert (dz[off] == 0).all() and torch.isfinite(dz).all()
+    assert torch.isnan(reference.cut_sigmoid(torch.tensor([float("nan")]))).all()  # NaN stays NaN

@@ -43,6 +43,21 @@ def test_matches_reference(impl, shape, dtype):
     assert (dw[:, : k // 2] == 0).all() and (ds[:, : k // 2] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", ["dot64", torch.float32])
+def test_below_the_cut_the_mask_is_exactly_zero_and_so_are_dw_and_ds(impl, dtype):
+    # beta * s below -63 ln 2 (-43.7), where sigmoid is still normal (down to -87.3) or subnormal
+    dtype = _dtype(impl, dtype)
+    x, w = impl.leaf(5, 24, dtype=dtype), impl.leaf(6, 24, dtype=dtype)
+    s = impl.leaf(6, 24, dtype=dtype)
+    with torch.no_grad():
+        s[:, 8:] = torch.linspace(-11.0, -25.0, 16, dtype=dtype)  # beta 4: z from -44 to -100
+    with impl.force():
+        out = sparseops.soft_masked_linear(x, w, s, 4.0, 1.5)
+    impl.check(out, (x, w, s), lambda x, w, s: reference.soft_masked_linear(x, w, s, 4.0, 1.5), dtype)
+    dw, ds = torch.autograd.grad(out.sum(), (w, s), retain_graph=True)
+    assert (dw[:, 8:] == 0).all() and (ds[:, 8:] == 0).all() and torch.isfinite(ds).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton (sparseops/triton/soft_masked_linear.py) and the layers' fused path
 

@@ -412,8 +412,10 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // Sigmoid. float: vectorised e^x (Cephes-style: x = n ln2 + r, degree-6 polynomial, ~1 ulp).
-// e^-z overflows to +inf for z < -88.37, so m is exactly 0 there, as in torch.sigmoid, and the
-// derivative m * (1 - m) = m * (e * m) is computed without cancellation and set to 0 where m is.
+// The derivative m * (1 - m) = m * (e * m) is computed without cancellation. m and dm are exactly 0
+// where z < kSigmoidOffBelow (sparseops.reference.SIGMOID_OFF_BELOW says why): e^-z overflowing to
+// +inf (z < -88.37) is inside that cut. A NaN z stays NaN.
+static constexpr double kSigmoidOffBelow = -43.66827237527655;  // -63 ln 2: sigmoid(z) < 2^-63
 typedef Vec<float>::type VF;
 typedef Vec<float>::itype VI;
 
@@ -440,14 +442,16 @@ static inline VF vexp(VF x) {
 
 static inline void vsigmoid(VF z, VF& m, VF& dm) {
   const VF e = vexp(-z);
-  m = 1.0f / (1.0f + e);
-  dm = e < __builtin_inff() ? m * (e * m) : VF{};
+  const auto off = z < static_cast<float>(kSigmoidOffBelow);
+  m = off ? VF{} : 1.0f / (1.0f + e);
+  dm = off ? VF{} : m * (e * m);
 }
 
 static inline void ssigmoid(double z, double& m, double& dm) {
   const double e = std::exp(-z);
-  m = 1.0 / (1.0 + e);
-  dm = std::isinf(e) ? 0.0 : m * (e * m);
+  const bool off = z < kSigmoidOffBelow;
+  m = off ? 0.0 : 1.0 / (1.0 + e);
+  dm = off ? 0.0 : m * (e * m);
 }
 
 // ds = (...) * beta * dm is exactly 0 where dm is, also when beta (or scale * beta) overflows the

@@ -18,13 +18,15 @@ namespace {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// m = sigmoid(z), dm = m * (1 - m) computed as m * (e * m) with e = exp(-z): no cancellation, and
-// exactly 0 where exp overflows (m == 0), as torch.sigmoid saturates.
+// m = sigmoid(z), dm = m * (1 - m) computed as m * (e * m) with e = exp(-z): no cancellation. Both
+// exactly 0 where z < -63 ln 2 (sigmoid < 2^-63; sparseops.reference.SIGMOID_OFF_BELOW says why),
+// which includes where exp overflows. A NaN z stays NaN.
 template <typename A>
 __device__ __forceinline__ void sigmoid_pair(A z, A& m, A& dm) {
   const A e = exp(-z);
-  m = A(1) / (A(1) + e);
-  dm = isinf(e) ? A(0) : m * (e * m);
+  const bool off = z < A(-43.66827237527655);
+  m = off ? A(0) : A(1) / (A(1) + e);
+  dm = off ? A(0) : m * (e * m);
 }
 
 int blocks_for(int64_t n, int threads) {

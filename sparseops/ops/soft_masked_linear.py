@@ -60,13 +60,13 @@ def check_soft(op: str, x, w, s, beta, scale, bias, groups=1):
 
 def nonzero_stats(s: torch.Tensor, beta: float):
     """The MaskStats of `sigmoid(beta*s) != 0` (its `source` is that mask), or None while no entry
-    can have underflowed: fp32 sigmoid(z) is exactly 0 only below z = -88.7."""
+    can be 0: the soft mask is exactly 0 only below z = reference.SIGMOID_OFF_BELOW (-43.7)."""
     if s.numel() == 0 or tracing(s):  # (while tracing the values are unknown: the soft mask, then the dense op)
         return None
     with torch.no_grad():
-        if not beta * float(-s.min()) > 80.0:
+        if not beta * float(s.min()) < reference.SIGMOID_OFF_BELOW:
             return None
-        return mask_stats(torch.sigmoid(beta * s) != 0)
+        return mask_stats(reference.cut_sigmoid(beta * s) != 0)
 
 
 def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0,

@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import nn as snn
 from ..patch import check_model, patch, patched_layers
+from ..reference import cut_sigmoid
 from .files import resume_rounds, save_round
 from .imp import LevelResult, SearchResult
 from .presets import OFFICIAL_MILESTONES, CSPreset
@@ -249,6 +250,6 @@ def exact_zero_fraction(layers, beta: float) -> float:
     kernel may skip, exactly."""
     zero = total = 0
     for m in layers:
-        zero += int((torch.sigmoid(beta * m.weight_score) == 0).sum())
+        zero += int((cut_sigmoid(beta * m.weight_score) == 0).sum())
         total += m.weight_score.numel()
     return zero / total if total else 0.0

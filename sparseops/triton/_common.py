@@ -13,6 +13,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import checks
 from .._library import define_variant
+from ..reference import SIGMOID_OFF_BELOW
 
 # Read once: Triton itself reads the variable when a kernel is first launched.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -182,9 +183,12 @@ def like_x(t, x):
 
 @triton.jit
 def sigmoid_pair(z):
+    # both exactly 0 below the cut -63 ln 2 (sparseops.reference.SIGMOID_OFF_BELOW), which includes
+    # where exp overflows; a NaN z stays NaN
     e = tl.exp(-z)
-    m = 1.0 / (1.0 + e)
-    dm = tl.where(e == float("inf"), 0.0, m * (e * m))
+    off = z < -43.66827237527655
+    m = tl.where(off, 0.0, 1.0 / (1.0 + e))
+    dm = tl.where(off, 0.0, m * (e * m))
     return m, dm
 
 
@@ -192,8 +196,9 @@ def soft_epilogue(dwt, w, s, beta, scale):
     """dw and ds from the summed dW~ (what _dws's epilogue does for SPLIT == 1), in the accumulator type."""
     z = beta * s.to(dwt.dtype)
     e = torch.exp(-z)
-    m = 1 / (1 + e)
-    dm = torch.where(torch.isinf(e), 0, m * (e * m))
+    off = z < SIGMOID_OFF_BELOW
+    m = torch.where(off, 0, 1 / (1 + e))
+    dm = torch.where(off, 0, m * (e * m))
     ds = torch.where(dm == 0, 0, dwt * w.to(dwt.dtype) * (scale * beta) * dm)  # 0 where flat, even if beta*scale = inf
     return (dwt * scale * m).to(w.dtype), ds.to(w.dtype)
 

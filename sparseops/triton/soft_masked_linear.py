@@ -2,8 +2,8 @@
 
 The weight tile is multiplied by scale*sigmoid(beta*s) as it is loaded, so the masked weight is
 never written to memory; the backward computes dW~ = G^T X once and, in that GEMM's epilogue,
-dw = dW~ * scale*m and ds = dW~ * w * scale*beta*m*(1-m). A tile whose mask is exactly 0 (sigmoid
-underflowed, as it does for most entries late in CS) contributes nothing to y or dx and has zero
+dw = dW~ * scale*m and ds = dW~ * w * scale*beta*m*(1-m). A tile whose mask is exactly 0 (below the
+cut of reference.SIGMOID_OFF_BELOW, as most entries are late in CS) contributes nothing to y or dx and has zero
 dw and ds, so its loads and its tl.dot are skipped: exact, and the late rounds get cheaper.
 
 Tiles follow the grouped ordering of Triton's matmul tutorial for L2 reuse.
