@@ -39,7 +39,7 @@ import torch
 from . import tuning_infer as infer
 from ._library import cpu_isa, saved_tensors_hooked
 from .tuning_infer import DENSE_PATHS  # noqa: F401  (public here)
-from .tuning_sample import Measuring, Sample
+from .tuning_sample import Measuring, Sample, a_candidate_runs, inside_a_run
 from .tuning_cache import _Cache, _device_name, cache_dir, cache_file, machine  # noqa: F401  (cache_dir: public here)
 
 _cache = _Cache()
@@ -204,8 +204,9 @@ def pick(op: str, k: str, device: torch.device, dtype: torch.dtype, candidates: 
     live = [c for c in candidates if c not in excluded]
     if prior not in live:
         prior = dense
-    measure = trial is not None and not hooked and len(live) > 1 and measuring_allowed(device) and (
-        m is not None or restart or cached is None or cached.get("winner") not in live) and _plain(trial.tensors)
+    measure = trial is not None and not hooked and not inside_a_run() and len(live) > 1 and \
+        measuring_allowed(device) and (m is not None or restart or cached is None or
+                                       cached.get("winner") not in live) and _plain(trial.tensors)
     if not measure:
         choice = cached["winner"] if cached and cached.get("winner") in live else prior
         choice = _guard(op, k, device, dtype, choice, dense, trial)
@@ -271,11 +272,12 @@ def _check(op: str, k: str, device: torch.device, dtype: torch.dtype, impl: str,
            trial: Callable) -> bool:
     """`impl` against the dense path (float32 at least) on a few rows, once per layer and process; one
     that disagrees (or raises) is excluded for the layer."""
-    try:
-        got, failed = trial(impl, rows=CHECK_ROWS), None
-    except Exception as exc:  # noqa: BLE001  (a candidate's failure must not become the call's)
-        got, failed = None, f"{type(exc).__name__}: {exc}"
-    ok = got is not None and agrees(got, trial(dense, exact=True, rows=CHECK_ROWS), dtype)
+    with a_candidate_runs():
+        try:
+            got, failed = trial(impl, rows=CHECK_ROWS), None
+        except Exception as exc:  # noqa: BLE001  (a candidate's failure must not become the call's)
+            got, failed = None, f"{type(exc).__name__}: {exc}"
+        ok = got is not None and agrees(got, trial(dense, exact=True, rows=CHECK_ROWS), dtype)
     _cache.guarded.add((infer.layer(k), impl))
     if not ok:
         _exclude(op, k, impl, failed)

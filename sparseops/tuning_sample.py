@@ -9,6 +9,8 @@ sparse one's first run is tuning's few-row check, and a new mask's layout is bui
 call), and one far behind the best after its first timed call is not run again."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -22,6 +24,24 @@ def sync(device: torch.device) -> None:
 
 
 SAMPLES, CLOSE_SAMPLES, CLOSE, DROP = 2, 3, 1.15, 1.5  # timed calls each; more within CLOSE of the best
+
+_runs = threading.local()
+
+
+@contextlib.contextmanager
+def a_candidate_runs():
+    """Marks a candidate's run for a check or a timed call. An op it calls inside (the masked op a
+    mostly-zero soft mask runs, the element-wise op of the channel path) is part of that run: measured
+    there, its own measuring would start in calls that may never come again and stay open."""
+    _runs.depth = getattr(_runs, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _runs.depth -= 1
+
+
+def inside_a_run() -> bool:
+    return getattr(_runs, "depth", 0) > 0
 
 
 class Measuring:
@@ -93,7 +113,8 @@ class Sample:
             wrap = []
         sync(self.device)
         t0 = time.perf_counter()
-        out = fn(*tensors)
+        with a_candidate_runs():
+            out = fn(*tensors)
         sync(self.device)
         self.forward_s = time.perf_counter() - t0
         nodes = {o.grad_fn for o in (out if isinstance(out, (tuple, list)) else (out,))

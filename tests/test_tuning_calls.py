@@ -170,3 +170,33 @@ def test_threads_meeting_a_new_key_share_one_measurement(fresh, monkeypatch):
     for t in threads:
         t.join()
     assert not errors and len(seen) == 2 and seen[0] is seen[1]
+
+
+
+@pytest.mark.parametrize("kind", ["channels", "soft"])
+def test_ops_called_inside_a_measured_run_measure_nothing_themselves(fresh, kind):
+    """An op can run another: the channel path the element-wise op on the kept channels, a soft-masked
+    layer whose mask is mostly exactly 0 the masked op over the rest. Inside a check or a timed call,
+    that inner call is part of the run: were it measured as its own key, its measuring would start in
+    calls that never come again (the check's few rows; a layer whose winner runs no inner op) and
+    stay open for good."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1)).double()
+    sparseops.patch(model, **({"mode": "soft"} if kind == "soft" else {}))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            if kind == "soft":
+                m.weight_score.normal_(-2.0, 1.0, generator=g)
+                m.beta = 94.0  # about 97% of the mask exactly 0
+            else:
+                mask = torch.rand(m.weight.shape, generator=g) < 0.5
+                mask[::2] = False  # half the filters gone, an element-wise mask on the rest
+                m.set_mask(mask)
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    for _ in range(40):
+        model.zero_grad()
+        model(x).sum().backward()
+        if not tuning._cache.exploring:
+            break
+    assert not tuning._cache.exploring, sorted(tuning._cache.exploring)
