@@ -72,3 +72,31 @@ def test_soft_masked_conv2d_layer_split_and_rules(monkeypatch):
                 (xx, layer.weight.detach().cpu(), layer.weight_score.detach().cpu().requires_grad_(), 2.0, 1.5, None,
                  [1, 1], [1, 1], [1, 1]))
 
+
+
+@pytest.mark.parametrize("dense_there", [False, True])
+@pytest.mark.parametrize("op", ["conv2d", "linear"])
+def test_mostly_zero_soft_mask_matches_reference_on_both_routes(op, dense_there, monkeypatch):
+    """Late in CS (most of the mask exactly 0) the soft op runs the masked op over the rest, or, where
+    that op would run a dense path anyway, the dense op on the soft-masked weight itself (already 0 off
+    the mask: the soft mask's backward zeroes dw and ds there). Both against the float64 reference."""
+    mod = importlib.import_module(f"sparseops.ops.soft_masked_{op}")
+    calls = []
+    monkeypatch.setattr(mod, "runs_dense", lambda *a: calls.append(1) or dense_there)
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4, 3, 3) if op == "conv2d" else (6, 12)
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64) if op == "conv2d" else \
+        torch.randn(3, 12, generator=g, dtype=torch.float64)
+    w, b = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    s[s < 0.8] = -1e4  # about 80% of the mask exactly 0
+    args = [t.requires_grad_() for t in (x, w, s, b)]
+    fn = getattr(sparseops, f"soft_masked_{op}")
+    ref = getattr(reference, f"soft_masked_{op}")
+    with sparseops.backend(max_density=1.0):  # (the skip route at any density)
+        got = fn(args[0], args[1], args[2], 3.0, 1.5, args[3])
+    want = ref(args[0], args[1], args[2], 3.0, 1.5, args[3])
+    torch.testing.assert_close(got, want)
+    for a, b_ in zip(torch.autograd.grad(got.sum(), args), torch.autograd.grad(want.sum(), args), strict=True):
+        torch.testing.assert_close(a, b_)
+    assert calls  # (the route was asked for)

@@ -106,6 +106,16 @@ def masked_conv2d(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
     return call.call(impl)
 
 
+def runs_dense(x, w, mask, stride=1, padding=0, dilation=1, groups=1) -> bool:
+    """Whether masked_conv2d(x, w, mask, ...) would run a dense path now, by its cached choice or the
+    prior (nothing is measured): a caller whose w is already 0 off the mask (soft_masked_conv2d) then
+    runs F.conv2d itself, without a second pass applying the mask."""
+    info = as_layout("masked_conv2d", mask)
+    geometry = (stride, padding, dilation, groups, *conv_geometry("masked_conv2d", x, w, stride, padding, dilation,
+                                                                  groups)[:3])
+    return _choose(x, w, info, geometry, None) in tuning.DENSE_PATHS
+
+
 def _choose(x, w, info, geometry, trial_fn, from_mask=True):
     stride, padding, dilation, groups, stride_, pad, dilation_ = geometry
     supported = groups == 1 and pad is not None and x.dim() == 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backend, checks, reference, torch_sparse  # noqa: F401  (torch_sparse: registers its variant)
+from .. import backend, checks, reference, torch_sparse, tuning  # noqa: F401  (torch_sparse: registers its variant)
 from .._library import define, lib, tracing
 from ..layout import BlockLayout, CsrLayout, as_csr
 from ..layout_channels import channel_layout
@@ -99,6 +99,11 @@ def masked_linear(x: torch.Tensor, w: torch.Tensor, layout: CsrLayout | BlockLay
         return masked_linear(x, w, info.mask, bias)  # the element path
     call = trial(_run, x, w, info, bias, prepare=lambda impl: impl in _KERNELS and as_csr(info))
     return call.call(_choose(x, w, info, call, isinstance(layout, torch.Tensor)))
+
+
+def runs_dense(x, w, mask) -> bool:
+    """Whether masked_linear(x, w, mask) would run a dense path now (see masked_conv2d.runs_dense)."""
+    return _choose(x, w, as_layout("masked_linear", mask), None) in tuning.DENSE_PATHS
 
 
 def _choose(x, w, info, trial_fn, from_mask=True):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import backend, reference
 from .._library import define, lib
 from ._common import autocast_args, conv_fake, conv_geometry, format_of, grads_fake
-from .masked_conv2d import masked_conv2d
+from .masked_conv2d import masked_conv2d, runs_dense
 from .soft_mask import soft_mask
 from .soft_masked_linear import check_soft, nonzero_stats
 
@@ -64,6 +64,8 @@ def soft_masked_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
         x, w, s, bias = autocast_args(w.device, x, w, s, bias)
         return lib.triton_soft_masked_conv2d(x, w, s, beta, scale, bias, stride_, pad, dilation_)
     masked = soft_mask(w, s, beta, scale)
-    if impl == "skip_zeros":
+    # (where the masked op runs a dense path here, F.conv2d on `masked`, already 0 off the mask, is that
+    # product without its pass applying the mask: the soft mask's backward zeroes dw there too)
+    if impl == "skip_zeros" and not runs_dense(x, masked, found[-1].source, stride, padding, dilation, groups):
         return masked_conv2d(x, masked, found[-1].source, bias, stride, padding, dilation, groups)
     return F.conv2d(x, masked, bias, stride, padding, dilation, groups)

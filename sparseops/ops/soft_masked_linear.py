@@ -9,7 +9,7 @@ from .. import backend, checks, reference
 from .._library import define, lib, tracing
 from ..layout import mask_stats
 from ._common import autocast_args, grads_fake, linear_fake, linear_out
-from .masked_linear import masked_linear
+from .masked_linear import masked_linear, runs_dense
 from .soft_mask import soft_mask
 
 
@@ -89,6 +89,6 @@ def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: 
         x, w, s, bias = autocast_args(w.device, x, w, s, bias)
         return lib.triton_soft_masked_linear(x, w, s, beta, scale, bias)
     masked = soft_mask(w, s, beta, scale)
-    if impl == "skip_zeros":
+    if impl == "skip_zeros" and not runs_dense(x, masked, found[-1].source):  # (see soft_masked_conv2d)
         return masked_linear(x, masked, found[-1].source, bias)
     return F.linear(x, masked, bias)
