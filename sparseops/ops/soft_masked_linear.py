@@ -66,7 +66,9 @@ def nonzero_stats(s: torch.Tensor, beta: float):
     with torch.no_grad():
         if not beta * float(s.min()) < reference.SIGMOID_OFF_BELOW:
             return None
-        return mask_stats(reference.cut_sigmoid(beta * s) != 0)
+        # sigmoid is above 0 at and above the cut (1e-19), so the mask is the cut's complement: one
+        # pass over s instead of cut_sigmoid's five (a NaN score stays in, as its NaN mask value would)
+        return mask_stats(torch.lt(beta * s, reference.SIGMOID_OFF_BELOW).logical_not_())
 
 
 def soft_masked_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, beta: float = 1.0, scale: float = 1.0,
