@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "../sigmoid_cut.h"
+
 namespace sparseops::cpu {
 
 enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };

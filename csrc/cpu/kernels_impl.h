@@ -413,9 +413,8 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
 // ---------------------------------------------------------------------------------------------
 // Sigmoid. float: vectorised e^x (Cephes-style: x = n ln2 + r, degree-6 polynomial, ~1 ulp).
 // The derivative m * (1 - m) = m * (e * m) is computed without cancellation. m and dm are exactly 0
-// where z < kSigmoidOffBelow (sparseops.reference.SIGMOID_OFF_BELOW says why): e^-z overflowing to
-// +inf (z < -88.37) is inside that cut. A NaN z stays NaN.
-static constexpr double kSigmoidOffBelow = -43.66827237527655;  // -63 ln 2: sigmoid(z) < 2^-63
+// where z < kSigmoidOffBelow (csrc/sigmoid_cut.h; sparseops.reference.SIGMOID_OFF_BELOW says why):
+// e^-z overflowing to +inf (z < -88.37) is inside that cut. A NaN z stays NaN.
 typedef Vec<float>::type VF;
 typedef Vec<float>::itype VI;
 

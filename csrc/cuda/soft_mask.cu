@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../sigmoid_cut.h"
 
 namespace sparseops {
 namespace {
@@ -24,7 +25,7 @@ template <> struct Acc<double> { using type = double; };
 template <typename A>
 __device__ __forceinline__ void sigmoid_pair(A z, A& m, A& dm) {
   const A e = exp(-z);
-  const bool off = z < A(-43.66827237527655);
+  const bool off = z < A(kSigmoidOffBelow);
   m = off ? A(0) : A(1) / (A(1) + e);
   dm = off ? A(0) : m * (e * m);
 }

@@ -181,12 +181,15 @@ def like_x(t, x):
 # ---- the sigmoid of the soft-mask kernels, and the fused GEMMs' epilogue
 
 
+_SIGMOID_OFF_BELOW = tl.constexpr(SIGMOID_OFF_BELOW)  # (a jit function reads a global only as a constexpr)
+
+
 @triton.jit
 def sigmoid_pair(z):
     # both exactly 0 below the cut -63 ln 2 (sparseops.reference.SIGMOID_OFF_BELOW), which includes
     # where exp overflows; a NaN z stays NaN
     e = tl.exp(-z)
-    off = z < -43.66827237527655
+    off = z < _SIGMOID_OFF_BELOW
     m = tl.where(off, 0.0, 1.0 / (1.0 + e))
     dm = tl.where(off, 0.0, m * (e * m))
     return m, dm
