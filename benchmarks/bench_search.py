@@ -36,8 +36,7 @@ from sparseops import tickets, tuning
 from sparseops.patch import patched_layers
 from sparseops.tickets.zoo import vgg16
 
-from common import timed_sgd_train
-from common import warm_up as common_warm_up
+from common import timed_sgd_train, warm_up as common_warm_up
 
 
 def imp_search(backend: str | None, levels: int, steps: int, batch: int, scope: str, seed: int = 0):

@@ -203,8 +203,9 @@ class Cuts:
             if getattr(m, "groups", 1) != 1:
                 self.unknown.add(m)  # (a grouped convolution's weight holds in/groups channels)
         else:
-            if isinstance(m, nn.Module) and any(True for _ in [*m.parameters(False), *m.buffers(False)]):
-                self.unknown.add(m)
+            if isinstance(m, nn.Module) and (next(m.parameters(False), None) is not None or
+                                             next(m.buffers(False), None) is not None):
+                self.unknown.add(m)  # (a module without tensors of its own has nothing to map back)
             return
         self.removed.setdefault(m, {}).setdefault(side, set()).update(int(i) for i in idxs)
 
