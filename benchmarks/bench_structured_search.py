@@ -14,12 +14,12 @@
 
 Each pair must give the same result, and the script says whether it did: structured CS the same gates
 every round and the same per-epoch losses, channel IMP the same masks every level and the same final
-state (batch norm statistics of removed channels aside: shrunk levels leave those). Both run with `auto` measuring (a fresh cache per search, as a first run gets; the time spent
-measuring, tuning.measured_seconds(), reported apart) and without (the prior alone), unless `--tune`
-says one. One command writes results/structured-search-<cpu>-<isa>.{json,md}:
+state (batch norm statistics of removed channels aside: shrunk levels leave those). Both run with
+`auto` measuring (a fresh cache per search, as a first run gets; the time spent measuring,
+tuning.measured_seconds(), reported apart) and without (the prior alone), unless `--tune` says one. One command writes results/structured-search-<cpu>-<isa>.{json,md}:
 
-    python benchmarks/bench_structured_search.py [--method scs|imp|imp-shrink|all ...] [--tune both|on|off] [--images 128] \
-        [--batch 32] [--epochs 4] [--rounds 1] [--levels 3] [--steps 2] [--out results/....json]
+    python benchmarks/bench_structured_search.py [--method scs|imp|imp-shrink|all ...] [--tune both|on|off] \
+        [--images 128] [--batch 32] [--epochs 4] [--rounds 1] [--levels 3] [--steps 2] [--out results/....json]
 
 Not a test (a search takes minutes at realistic sizes).
 """
