@@ -139,12 +139,18 @@ def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], dtype: tor
         # with one temporary: the difference.
         wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         a, b = a.detach().to(wide), b.detach().to(wide)
-        if bool(torch.isfinite(a).all()) != bool(torch.isfinite(b).all()):
+        # (the largest magnitude is inf or NaN exactly where some value is not finite: one pass each)
+        top_a, scale = float(torch.linalg.vector_norm(a, math.inf)), float(torch.linalg.vector_norm(b, math.inf))
+        if math.isfinite(top_a) != math.isfinite(scale):
             return False
-        scale = float(torch.linalg.vector_norm(b, math.inf)) + 1e-30
         # Relative to the largest magnitude, with a small absolute floor: where every value is tiny
-        # (saturated sigmoids) float rounding of the reference itself dominates.
-        if float(torch.linalg.vector_norm((a - b).nan_to_num_(0.0), math.inf)) > tol * (scale + 1e-3):
+        # (saturated sigmoids) float rounding of the reference itself dominates. Where both hold
+        # non-finite values, those that match (NaN and NaN, inf and inf) count as equal.
+        diff = a - b
+        if not math.isfinite(scale):
+            diff.nan_to_num_(0.0)
+            scale = float(torch.linalg.vector_norm(b.nan_to_num(0.0, 0.0, 0.0), math.inf))
+        if not float(torch.linalg.vector_norm(diff, math.inf)) <= tol * (scale + 1e-30 + 1e-3):
             return False
     return True
 

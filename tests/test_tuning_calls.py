@@ -200,3 +200,25 @@ def test_ops_called_inside_a_measured_run_measure_nothing_themselves(fresh, kind
         if not tuning._cache.exploring:
             break
     assert not tuning._cache.exploring, sorted(tuning._cache.exploring)
+
+
+def test_a_correctness_check_imports_nothing_heavy(tmp_path):
+    """The check's backward takes no grad_outputs: passing them makes torch import torch.fx's symbolic
+    shapes and sympy (~0.4 s, once a process), which a training step never needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, sparseops\n"
+            "from sparseops import tuning\n"
+            "layer = sparseops.MaskedLinear(64, 48)\n"
+            "layer.set_mask(torch.rand(48, 64, generator=torch.Generator().manual_seed(0)) < 0.1)\n"
+            "x = torch.randn(40, 64, requires_grad=True)\n"
+            "before = set(sys.modules)\n"
+            "for _ in range(12):\n"
+            "    layer(x).sum().backward()\n"
+            "assert tuning._cache.guarded, 'no check ran'\n"
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'sympy')[:5])\n")
+    env = {**__import__("os").environ, "SPARSEOPS_CACHE_DIR": str(tmp_path), "SPARSEOPS_TUNE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout

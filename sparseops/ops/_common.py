@@ -160,7 +160,10 @@ def trial(run, x, *args, batched: bool = True, prepare=None):
                     gen = torch.Generator(device=y.device).manual_seed(0)
                     grad_out[y.shape] = torch.randn(y.shape, generator=gen, device=y.device, dtype=x.dtype)
             wrt = [c for c in copies if isinstance(c, torch.Tensor) and c.requires_grad]
-            return [*ys, *torch.autograd.grad(ys, wrt, [grad_out[y.shape].to(y.dtype) for y in ys])]
+            # The gradient of sum(y * g) is exactly g at y. (Passing g as grad_outputs makes torch
+            # import torch.fx's symbolic shapes, and sympy with it, the first time: ~0.4 s of a check.)
+            loss = sum((y * grad_out[y.shape].to(y.dtype)).sum() for y in ys)
+            return [*ys, *torch.autograd.grad(loss, wrt)]
 
     def call(impl):
         """The call itself with `impl`: timed where tuning.pick chose it to measure this call."""
