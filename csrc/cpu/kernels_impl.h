@@ -240,7 +240,8 @@ static void spmm_tile_impl(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int6
   int64_t rdone = 0;  // rows written by the vector path (full W x W blocks)
   if (m1 - m0 == MB) {
     for (; rdone + W <= nr; rdone += W) {
-      const V bias = a.bias ? loadu<V>(a.bias + r0 + rdone) : V{};
+      // (a convolution's tile is one output channel's positions: its bias is that channel's)
+      const V bias = !a.bias ? V{} : Conv ? V{} + a.bias[r0 / a.plane] : loadu<V>(a.bias + r0 + rdone);
       for (int64_t mb = 0; mb < MB; mb += W) {
         V blk[W];
 #pragma GCC unroll 16
@@ -255,7 +256,10 @@ static void spmm_tile_impl(const SpmmArgs<T, I>& a, int64_t r0, int64_t r1, int6
   for (int64_t m = m0; m < m1; ++m) {
     T* yrow = a.y + m * a.ldy + r0;
     const int64_t mm = m - m0;
-    if (a.bias) {
+    if (a.bias && Conv) {
+      const T b = a.bias[r0 / a.plane];
+      for (int64_t r = rdone; r < nr; ++r) yrow[r] = tile[r][mm] + b;
+    } else if (a.bias) {
       for (int64_t r = rdone; r < nr; ++r) yrow[r] = tile[r][mm] + a.bias[r0 + r];
     } else {
       for (int64_t r = rdone; r < nr; ++r) yrow[r] = tile[r][mm];

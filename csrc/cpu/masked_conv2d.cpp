@@ -39,12 +39,13 @@ at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t l
   auto h = at::arange(H, opts).view({1, H, 1}), w = at::arange(W, opts).view({1, 1, W});
   auto rowmap = (((h + ph) * Wp + (w + pw)) * C + c).reshape({-1}).contiguous();
   auto out = scratch(slot, Hp * Wp * C * ld, t.options()).view({Hp * Wp * C, ld});
-  if (ph || pw) {  // zero the border rows (positions outside the input)
-    auto inside = at::zeros({Hp, Wp}, opts.dtype(at::kBool));
-    inside.slice(0, ph, ph + H).slice(1, pw, pw + W).fill_(true);
-    auto border = at::nonzero(~inside.reshape({-1})).view({-1, 1});
-    auto rows = (border * C + at::arange(C, opts).view({1, C})).reshape({-1});
-    out.index_fill_(0, rows, 0);
+  if (ph || pw) {  // zero the border positions (outside the input): runs of whole rows, at memset speed
+    auto grid = out.view({Hp, Wp * C * ld});
+    grid.slice(0, 0, ph).zero_();
+    grid.slice(0, ph + H, Hp).zero_();
+    auto sides = grid.slice(0, ph, ph + H).view({H, Wp, C * ld});
+    sides.slice(1, 0, pw).zero_();
+    sides.slice(1, pw + W, Wp).zero_();
   }
   transpose_slab(t.contiguous().view({N, C * H * W}), 0, N, out, rowmap);
   return out;
@@ -76,16 +77,18 @@ void dispatch(const at::Tensor& t, const at::Tensor& index, const F& f) {
 }
 
 // out [N, rows, plane] (NCHW) = the implicit-im2col SpMM: CSR row r at every position p reads bt at
-// eoff[j] + poff[p] for its kept entries j (kernels.h, SpmmArgs).
+// eoff[j] + poff[p] for its kept entries j (kernels.h, SpmmArgs), plus bias[r] if given (added as
+// the tiles are written: a separate add is one more pass over the output).
 void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
                const at::Tensor& bt, int64_t N, int64_t ld, int64_t plane, const at::Tensor& eoff,
-               const at::Tensor& poff) {
+               const at::Tensor& poff, const at::Tensor& bias = at::Tensor()) {
   const int64_t rows = (row_ptr.numel() - 1) * plane;
   dispatch(out, row_ptr, [&](auto t, auto i) {
     using T = decltype(t);
     using I = decltype(i);
     cpu::SpmmArgs<T, I> a{rows, N, ld, rows, row_ptr.data_ptr<I>(), col.data_ptr<I>(), vals.data_ptr<T>(),
-                          bt.data_ptr<T>(), nullptr, out.data_ptr<T>(), plane, eoff.data_ptr<int64_t>(),
+                          bt.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr, out.data_ptr<T>(),
+                          plane, eoff.data_ptr<int64_t>(),
                           poff.data_ptr<int64_t>()};
     cpu::spmm(a);
   });
@@ -110,11 +113,13 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto eoff = forward_entry_offsets(ci, g, ld);
     auto poff = position_offsets(g.Ho, g.Wo, g.sh, g.sw, g.Wp, g.Cin * ld);
     auto vals = gather_values(w2, rp, ci, g.K, 1);
-    conv_spmm(y, rp, ci, vals, xt, g.N, ld, plane, eoff, poff);
+    const bool has_bias = bias.has_value() && bias->defined();
+    conv_spmm(y, rp, ci, vals, xt, g.N, ld, plane, eoff, poff, has_bias ? bias->contiguous() : at::Tensor());
+  } else if (bias.has_value() && bias->defined()) {
+    y.copy_(bias->view({1, g.Cout, 1, 1}).expand_as(y));
   } else {
     y.zero_();
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->view({1, g.Cout, 1, 1}));
   return y.contiguous(format_of(x));
 }
 
