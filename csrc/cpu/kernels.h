@@ -39,9 +39,11 @@ struct SpmmArgs {
   const int64_t* poff = nullptr;
 };
 
-// out[r, c] (+)= dot(a[r, :], b[c, :]) over ld columns where (r, c) is kept, 0 elsewhere.
-// a and b are zero-padded to ld (a multiple of spmm_m_block<T>(isa), 4 vectors) so the dot needs no tail.
-// accumulate = false zeroes each row first; true adds to it (later slabs of the batch).
+// out[r, c] = the sum over the batch's slabs of dot(a[r, :], b[c, :]) over ld columns where (r, c) is
+// kept, 0 elsewhere. a and b are zero-padded to ld (a multiple of spmm_m_block<T>(isa), 4 vectors) so
+// the dot needs no tail. Each slab adds its dots to sums[j] (one per kept entry, CSR order: in cache,
+// where out's scattered entries of a large weight would miss on every slab); the first starts them
+// afresh, the last writes them into out's rows (zero elsewhere).
 // conv_dw_positions (the weight gradient of the implicit-im2col convolution) uses plane, eoff and
 // poff as the convolution's SpMM does, with a position-major a[p * rows + r, :] and per-entry sums.
 template <typename T, typename I>
@@ -51,8 +53,9 @@ struct SddmmArgs {
   const I* col;
   const T* a;
   const T* b;
-  T* out;  // rows x cols, dense
-  bool accumulate;
+  T* out;   // rows x cols, dense
+  T* sums;  // nnz
+  bool first, last;
   int64_t plane = 1;
   const int64_t* eoff = nullptr;
   const int64_t* poff = nullptr;

@@ -325,11 +325,11 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
   using V = typename Vec<T>::type;
   const int64_t ld = s.ld;  // a multiple of 4 * W
   for (int64_t r = r0; r < r1; ++r) {
-    T* orow = s.out + r * s.cols;
-    if (!s.accumulate) std::fill(orow, orow + s.cols, T(0));
     const T* ar = s.a + r * ld;
-    int64_t j = s.row_ptr[r];
-    const int64_t end = s.row_ptr[r + 1];
+    const int64_t start = s.row_ptr[r], end = s.row_ptr[r + 1];
+    T* sums = s.sums;
+    if (s.first) std::fill(sums + start, sums + end, T(0));
+    int64_t j = start;
     for (; j + 3 < end; j += 4) {
       const T* b0 = s.b + static_cast<int64_t>(s.col[j]) * ld;
       const T* b1 = s.b + static_cast<int64_t>(s.col[j + 1]) * ld;
@@ -337,9 +337,14 @@ void sddmm_rows(const SddmmArgs<T, I>& s, int64_t r0, int64_t r1) {
       const T* b3 = s.b + static_cast<int64_t>(s.col[j + 3]) * ld;
       V c0 = {}, c1 = {}, c2 = {}, c3 = {};
       dot4<T>(ar, b0, b1, b2, b3, ld, c0, c1, c2, c3);
-      add_sums4<T>(c0, c1, c2, c3, orow[s.col[j]], orow[s.col[j + 1]], orow[s.col[j + 2]], orow[s.col[j + 3]]);
+      add_sums4<T>(c0, c1, c2, c3, sums[j], sums[j + 1], sums[j + 2], sums[j + 3]);
     }
-    for (; j < end; ++j) orow[s.col[j]] += hsum<T>(dot1<T>(ar, s.b + static_cast<int64_t>(s.col[j]) * ld, ld));
+    for (; j < end; ++j) sums[j] += hsum<T>(dot1<T>(ar, s.b + static_cast<int64_t>(s.col[j]) * ld, ld));
+    if (s.last) {
+      T* orow = s.out + r * s.cols;
+      std::fill(orow, orow + s.cols, T(0));
+      for (j = start; j < end; ++j) orow[s.col[j]] = sums[j];
+    }
   }
 }
 

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         using T = decltype(t);
         using I = decltype(i);
         cpu::SddmmArgs<T, I> a{g.Cout, g.K, ld, rp.data_ptr<I>(), ci.data_ptr<I>(), gt.data_ptr<T>(),
-                               xt.data_ptr<T>(), nullptr, false, plane, eoff.data_ptr<int64_t>(),
+                               xt.data_ptr<T>(), nullptr, nullptr, false, false, plane, eoff.data_ptr<int64_t>(),
                                poff.data_ptr<int64_t>(), a_off.defined() ? a_off.data_ptr<int64_t>() : nullptr};
         cpu::conv_dw(a, nnz, vals.data_ptr<T>());
       });

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   const auto [need_dx, need_dw, need_db] = output_mask;
   const int64_t M = leading_rows(x);
   auto g2 = grad.reshape({M, d.N}).contiguous();
-  at::Tensor dx, dx2, dw, db, t_rp, t_ci, t_vals, rp, ci, x2, gt, xt;
+  at::Tensor dx, dx2, dw, db, t_rp, t_ci, t_vals, rp, ci, x2, gt, xt, sums;
   if (need_dx) {
     check_csr(op, t_row_ptr, t_col_idx, d.K, d.N, "transposed");
     dx = at::empty(x.sizes(), x.options());  // fresh, in x's shape; written through dx2 [M, K]
@@ -77,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     rp = row_ptr.contiguous();
     ci = col_idx.contiguous();
     x2 = x.reshape({M, d.K}).contiguous();
+    sums = at::empty({ci.numel()}, w.options());  // dw's kept entries, summed over the slabs
   }
   const int64_t S = slab_rows(M, x.scalar_type());
   if (need_dx || need_dw) gt = at::empty({d.N, S}, x.options());
@@ -104,7 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
                                               gt.data_ptr<scalar_t>(),
                                               xt.data_ptr<scalar_t>(),
                                               dw.data_ptr<scalar_t>(),
-                                              /*accumulate=*/m0 > 0};
+                                              sums.data_ptr<scalar_t>(),
+                                              /*first=*/m0 == 0,
+                                              /*last=*/m0 + S >= M};
           cpu::sddmm(a);
         });
       });
