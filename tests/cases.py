@@ -37,6 +37,7 @@ CONV_CASES = [ConvCase(*c) for c in [
     (2, 40, 3, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1)),  # rows of W longer than one 256-entry chunk (CUDA)
     (2, 3, 300, 5, 4, (1, 1), (1, 1), (0, 0), (1, 1)),  # rows of W^T longer than one chunk (CUDA)
     (8, 1, 1, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1)),  # few kept entries, many positions (dw splits)
+    (70, 4, 3, 5, 6, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2 over more than one pass of the batch (CPU)
 ]]
 CPU_CONV_CASES = CONV_CASES[:7]  # the CPU kernel's cases (formerly tests/test_conv.py)
 CUDA_CONV_CASES = CONV_CASES[:10]  # the CUDA kernel's cases (formerly tests/test_cuda.py)

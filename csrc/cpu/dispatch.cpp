@@ -153,7 +153,7 @@ void sddmm(const SddmmArgs<T, I>& a) {
 }
 
 template <typename T, typename I>
-void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out) {
+void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out, bool accumulate) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(a.plane, at::get_num_threads()));
   std::vector<T> acc(static_cast<size_t>(workers * nnz), T(0));
   const Isa isa = isa_for_ld<T>(a.ld);
@@ -168,7 +168,7 @@ void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out) {
   for (int64_t j = 0; j < nnz; ++j) {
     T total = 0;
     for (int64_t w = 0; w < workers; ++w) total += acc[w * nnz + j];
-    out[j] = total;
+    out[j] = accumulate ? out[j] + total : total;
   }
 }
 
@@ -270,7 +270,7 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n) {
 #define SPARSEOPS_DISPATCH_TI(T, I)                                  \
   template void spmm<T, I>(const SpmmArgs<T, I>&);                   \
   template void sddmm<T, I>(const SddmmArgs<T, I>&);                 \
-  template void conv_dw<T, I>(const SddmmArgs<T, I>&, int64_t, T*);  \
+  template void conv_dw<T, I>(const SddmmArgs<T, I>&, int64_t, T*, bool);  \
   template void gather<T, I>(const GatherArgs<T, I>&, int64_t);
 #define SPARSEOPS_DISPATCH_T(T)                                                           \
   SPARSEOPS_DISPATCH_TI(T, int32_t)                                                       \

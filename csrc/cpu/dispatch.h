@@ -7,9 +7,10 @@ namespace sparseops::cpu {
 
 template <typename T, typename I> void spmm(const SpmmArgs<T, I>& a);
 template <typename T, typename I> void sddmm(const SddmmArgs<T, I>& a);
-// dw values (one per kept entry, CSR order) of the implicit-im2col convolution; positions are split
-// between threads, each summing into its own buffer.
-template <typename T, typename I> void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out);
+// dw values (one per kept entry, CSR order) of the implicit-im2col convolution, written to out (or
+// added to it: later passes over the batch); positions are split between threads, each summing
+// into its own buffer.
+template <typename T, typename I> void conv_dw(const SddmmArgs<T, I>& a, int64_t nnz, T* out, bool accumulate);
 template <typename T, typename I> void gather(const GatherArgs<T, I>& a, int64_t rows);
 // Number of broken CSR entries: row_ptr not rising within [0, nnz], or a column outside [0, cols).
 template <typename I> int64_t count_invalid_csr(const I* row_ptr, const I* col, int64_t rows, int64_t cols, int64_t nnz);
