@@ -43,6 +43,27 @@ def test_matches_reference(impl, case, sparsity):
     assert bool((dw[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_cpu_scratch_border_is_zero_after_another_geometry(grad):
+    """The CPU kernel keeps its transposed input's zero border between calls of one geometry; a call
+    of another geometry in between (here without padding, its rows covering that border with large
+    values) must not leave them behind."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=grad)
+    mask = torch.rand(w.shape, generator=g) < 0.6
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=grad)
+    big = torch.full((2, 3, 7, 7), 1e6, dtype=torch.float64, requires_grad=grad)
+    with sparseops.backend("cpu"):
+        outs = []
+        for xi, pad in ((x, 1), (big, 0), (x, 1)):
+            y = sparseops.masked_conv2d(xi, w, mask, None, 1, pad)
+            outs.append((y, *(torch.autograd.grad(y.sum(), (xi, w)) if grad else ())))
+    want = reference.masked_conv2d(x, w, mask, None, 1, 1)
+    want = (want, *(torch.autograd.grad(want.sum(), (x, w)) if grad else ()))
+    for got, ref in zip(outs[2], want):
+        torch.testing.assert_close(got, ref)
+
+
 def test_every_impl_float32_channels_last(impl):
     x = impl.leaf(2, 3, 6, 6, dtype=torch.float32).detach().to(memory_format=torch.channels_last).requires_grad_()
     w = impl.leaf(4, 3, 3, 3, dtype=torch.float32)

@@ -35,6 +35,15 @@ int64_t batch_ld(at::ScalarType st) {
 
 // [N, C, H, W] -> [(H + 2ph) * (W + 2pw) * C, ld] batch-minor with rows (h, w, c) and a zero
 // border, in one pass: the transpose writes each column (c, h, w) of x straight to its row.
+// The geometry whose zero border a scratch slot holds (the transpose writes only the inside): the
+// next pass of the batch, and the next call of a layer of the same shape, need not zero it again.
+struct Border {
+  uint64_t generation = 0;  // of the slot's buffer (scratch_generation)
+  int64_t Hp = 0, Wp = 0, C = 0, ld = 0, ph = 0, pw = 0;
+  bool operator==(const Border&) const = default;
+};
+thread_local std::array<Border, 4> zeroed_border;
+
 at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t ld, int slot) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
@@ -43,13 +52,19 @@ at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t l
   auto h = at::arange(H, opts).view({1, H, 1}), w = at::arange(W, opts).view({1, 1, W});
   auto rowmap = (((h + ph) * Wp + (w + pw)) * C + c).reshape({-1}).contiguous();
   auto out = scratch(slot, Hp * Wp * C * ld, t.options()).view({Hp * Wp * C, ld});
-  if (ph || pw) {  // zero the border positions (outside the input): runs of whole rows, at memset speed
-    auto grid = out.view({Hp, Wp * C * ld});
-    grid.slice(0, 0, ph).zero_();
-    grid.slice(0, ph + H, Hp).zero_();
-    auto sides = grid.slice(0, ph, ph + H).view({H, Wp, C * ld});
-    sides.slice(1, 0, pw).zero_();
-    sides.slice(1, pw + W, Wp).zero_();
+  const Border border{scratch_generation(slot), Hp, Wp, C, ld, ph, pw};
+  auto& known = zeroed_border.at(slot);
+  if (!(known == border)) {
+    known = Border{};  // (this transpose writes rows that were another geometry's border)
+    if (ph || pw) {  // the positions outside the input: runs of whole rows
+      auto grid = out.view({Hp, Wp * C * ld});
+      grid.slice(0, 0, ph).zero_();
+      grid.slice(0, ph + H, Hp).zero_();
+      auto sides = grid.slice(0, ph, ph + H).view({H, Wp, C * ld});
+      sides.slice(1, 0, pw).zero_();
+      sides.slice(1, pw + W, Wp).zero_();
+      known = border;
+    }
   }
   transpose_slab(t.contiguous().view({N, C * H * W}), 0, N, out, rowmap);
   return out;
@@ -207,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       gt = nhwc_transpose(gb, 0, 0, ld, kGrad);  // rows (oh, ow, co)
       if (dx_work) {
         gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq * Wq * g.Cout, ld}).zero_();
+        zeroed_border.at(kScatter) = Border{};  // (now a strided layout: no transpose's border)
         gq.view({Hq, Wq, g.Cout, ld})
             .slice(0, bh, bh + (g.Ho - 1) * g.sh + 1, g.sh)
             .slice(1, bw, bw + (g.Wo - 1) * g.sw + 1, g.sw)
