@@ -3,9 +3,11 @@ sparseops `auto` against mask multiplication (the reference backend, what torch.
 computes), interleaved steps in one process, medians. Every conv but the 3-channel input layer is
 masked (as the searches in bench_search.py leave it).
 
-    python benchmarks/bench_vgg_step.py [--sparsity 0.95 0.988] [--rounds 5] [--warmup 12]
+    python benchmarks/bench_vgg_step.py [--sparsity 0.95 0.988] [--rounds 5] [--warmup 12] [--batch 128]
 
-auto measures in its first calls (in the warm-up steps) in a cache directory of its own.
+auto measures in its first calls (in the warm-up steps) in a cache directory of its own. Both sides
+train the same model from the same weights on the same batch; their losses after the warm-up are
+checked to agree (the two compute the same thing) before anything is timed.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ def _model(sparsity: float) -> torch.nn.Module:
     return model
 
 
-def run(sparsity: float, rounds: int, warmup: int) -> dict[str, float]:
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+def run(sparsity: float, rounds: int, warmup: int, batch: int = 128) -> dict[str, float]:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     sides = {"mask multiply": "reference", "sparseops": None}
     models = {k: _model(sparsity) for k in sides}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
@@ -42,12 +45,15 @@ def run(sparsity: float, rounds: int, warmup: int) -> dict[str, float]:
     def step(k):
         with backend.backend(sides[k]):
             opts[k].zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(models[k](x), y).backward()
+            loss = torch.nn.functional.cross_entropy(models[k](x), y)
+            loss.backward()
             opts[k].step()
+        return float(loss)
 
-    for k in sides:
-        for _ in range(warmup):
-            step(k)
+    losses = {k: [step(k) for _ in range(max(warmup, 1))] for k in sides}
+    a, b = (losses[k][-1] for k in sides)
+    if abs(a - b) > 1e-3 * max(abs(a), 1.0):
+        raise SystemExit(f"the two sides' losses differ after the warm-up: {a} vs {b}")
     times = {k: [] for k in sides}
     for _ in range(rounds):
         for k in sides:
@@ -62,11 +68,12 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.988])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=128)
     args = ap.parse_args(argv)
     os.environ.setdefault("SPARSEOPS_CACHE_DIR", tempfile.mkdtemp())
     print(f"{torch.get_num_threads()} threads, CPU kernels {sparseops._library.cpu_isa()}")
     for sp in args.sparsity:
-        t = run(sp, args.rounds, args.warmup)
+        t = run(sp, args.rounds, args.warmup, args.batch)
         print(f"sparsity {sp:.3f}: mask multiply {t['mask multiply']:.0f} ms, sparseops {t['sparseops']:.0f} ms, "
               f"{t['mask multiply'] / t['sparseops']:.2f}x")
 

@@ -113,3 +113,11 @@ def test_bench_shrink_runs(tmp_path):
         assert r["hooks"] == 0 and r["params"]["shrunk"] == r["params"]["built"] < r["params"]["masked"]
     assert rows[1]["widths"][0] == [32, 3] and rows[1]["widths"][-1] == [10, 256]  # VGG-16: half of 64 and 512
     assert "| vgg16 | 50% | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_vgg_step_runs(tmp_path):
+    args = ["--sparsity", "0.9", "--rounds", "1", "--warmup", "2", "--batch", "2"]
+    run = subprocess.run([sys.executable, "benchmarks/bench_vgg_step.py", *args], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "SPARSEOPS_CACHE_DIR": str(tmp_path), "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "sparsity 0.900: mask multiply" in run.stdout and run.stdout.strip().endswith("x")
