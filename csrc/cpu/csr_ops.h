@@ -58,13 +58,15 @@ inline at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& opts
   return b.narrow(0, 0, numel);
 }
 
-// With rowmap (int64, one per column of a), column k lands in row rowmap[k] of out instead of k.
+// With rowmap (int64, one per column of a), column k lands in row rowmap[k] of out instead of k;
+// with colsum ([C], a's dtype), colsum[k] = the sum of column k over the slab's rows.
 inline void transpose_slab(const at::Tensor& a, int64_t m0, int64_t rows, at::Tensor& out,
-                           const at::Tensor& rowmap = at::Tensor()) {
+                           const at::Tensor& rowmap = at::Tensor(), const at::Tensor& colsum = at::Tensor()) {
   const int64_t C = a.size(1), ld = out.size(1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "transpose_pad", [&] {
     cpu::transpose_pad(a.data_ptr<scalar_t>() + m0 * C, rows, C, C, out.data_ptr<scalar_t>(), ld,
-                       rowmap.defined() ? rowmap.data_ptr<int64_t>() : nullptr);
+                       rowmap.defined() ? rowmap.data_ptr<int64_t>() : nullptr,
+                       colsum.defined() ? colsum.data_ptr<scalar_t>() : nullptr);
   });
 }
 

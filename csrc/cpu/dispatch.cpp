@@ -199,10 +199,11 @@ template int64_t count_invalid_csr<int32_t>(const int32_t*, const int32_t*, int6
 template int64_t count_invalid_csr<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t, int64_t);
 
 template <typename T>
-void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, const int64_t* rowmap) {
+void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, const int64_t* rowmap,
+                   T* colsum) {
   constexpr int64_t KB = 64 / sizeof(T);  // 64 bytes: whole W x W register transposes for every ISA
   parallel_tasks((K + KB - 1) / KB, [&](int64_t t) {
-    SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB), rowmap);
+    SPARSEOPS_ISA_CALL(transpose_pad, x, M, K, ldx, xt, ldt, t * KB, std::min(K, (t + 1) * KB), rowmap, colsum);
   });
 }
 
@@ -275,7 +276,7 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t n) {
 #define SPARSEOPS_DISPATCH_T(T)                                                           \
   SPARSEOPS_DISPATCH_TI(T, int32_t)                                                       \
   SPARSEOPS_DISPATCH_TI(T, int64_t)                                                       \
-  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*); \
+  template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*, T*); \
   template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, double*);                              \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&);                                 \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t*);                       \

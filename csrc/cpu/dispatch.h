@@ -14,9 +14,10 @@ template <typename T, typename I> void conv_dw(const SddmmArgs<T, I>& a, int64_t
 template <typename T, typename I> void gather(const GatherArgs<T, I>& a, int64_t rows);
 // Number of broken CSR entries: row_ptr not rising within [0, nnz], or a column outside [0, cols).
 template <typename I> int64_t count_invalid_csr(const I* row_ptr, const I* col, int64_t rows, int64_t cols, int64_t nnz);
-// xt[k, m] = x[m, k], rows zero-padded to ldt; with rowmap, column k of x goes to row rowmap[k].
+// xt[k, m] = x[m, k], rows zero-padded to ldt; with rowmap, column k of x goes to row rowmap[k]; with
+// colsum, colsum[k] = the sum of column k over the M rows (from the registers the transpose loads).
 template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt,
-                                         const int64_t* rowmap = nullptr);
+                                         const int64_t* rowmap = nullptr, T* colsum = nullptr);
 // returns the NaN count of s; *total: sum of sigmoid(beta * s) (the L1 penalty without its scale)
 template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>& a, double* total);
 template <typename T> void soft_mask_bwd(const SoftMaskArgs<T>& a);

@@ -99,7 +99,7 @@ struct SoftMaskArgs {
                                                      int64_t r1);                         \
   template <typename T> void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, \
                                            T* xt, int64_t ldt, int64_t k0, int64_t k1,    \
-                                           const int64_t* rowmap);                        \
+                                           const int64_t* rowmap, T* colsum);             \
   /* forward; returns how many s in [i0, i1) are NaN */                                  \
   template <typename T> int64_t soft_mask_fwd(const SoftMaskArgs<T>&, int64_t i0, int64_t i1, \
                                                double* total);                                \

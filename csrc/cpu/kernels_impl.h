@@ -387,7 +387,7 @@ void gather_rows(const GatherArgs<T, I>& g, int64_t r0, int64_t r1) {
 // columns of x stay in L1 between its groups), the ragged edges element by element.
 template <typename T>
 void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t ldt, int64_t k0,
-                   int64_t k1, const int64_t* rowmap) {
+                   int64_t k1, const int64_t* rowmap, T* colsum) {
   (void)K;
   auto row = [&](int64_t k) { return xt + (rowmap ? rowmap[k] : k) * ldt; };
   using V = typename Vec<T>::type;
@@ -395,22 +395,31 @@ void transpose_pad(const T* x, int64_t M, int64_t K, int64_t ldx, T* xt, int64_t
   constexpr int64_t B = 16;
   const int64_t kfull = k0 + (k1 - k0) / W * W;  // columns [k0, kfull) in whole groups of W
   const int64_t mfull = kfull > k0 ? M / W * W : 0;  // rows done by the register transposes
+  if (colsum) std::fill(colsum + k0, colsum + k1, T(0));
   for (int64_t kb = k0; kb < kfull; kb += W) {
+    V sum = {};
     for (int64_t m = 0; m < mfull; m += W) {
       V blk[W];
 #pragma GCC unroll 16
       for (int i = 0; i < W; ++i) blk[i] = loadu<V>(x + (m + i) * ldx + kb);
+      if (colsum) {
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) sum += blk[i];
+      }
       transpose_block<T>(blk);
 #pragma GCC unroll 16
       for (int j = 0; j < W; ++j) storeu(row(kb + j) + m, blk[j]);
     }
+    if (colsum) storeu(colsum + kb, sum);
   }
   auto scalar = [&](int64_t m0, int64_t ka, int64_t kb) {
     for (int64_t mb = m0; mb < M; mb += B) {
       const int64_t me = std::min(M, mb + B);
       for (int64_t k = ka; k < kb; ++k) {
         T* dst = row(k);
-        for (int64_t m = mb; m < me; ++m) dst[m] = x[m * ldx + k];
+        T s = 0;
+        for (int64_t m = mb; m < me; ++m) s += dst[m] = x[m * ldx + k];
+        if (colsum) colsum[k] += s;
       }
     }
   };
@@ -632,7 +641,7 @@ void soft_mask_l1_bwd(const T* s, T coef, T beta, T* ds, int64_t i0, int64_t i1)
   SPARSEOPS_INSTANTIATE_TI(T, int32_t)                                                  \
   SPARSEOPS_INSTANTIATE_TI(T, int64_t)                                                  \
   template void transpose_pad<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t,      \
-                                 int64_t, int64_t, const int64_t*);                     \
+                                 int64_t, int64_t, const int64_t*, T*);                 \
   template int64_t soft_mask_fwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t, double*);         \
   template void soft_mask_bwd<T>(const SoftMaskArgs<T>&, int64_t, int64_t);            \
   template double soft_mask_sum<T>(const T*, T, int64_t, int64_t, int64_t*);           \

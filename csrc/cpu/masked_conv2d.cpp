@@ -44,7 +44,9 @@ struct Border {
 };
 thread_local std::array<Border, 4> zeroed_border;
 
-at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t ld, int slot) {
+// With sums ([C * H * W], t's dtype): each (c, h, w)'s sum over the batch, from the transpose's registers.
+at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t ld, int slot,
+                          const at::Tensor& sums = at::Tensor()) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
   auto opts = at::TensorOptions().dtype(at::kLong);
@@ -66,7 +68,7 @@ at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t l
       known = border;
     }
   }
-  transpose_slab(t.contiguous().view({N, C * H * W}), 0, N, out, rowmap);
+  transpose_slab(t.contiguous().view({N, C * H * W}), 0, N, out, rowmap, sums);
   return out;
 }
 
@@ -211,15 +213,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
                         : at::Tensor();
     vals = at::empty({nnz}, w.options());
   }
+  // db from the grad's transposes (which read it anyway), not another pass over grad in memory.
+  const auto grad_sums = need_db ? at::empty({g.Cout * plane}, grad.options()) : at::Tensor();
   for (int64_t n0 = 0; n0 < g.N && (dx_work || dw_work); n0 += ld) {
     const int64_t nb = std::min(ld, g.N - n0);
     const auto gb = grad.narrow(0, n0, nb);
     at::Tensor gt, gq;
     if (unit_stride) {
-      gq = nhwc_transpose(gb, bh, bw, ld, kScatter);  // Hq = Ho + 2 bh, Wq = Wo + 2 bw
+      gq = nhwc_transpose(gb, bh, bw, ld, kScatter, grad_sums);  // Hq = Ho + 2 bh, Wq = Wo + 2 bw
       gt = gq;
     } else {
-      gt = nhwc_transpose(gb, 0, 0, ld, kGrad);  // rows (oh, ow, co)
+      gt = nhwc_transpose(gb, 0, 0, ld, kGrad, grad_sums);  // rows (oh, ow, co)
       if (dx_work) {
         gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq * Wq * g.Cout, ld}).zero_();
         zeroed_border.at(kScatter) = Border{};  // (now a strided layout: no transpose's border)
@@ -228,6 +232,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
             .slice(1, bw, bw + (g.Wo - 1) * g.sw + 1, g.sw)
             .copy_(gt.view({g.Ho, g.Wo, g.Cout, ld}));
       }
+    }
+    if (need_db) {
+      auto pass_db = grad_sums.view({g.Cout, plane}).sum(1);
+      db = n0 == 0 ? pass_db : db.add_(pass_db);
     }
     if (dx_work) {
       auto dxb = dx.narrow(0, n0, nb);
@@ -251,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
                                       nnz);
     dw.view({g.Cout, g.K}).index_put_({rows, ci.to(at::kLong)}, vals);
   }
-  if (need_db) db = grad.sum({0, 2, 3});
+  if (need_db) db = db.defined() ? db : grad.sum({0, 2, 3});
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, w.options()); };
   return {or_empty(dx), or_empty(dw), or_empty(db)};
 }
