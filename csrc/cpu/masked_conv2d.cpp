@@ -33,8 +33,15 @@ int64_t batch_ld(at::ScalarType st) {
   return st == at::kDouble ? cpu::spmm_m_block<double>() : cpu::spmm_m_block<float>();
 }
 
-// [N, C, H, W] -> [(H + 2ph) * (W + 2pw) * C, ld] batch-minor with rows (h, w, c) and a zero
-// border, in one pass: the transpose writes each column (c, h, w) of x straight to its row.
+// The row of the transposed buffer (below) that each column (c, h, w) of a [N, C, H, W] tensor lands in:
+// ((h + ph) * (W + 2pw) + w + pw) * C + c. The same for every pass of the batch: made once per call.
+at::Tensor nhwc_rowmap(int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw) {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto c = at::arange(C, opts).view({C, 1, 1});
+  auto h = at::arange(H, opts).view({1, H, 1}), w = at::arange(W, opts).view({1, 1, W});
+  return (((h + ph) * (W + 2 * pw) + (w + pw)) * C + c).reshape({-1}).contiguous();
+}
+
 // The geometry whose zero border a scratch slot holds (the transpose writes only the inside): the
 // next pass of the batch, and the next call of a layer of the same shape, need not zero it again.
 struct Border {
@@ -44,15 +51,14 @@ struct Border {
 };
 thread_local std::array<Border, 4> zeroed_border;
 
-// With sums ([C * H * W], t's dtype): each (c, h, w)'s sum over the batch, from the transpose's registers.
+// [N, C, H, W] -> [(H + 2ph) * (W + 2pw) * C, ld] batch-minor with rows (h, w, c) and a zero
+// border, in one pass: the transpose writes each column (c, h, w) of t straight to its row
+// (rowmap: nhwc_rowmap(C, H, W, ph, pw)). With sums ([C * H * W], t's dtype): each (c, h, w)'s
+// sum over the batch, from the registers the transpose loads.
 at::Tensor nhwc_transpose(const at::Tensor& t, int64_t ph, int64_t pw, int64_t ld, int slot,
-                          const at::Tensor& sums = at::Tensor()) {
+                          const at::Tensor& rowmap, const at::Tensor& sums = at::Tensor()) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  auto c = at::arange(C, opts).view({C, 1, 1});
-  auto h = at::arange(H, opts).view({1, H, 1}), w = at::arange(W, opts).view({1, 1, W});
-  auto rowmap = (((h + ph) * Wp + (w + pw)) * C + c).reshape({-1}).contiguous();
   auto out = scratch(slot, Hp * Wp * C * ld, t.options()).view({Hp * Wp * C, ld});
   const Border border{scratch_generation(slot), Hp, Wp, C, ld, ph, pw};
   auto& known = zeroed_border.at(slot);
@@ -133,15 +139,15 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto eoff = forward_entry_offsets(ci, g, ld);
     auto poff = position_offsets(g.Ho, g.Wo, g.sh, g.sw, g.Wp, g.Cin * ld);
     auto vals = gather_values(w2, rp, ci, g.K, 1);
-    const bool has_bias = bias.has_value() && bias->defined();
-    const auto b = has_bias ? bias->contiguous() : at::Tensor();
+    const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    const auto rowmap = nhwc_rowmap(g.Cin, g.H, g.W, g.ph, g.pw);
     for (int64_t n0 = 0; n0 < g.N; n0 += ld) {  // passes of ld images
       const int64_t nb = std::min(ld, g.N - n0);
-      auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput);
+      auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, rowmap);
       auto yb = y.narrow(0, n0, nb);
       conv_spmm(yb, rp, ci, vals, xt, nb, ld, plane, eoff, poff, b);
     }
-  } else if (bias.has_value() && bias->defined()) {
+  } else if (bias.has_value() && bias->defined()) {  // nothing kept: every output is the bias
     y.copy_(bias->view({1, g.Cout, 1, 1}).expand_as(y));
   } else {
     y.zero_();
@@ -203,8 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     // dx's own positions (h, w) sit at (h + ph, w + pw) of the padded input: only those are computed.
     dx_poff = position_offsets(g.H, g.W, 1, 1, Wq, g.Cout * ld).add_((g.ph * Wq + g.pw) * g.Cout * ld);
   }
-  at::Tensor rp, ci, eoff, poff, a_off, vals;  // dw: the SDDMM per kept entry
+  at::Tensor rp, ci, eoff, poff, a_off, vals, x_rowmap;  // dw: the SDDMM per kept entry
   if (dw_work) {
+    x_rowmap = nhwc_rowmap(g.Cin, g.H, g.W, g.ph, g.pw);
     rp = row_ptr.contiguous();
     ci = col_idx.contiguous();
     eoff = forward_entry_offsets(ci, g, ld);
@@ -215,15 +222,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   }
   // db from the grad's transposes (which read it anyway), not another pass over grad in memory.
   const auto grad_sums = need_db ? at::empty({g.Cout * plane}, grad.options()) : at::Tensor();
+  const auto g_rowmap = dx_work || dw_work ? unit_stride ? nhwc_rowmap(g.Cout, g.Ho, g.Wo, bh, bw)
+                                                         : nhwc_rowmap(g.Cout, g.Ho, g.Wo, 0, 0)
+                                           : at::Tensor();
   for (int64_t n0 = 0; n0 < g.N && (dx_work || dw_work); n0 += ld) {
     const int64_t nb = std::min(ld, g.N - n0);
     const auto gb = grad.narrow(0, n0, nb);
     at::Tensor gt, gq;
     if (unit_stride) {
-      gq = nhwc_transpose(gb, bh, bw, ld, kScatter, grad_sums);  // Hq = Ho + 2 bh, Wq = Wo + 2 bw
+      gq = nhwc_transpose(gb, bh, bw, ld, kScatter, g_rowmap, grad_sums);  // Hq = Ho + 2 bh, Wq = Wo + 2 bw
       gt = gq;
     } else {
-      gt = nhwc_transpose(gb, 0, 0, ld, kGrad, grad_sums);  // rows (oh, ow, co)
+      gt = nhwc_transpose(gb, 0, 0, ld, kGrad, g_rowmap, grad_sums);  // rows (oh, ow, co)
       if (dx_work) {
         gq = scratch(kScatter, Hq * Wq * g.Cout * ld, x.options()).view({Hq * Wq * g.Cout, ld}).zero_();
         zeroed_border.at(kScatter) = Border{};  // (now a strided layout: no transpose's border)
@@ -242,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       conv_spmm(dxb, group_ptr, t_ci, t_vals, gq, nb, ld, g.H * g.W, dx_eoff, dx_poff);
     }
     if (dw_work) {
-      auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput);
+      auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, x_rowmap);
       dispatch(w, rp, [&](auto t, auto i) {
         using T = decltype(t);
         using I = decltype(i);

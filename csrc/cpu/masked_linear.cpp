@@ -82,13 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   const int64_t S = slab_rows(M, x.scalar_type());
   if (need_dx || need_dw) gt = at::empty({d.N, S}, x.options());
   if (need_dw) xt = at::empty({d.K, S}, x.options());
-  // db from the transposed slabs while they are in cache (zero-padded past rows), not another pass
-  // over grad in memory.
+  // db from the grad's transposes (each column's sum from the registers they load), not another
+  // pass over grad in memory.
   const bool db_from_slabs = need_db && (need_dx || need_dw) && M > 0;
+  const auto slab_sums = db_from_slabs ? at::empty({d.N}, x.options()) : at::Tensor();
   for (int64_t m0 = 0; m0 < M && (need_dx || need_dw); m0 += S) {
     const int64_t rows = std::min(S, M - m0);
-    transpose_slab(g2, m0, rows, gt);
-    if (db_from_slabs) db = m0 == 0 ? gt.sum(1) : db.add_(gt.sum(1));
+    transpose_slab(g2, m0, rows, gt, at::Tensor(), slab_sums);
+    if (db_from_slabs) db = m0 == 0 ? slab_sums.clone() : db.add_(slab_sums);
     if (need_dx && d.K > 0) {
       auto dx_rows = dx2.narrow(0, m0, rows);
       spmm_into(dx_rows, t_rp, t_ci, t_vals, gt, rows, at::Tensor());
