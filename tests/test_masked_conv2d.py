@@ -64,6 +64,33 @@ def test_cpu_scratch_border_is_zero_after_another_geometry(grad):
         torch.testing.assert_close(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_many_input_channels_run_in_blocks(isa, dtype, stride):
+    """With 512 input channels @8x8 the input window of a tile outgrows half of any L2 here, so the
+    CPU kernel sums each output channel over blocks of input channels (csrc/cpu/dispatch.cpp,
+    spmm_conv_in_blocks); 70 images: two passes of the batch. Output channels with no kept entry, or
+    entries only in the first or the last block, included."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 512, 3, 3, generator=g, dtype=dtype, requires_grad=True)
+    mask = torch.rand(w.shape, generator=g) < 0.05
+    mask[0] = False
+    mask[1, 8:] = False
+    mask[2, :-8] = False
+    x = torch.randn(70, 512, 8, 8, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=dtype, requires_grad=True)
+    with sparseops.backend("cpu"):
+        y = sparseops.masked_conv2d(x, w, mask, b, stride, 1)
+    gy = torch.randn(y.shape, generator=g, dtype=dtype)
+    got = (y, *torch.autograd.grad(y, (x, w, b), gy))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = reference.masked_conv2d(x64, w64, mask, b64, stride, 1)
+    want = (ref, *torch.autograd.grad(ref, (x64, w64, b64), gy.double()))
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, **tol)
+
+
 def test_every_impl_float32_channels_last(impl):
     x = impl.leaf(2, 3, 6, 6, dtype=torch.float32).detach().to(memory_format=torch.channels_last).requires_grad_()
     w = impl.leaf(4, 3, 3, 3, dtype=torch.float32)

@@ -3,7 +3,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
+
+#include <unistd.h>
 #include <cstdlib>
 
 namespace sparseops::cpu {
@@ -114,10 +118,55 @@ static void parallel_range(int64_t n, const F& f) {
   at::parallel_for(0, n, 32768, f);
 }
 
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? static_cast<int64_t>(b) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// The convolution's SpMM in column blocks (kernels_impl.h, spmm_conv_blocked): groups of output
+// channels whose tiles fill about a quarter of L2, each task one group at one position block of one
+// register block of images. Needs each CSR row's columns sorted (they are, from csr_layout) to cut
+// it into blocks; false if a row is not, and the caller runs the one-pass tiles.
+template <typename T, typename I>
+static bool spmm_conv_in_blocks(const SpmmArgs<T, I>& a, Isa isa) {
+  const int64_t MB = spmm_m_block<T>(isa), blocks = a.col_blocks;
+  const int64_t csr_rows = a.rows / a.plane;
+  std::vector<int64_t> splits(csr_rows * (blocks + 1));
+  std::atomic<bool> sorted{true};
+  at::parallel_for(0, csr_rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const I *begin = a.col + a.row_ptr[r], *end = a.col + a.row_ptr[r + 1];
+      if (!std::is_sorted(begin, end)) sorted = false;
+      for (int64_t b = 0; b < blocks; ++b)
+        splits[r * (blocks + 1) + b] = std::lower_bound(begin, end, static_cast<I>(b * a.col_block)) - a.col;
+      splits[r * (blocks + 1) + blocks] = a.row_ptr[r + 1];
+    }
+  });
+  if (!sorted) return false;
+  const int64_t tile_bytes = kSpmmRowBlock * MB * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::clamp<int64_t>(l2_cache_bytes() / 4 / tile_bytes, 1, csr_rows);
+  const int64_t groups = (csr_rows + group - 1) / group;
+  const int64_t pos_blocks = (a.plane + kSpmmRowBlock - 1) / kSpmmRowBlock;
+  const int64_t m_blocks = (a.M + MB - 1) / MB;
+  parallel_tasks(groups * pos_blocks * m_blocks, [&](int64_t t) {
+    const int64_t gi = t % groups, pb = (t / groups) % pos_blocks, mb = t / (groups * pos_blocks);
+    const int64_t row0 = gi * group, row1 = std::min(csr_rows, row0 + group);
+    const int64_t p0 = pb * kSpmmRowBlock, p1 = std::min(a.plane, p0 + kSpmmRowBlock);
+    thread_local std::vector<T> acc;
+    acc.resize(group * kSpmmRowBlock * MB);
+    SPARSEOPS_ISA_CALL_ON(isa, spmm_conv_blocked, a, row0, row1, p0, p1, mb * MB, splits.data(), blocks, acc.data());
+  });
+  return true;
+}
+
 template <typename T, typename I>
 void spmm(const SpmmArgs<T, I>& a) {
   const Isa isa = isa_for_ld<T>(a.ldb);
   const int64_t MB = spmm_m_block<T>(isa);
+  if (a.eoff && a.col_blocks > 1 && spmm_conv_in_blocks(a, isa)) return;
   if (a.eoff) {
     // Convolution: tiles of up to kSpmmRowBlock positions of one CSR row (an output channel).
     // Consecutive tasks take the same positions for the next channels, so the input around those

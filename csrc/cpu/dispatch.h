@@ -6,6 +6,8 @@
 namespace sparseops::cpu {
 
 template <typename T, typename I> void spmm(const SpmmArgs<T, I>& a);
+// This CPU's L2 cache per core (sysconf; 1 MiB where it does not say): what blocked kernels size to.
+int64_t l2_cache_bytes();
 template <typename T, typename I> void sddmm(const SddmmArgs<T, I>& a);
 // dw values (one per kept entry, CSR order) of the implicit-im2col convolution, written to out (or
 // added to it: later passes over the batch); positions are split between threads, each summing

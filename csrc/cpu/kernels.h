@@ -37,6 +37,9 @@ struct SpmmArgs {
   int64_t plane = 1;
   const int64_t* eoff = nullptr;
   const int64_t* poff = nullptr;
+  // Convolution only: columns per L2 block of the kernel's input window (0: one block), and how
+  // many blocks cover the columns (dispatch.cpp, spmm).
+  int64_t col_block = 0, col_blocks = 1;
 };
 
 // out[r, c] = the sum over the batch's slabs of dot(a[r, :], b[c, :]) over ld columns where (r, c) is
@@ -91,6 +94,8 @@ struct SoftMaskArgs {
   namespace ns {                                                                          \
   template <typename T, typename I> void spmm_tile(const SpmmArgs<T, I>&, int64_t r0,     \
                                                    int64_t r1, int64_t m0);               \
+  template <typename T, typename I> void spmm_conv_blocked(const SpmmArgs<T, I>&, int64_t row0, \
+      int64_t row1, int64_t p0, int64_t p1, int64_t m0, const int64_t* splits, int64_t blocks, T* acc); \
   template <typename T, typename I> void sddmm_rows(const SddmmArgs<T, I>&, int64_t r0,   \
                                                     int64_t r1);                          \
   template <typename T, typename I> void conv_dw_positions(const SddmmArgs<T, I>&,        \

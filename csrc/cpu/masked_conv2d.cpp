@@ -86,6 +86,20 @@ at::Tensor position_offsets(int64_t rows, int64_t cols, int64_t step_h, int64_t 
   return ((i * (step_h * row_len)) + j * step_w).mul_(unit).reshape({-1}).contiguous();
 }
 
+// Columns (whole input channels' taps) per block of the forward's SpMM, 0 for one block: a tile
+// (kSpmmRowBlock positions of one output channel) reads the input rows around its positions, and
+// with many input channels that window outgrows L2 (3.8 MB at 256 channels @8x8 for 64 images),
+// so it came from L3 for every channel: the forward ran 2x slower than with the same entries over
+// 64 input channels. Blocks of input channels whose window fills half of L2 stay there.
+int64_t forward_col_block(const ConvGeom& g, int64_t ld, int64_t elem) {
+  const int64_t tile = std::min<int64_t>(g.Ho * g.Wo, cpu::kSpmmRowBlock);
+  const int64_t out_rows = std::min<int64_t>(g.Ho, (tile + g.Wo - 1) / g.Wo + 1);
+  const int64_t in_rows = std::min<int64_t>(g.Hp, (out_rows - 1) * g.sh + (g.KH - 1) * g.dh + 1);
+  const int64_t per_channel = in_rows * g.Wp * ld * elem;
+  const int64_t channels = std::max<int64_t>(1, cpu::l2_cache_bytes() / 2 / per_channel);
+  return channels >= g.Cin ? 0 : channels * g.KH * g.KW;
+}
+
 // Element offset in xt of the tap (ci, kh, kw) = col[j] of each kept entry of W's CSR.
 at::Tensor forward_entry_offsets(const at::Tensor& col, const ConvGeom& g, int64_t ld) {
   auto k = col.to(at::kLong);
@@ -106,9 +120,12 @@ void dispatch(const at::Tensor& t, const at::Tensor& index, const F& f) {
 // out [N, rows, plane] (NCHW) = the implicit-im2col SpMM: CSR row r at every position p reads bt at
 // eoff[j] + poff[p] for its kept entries j (kernels.h, SpmmArgs), plus bias[r] if given (added as
 // the tiles are written: a separate add is one more pass over the output).
+// With col_block (columns per block, a multiple of the taps: whole input channels), the entries
+// run in column blocks (kernels_impl.h, spmm_conv_blocked).
 void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
                const at::Tensor& bt, int64_t N, int64_t ld, int64_t plane, const at::Tensor& eoff,
-               const at::Tensor& poff, const at::Tensor& bias = at::Tensor()) {
+               const at::Tensor& poff, const at::Tensor& bias = at::Tensor(), int64_t col_block = 0,
+               int64_t cols = 0) {
   const int64_t rows = (row_ptr.numel() - 1) * plane;
   dispatch(out, row_ptr, [&](auto t, auto i) {
     using T = decltype(t);
@@ -117,6 +134,10 @@ void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col
                           bt.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr, out.data_ptr<T>(),
                           plane, eoff.data_ptr<int64_t>(),
                           poff.data_ptr<int64_t>()};
+    if (col_block > 0) {
+      a.col_block = col_block;
+      a.col_blocks = (cols + col_block - 1) / col_block;
+    }
     cpu::spmm(a);
   });
 }
@@ -141,11 +162,12 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto vals = gather_values(w2, rp, ci, g.K, 1);
     const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     const auto rowmap = nhwc_rowmap(g.Cin, g.H, g.W, g.ph, g.pw);
+    const int64_t col_block = forward_col_block(g, ld, x.element_size());
     for (int64_t n0 = 0; n0 < g.N; n0 += ld) {  // passes of ld images
       const int64_t nb = std::min(ld, g.N - n0);
       auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, rowmap);
       auto yb = y.narrow(0, n0, nb);
-      conv_spmm(yb, rp, ci, vals, xt, nb, ld, plane, eoff, poff, b);
+      conv_spmm(yb, rp, ci, vals, xt, nb, ld, plane, eoff, poff, b, col_block, g.K);
     }
   } else if (bias.has_value() && bias->defined()) {  // nothing kept: every output is the bias
     y.copy_(bias->view({1, g.Cout, 1, 1}).expand_as(y));
