@@ -66,19 +66,22 @@ def test_cpu_scratch_border_is_zero_after_another_geometry(grad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_cpu_many_input_channels_run_in_blocks(isa, dtype, stride):
-    """With 512 input channels @8x8 the input window of a tile outgrows half of any L2 here, so the
-    CPU kernel sums each output channel over blocks of input channels (csrc/cpu/dispatch.cpp,
-    spmm_conv_in_blocks); 70 images: two passes of the batch. Output channels with no kept entry, or
+@pytest.mark.parametrize("cin,cout", [(512, 6), (6, 512)])
+def test_cpu_many_channels_run_in_blocks(isa, dtype, stride, cin, cout):
+    """With 512 input channels @8x8 the input window of a forward tile outgrows half of any L2 here,
+    so the CPU kernel sums each output channel over blocks of input channels (csrc/cpu/dispatch.cpp,
+    spmm_conv_in_blocks); with 512 output channels dx does the same over blocks of them (its grouped
+    rows reordered by block). 70 images: two passes of the batch. Channels with no kept entry, or
     entries only in the first or the last block, included."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(6, 512, 3, 3, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype, requires_grad=True)
     mask = torch.rand(w.shape, generator=g) < 0.05
-    mask[0] = False
-    mask[1, 8:] = False
-    mask[2, :-8] = False
-    x = torch.randn(70, 512, 8, 8, generator=g, dtype=dtype, requires_grad=True)
-    b = torch.randn(6, generator=g, dtype=dtype, requires_grad=True)
+    many = mask if cin > cout else mask.transpose(0, 1)  # [the few channels, the many, 3, 3]
+    many[0] = False
+    many[1, 8:] = False
+    many[2, :-8] = False
+    x = torch.randn(70, cin, 8, 8, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(cout, generator=g, dtype=dtype, requires_grad=True)
     with sparseops.backend("cpu"):
         y = sparseops.masked_conv2d(x, w, mask, b, stride, 1)
     gy = torch.randn(y.shape, generator=g, dtype=dtype)

@@ -86,18 +86,20 @@ at::Tensor position_offsets(int64_t rows, int64_t cols, int64_t step_h, int64_t 
   return ((i * (step_h * row_len)) + j * step_w).mul_(unit).reshape({-1}).contiguous();
 }
 
-// Columns (whole input channels' taps) per block of the forward's SpMM, 0 for one block: a tile
-// (kSpmmRowBlock positions of one output channel) reads the input rows around its positions, and
-// with many input channels that window outgrows L2 (3.8 MB at 256 channels @8x8 for 64 images),
-// so it came from L3 for every channel: the forward ran 2x slower than with the same entries over
-// 64 input channels. Blocks of input channels whose window fills half of L2 stay there.
-int64_t forward_col_block(const ConvGeom& g, int64_t ld, int64_t elem) {
-  const int64_t tile = std::min<int64_t>(g.Ho * g.Wo, cpu::kSpmmRowBlock);
-  const int64_t out_rows = std::min<int64_t>(g.Ho, (tile + g.Wo - 1) / g.Wo + 1);
-  const int64_t in_rows = std::min<int64_t>(g.Hp, (out_rows - 1) * g.sh + (g.KH - 1) * g.dh + 1);
-  const int64_t per_channel = in_rows * g.Wp * ld * elem;
-  const int64_t channels = std::max<int64_t>(1, cpu::l2_cache_bytes() / 2 / per_channel);
-  return channels >= g.Cin ? 0 : channels * g.KH * g.KW;
+// Channels per block of a convolution's SpMM, 0 for one block: a tile (kSpmmRowBlock positions of
+// a plane Ho x Wo, `step` apart in the buffer it reads, whose rows are Wrow positions of `channels`
+// rows of ld) reads the buffer's rows around its positions, and with many channels that window
+// outgrows L2 (3.8 MB at 256 channels @8x8 for 64 images), so it came from L3 for every output
+// channel: the forward ran 2x slower than with the same entries over 64 input channels. Blocks of
+// channels whose window fills half of L2 stay there (spmm_conv_blocked).
+int64_t block_channels(int64_t Ho, int64_t Wo, int64_t step, int64_t KH, int64_t dh, int64_t Hrows, int64_t Wrow,
+                       int64_t channels, int64_t ld, int64_t elem) {
+  const int64_t tile = std::min<int64_t>(Ho * Wo, cpu::kSpmmRowBlock);
+  const int64_t out_rows = std::min<int64_t>(Ho, (tile + Wo - 1) / Wo + 1);
+  const int64_t in_rows = std::min<int64_t>(Hrows, (out_rows - 1) * step + (KH - 1) * dh + 1);
+  const int64_t per_channel = in_rows * Wrow * ld * elem;
+  const int64_t fit = std::max<int64_t>(1, cpu::l2_cache_bytes() / 2 / per_channel);
+  return fit >= channels ? 0 : fit;
 }
 
 // Element offset in xt of the tap (ci, kh, kw) = col[j] of each kept entry of W's CSR.
@@ -162,7 +164,9 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     auto vals = gather_values(w2, rp, ci, g.K, 1);
     const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     const auto rowmap = nhwc_rowmap(g.Cin, g.H, g.W, g.ph, g.pw);
-    const int64_t col_block = forward_col_block(g, ld, x.element_size());
+    // (W's columns are (ci, kh, kw): a block of input channels is a range of them)
+    const int64_t col_block =
+        block_channels(g.Ho, g.Wo, g.sh, g.KH, g.dh, g.Hp, g.Wp, g.Cin, ld, x.element_size()) * g.KH * g.KW;
     for (int64_t n0 = 0; n0 < g.N; n0 += ld) {  // passes of ld images
       const int64_t nb = std::min(ld, g.N - n0);
       auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, rowmap);
@@ -214,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     dw = at::zeros(w.sizes(), w.options());  // fresh, in w's shape (an op returns no views)
   }
   const bool dw_work = need_dw && work;
-  at::Tensor t_rp, t_ci, t_vals, group_ptr, dx_eoff, dx_poff;  // dx: the transposed convolution
+  at::Tensor t_rp, t_ci, t_vals, group_ptr, dx_eoff, dx_poff, dx_col;  // dx: the transposed convolution
+  int64_t dx_block = 0;
   if (dx_work) {
     t_rp = t_row_ptr.contiguous();
     t_ci = t_col_idx.contiguous();
@@ -230,6 +235,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
                   .contiguous();
     // dx's own positions (h, w) sit at (h + ph, w + pw) of the padded input: only those are computed.
     dx_poff = position_offsets(g.H, g.W, 1, 1, Wq, g.Cout * ld).add_((g.ph * Wq + g.pw) * g.Cout * ld);
+    // In blocks of output channels where the grad's window outgrows L2 (as the forward): a grouped
+    // row lists its entries tap by tap, so they are reordered by block (stably), and the SpMM reads
+    // each entry's block start as its column.
+    dx_block = block_channels(g.H, g.W, 1, g.KH, g.dh, Hq, Wq, g.Cout, ld, x.element_size());
+    if (dx_block > 0) {
+      auto co_block = t_ci.to(at::kLong).div(dx_block, "floor");
+      auto group = at::repeat_interleave(at::arange(g.Cin, long_opts), group_ptr.diff().to(at::kLong), 0, nnz);
+      const auto order = std::get<1>(group.mul_(g.Cout).add_(co_block).sort(/*stable=*/std::optional<bool>(true), 0));
+      t_vals = t_vals.index_select(0, order);
+      dx_eoff = dx_eoff.index_select(0, order);
+      dx_col = co_block.index_select(0, order).mul_(dx_block).to(t_ci.scalar_type());
+    } else {
+      dx_col = t_ci;
+    }
   }
   at::Tensor rp, ci, eoff, poff, a_off, vals, x_rowmap;  // dw: the SDDMM per kept entry
   if (dw_work) {
@@ -271,7 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     }
     if (dx_work) {
       auto dxb = dx.narrow(0, n0, nb);
-      conv_spmm(dxb, group_ptr, t_ci, t_vals, gq, nb, ld, g.H * g.W, dx_eoff, dx_poff);
+      conv_spmm(dxb, group_ptr, dx_col, t_vals, gq, nb, ld, g.H * g.W, dx_eoff, dx_poff, at::Tensor(), dx_block,
+                g.Cout);
     }
     if (dw_work) {
       auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, x_rowmap);
