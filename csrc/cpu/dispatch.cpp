@@ -127,7 +127,7 @@ int64_t l2_cache_bytes() {
 }
 
 // The convolution's SpMM in column blocks (kernels_impl.h, spmm_conv_blocked): groups of output
-// channels whose tiles fill about a quarter of L2, each task one group at one position block of one
+// channels whose tiles fill at most a quarter of L2, each task one group at one position block of one
 // register block of images. Needs each CSR row's columns sorted (they are, from csr_layout) to cut
 // it into blocks; false if a row is not, and the caller runs the one-pass tiles.
 template <typename T, typename I>
@@ -147,10 +147,12 @@ static bool spmm_conv_in_blocks(const SpmmArgs<T, I>& a, Isa isa) {
   });
   if (!sorted) return false;
   const int64_t tile_bytes = kSpmmRowBlock * MB * static_cast<int64_t>(sizeof(T));
-  const int64_t group = std::clamp<int64_t>(l2_cache_bytes() / 4 / tile_bytes, 1, csr_rows);
-  const int64_t groups = (csr_rows + group - 1) / group;
   const int64_t pos_blocks = (a.plane + kSpmmRowBlock - 1) / kSpmmRowBlock;
   const int64_t m_blocks = (a.M + MB - 1) / MB;
+  // (and small enough for 4 tasks per thread: a many-core machine's threads all get work)
+  const int64_t spread = csr_rows * pos_blocks * m_blocks / (4 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t group = std::clamp<int64_t>(std::min(l2_cache_bytes() / 4 / tile_bytes, spread), 1, csr_rows);
+  const int64_t groups = (csr_rows + group - 1) / group;
   parallel_tasks(groups * pos_blocks * m_blocks, [&](int64_t t) {
     const int64_t gi = t % groups, pb = (t / groups) % pos_blocks, mb = t / (groups * pos_blocks);
     const int64_t row0 = gi * group, row1 = std::min(csr_rows, row0 + group);
