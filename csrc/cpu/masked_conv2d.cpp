@@ -8,10 +8,12 @@
 // dilation is the same kernel, the batch (not the often tiny output width) fills the vectors, and no
 // im2col matrix is built. A task is up to kSpmmRowBlock positions of one output channel; consecutive
 // tasks take the next channels at the same positions, so they read the same neighbourhood of xt
-// from cache (dispatch.cpp, spmm). The output is written NCHW.
+// from cache (dispatch.cpp, spmm); where that neighbourhood outgrows L2, in blocks of input channels
+// (block_channels). The output is written NCHW.
 //   forward: output row (p, co) = SpMM over W's CSR row co.
 //   dx:      the transposed convolution, an SpMM over W^T's CSR rows grouped by ci, reading grad
-//            scattered (stride) into a zero-bordered buffer gq[hq, wq, co, n].
+//            scattered (stride) into a zero-bordered buffer gq[hq, wq, co, n] (in blocks of co
+//            likewise).
 //   dw:      per kept entry, the sum over positions p of dot(gt[p, co, :], xt at eoff[j] + poff[p]);
 //            positions are split between threads.
 #include <ATen/ATen.h>
