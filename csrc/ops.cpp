@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <string>
@@ -139,6 +140,7 @@ TORCH_LIBRARY(sparseops, m) {
     for (auto isa : sparseops::cpu::supported_isas()) out.push_back(sparseops::cpu::isa_name(isa));
     return out;
   });
+  m.def("_cpu_l2_bytes() -> int", [] { return sparseops::cpu::l2_cache_bytes(); });
   m.def("_set_cpu_isa(str isa) -> str", [](const std::string& name) {
     auto previous = sparseops::cpu::isa_name(sparseops::cpu::active_isa());
     sparseops::cpu::set_active_isa(name);

@@ -34,7 +34,8 @@ def info() -> str:
     isa = torch.ops.sparseops._cpu_isa()
     supported = ", ".join(torch.ops.sparseops._cpu_isa_supported())
     lines.append(f"CPU backend: compiled; kernels in use: {isa} (this CPU runs: {supported}; "
-                 f"SPARSEOPS_CPU_ISA caps it)")
+                 f"SPARSEOPS_CPU_ISA caps it); L2 {torch.ops.sparseops._cpu_l2_bytes() // 1024} KiB per core, "
+                 f"what the conv kernels' channel blocks are sized to")
     lines.append(f"threads: {torch.get_num_threads()} (torch.set_num_threads / OMP_NUM_THREADS)")
     if CUDA_EXTENSION_ERROR is None:
         archs = torch.ops.sparseops._cuda_arch_list()

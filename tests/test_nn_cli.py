@@ -54,6 +54,8 @@ def test_info_names_backends_isa_and_threads():
     text = info()
     assert f"torch {torch.__version__}" in text
     assert "CPU backend: compiled; kernels in use: " + torch.ops.sparseops._cpu_isa() in text
+    assert f"L2 {torch.ops.sparseops._cpu_l2_bytes() // 1024} KiB per core" in text
+    assert torch.ops.sparseops._cpu_l2_bytes() >= 64 * 1024
     assert "threads: " in text and "CUDA backend:" in text and "Triton" in text
 
 

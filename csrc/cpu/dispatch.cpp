@@ -120,7 +120,11 @@ static void parallel_range(int64_t n, const F& f) {
 
 int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE  // (glibc; not every C library has it)
     const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long b = 0;
+#endif
     return b > 0 ? static_cast<int64_t>(b) : int64_t(1) << 20;
   }();
   return bytes;
