@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     dx_block = block_channels(g.H, g.W, 1, g.KH, g.dh, Hq, Wq, g.Cout, ld, x.element_size());
     if (dx_block > 0) {
       auto co_block = t_ci.to(at::kLong).div(dx_block, "floor");
-      auto group = at::repeat_interleave(at::arange(g.Cin, long_opts), group_ptr.diff().to(at::kLong), 0, nnz);
+      auto group = k.div(g.KH * g.KW, "floor");  // each entry's grouped row: its input channel
       const auto order = std::get<1>(group.mul_(g.Cout).add_(co_block).sort(/*stable=*/std::optional<bool>(true), 0));
       t_vals = t_vals.index_select(0, order);
       dx_eoff = dx_eoff.index_select(0, order);
