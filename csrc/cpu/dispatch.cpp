@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <vector>
 
 #include <unistd.h>
-#include <cstdlib>
 
 namespace sparseops::cpu {
 
@@ -130,26 +130,31 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// The convolution's SpMM in column blocks (kernels_impl.h, spmm_conv_blocked): groups of output
-// channels whose tiles fill at most a quarter of L2, each task one group at one position block of one
-// register block of images. Needs each CSR row's columns sorted (they are, from csr_layout) to cut
-// it into blocks; false if a row is not, and the caller runs the one-pass tiles.
-template <typename T, typename I>
-static bool spmm_conv_in_blocks(const SpmmArgs<T, I>& a, Isa isa) {
-  const int64_t MB = spmm_m_block<T>(isa), blocks = a.col_blocks;
-  const int64_t csr_rows = a.rows / a.plane;
-  std::vector<int64_t> splits(csr_rows * (blocks + 1));
+template <typename I>
+bool column_block_starts(const I* row_ptr, const I* col, int64_t rows, int64_t col_block, int64_t blocks,
+                         int64_t* starts) {
   std::atomic<bool> sorted{true};
-  at::parallel_for(0, csr_rows, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const I *begin = a.col + a.row_ptr[r], *end = a.col + a.row_ptr[r + 1];
+      const I *begin = col + row_ptr[r], *end = col + row_ptr[r + 1];
       if (!std::is_sorted(begin, end)) sorted = false;
       for (int64_t b = 0; b < blocks; ++b)
-        splits[r * (blocks + 1) + b] = std::lower_bound(begin, end, static_cast<I>(b * a.col_block)) - a.col;
-      splits[r * (blocks + 1) + blocks] = a.row_ptr[r + 1];
+        starts[r * (blocks + 1) + b] = std::lower_bound(begin, end, static_cast<I>(b * col_block)) - col;
+      starts[r * (blocks + 1) + blocks] = row_ptr[r + 1];
     }
   });
-  if (!sorted) return false;
+  return sorted.load();
+}
+template bool column_block_starts<int32_t>(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t*);
+template bool column_block_starts<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t*);
+
+// The convolution's SpMM in column blocks (kernels_impl.h, spmm_conv_blocked): groups of output
+// channels whose tiles fill at most a quarter of L2, each task one group at one position block of one
+// register block of images.
+template <typename T, typename I>
+static void spmm_conv_in_blocks(const SpmmArgs<T, I>& a, Isa isa) {
+  const int64_t MB = spmm_m_block<T>(isa);
+  const int64_t csr_rows = a.rows / a.plane;
   const int64_t tile_bytes = kSpmmRowBlock * MB * static_cast<int64_t>(sizeof(T));
   const int64_t pos_blocks = (a.plane + kSpmmRowBlock - 1) / kSpmmRowBlock;
   const int64_t m_blocks = (a.M + MB - 1) / MB;
@@ -163,16 +168,19 @@ static bool spmm_conv_in_blocks(const SpmmArgs<T, I>& a, Isa isa) {
     const int64_t p0 = pb * kSpmmRowBlock, p1 = std::min(a.plane, p0 + kSpmmRowBlock);
     thread_local std::vector<T> acc;
     acc.resize(group * kSpmmRowBlock * MB);
-    SPARSEOPS_ISA_CALL_ON(isa, spmm_conv_blocked, a, row0, row1, p0, p1, mb * MB, splits.data(), blocks, acc.data());
+    SPARSEOPS_ISA_CALL_ON(isa, spmm_conv_blocked, a, row0, row1, p0, p1, mb * MB, a.block_starts, a.col_blocks,
+                          acc.data());
   });
-  return true;
 }
 
 template <typename T, typename I>
 void spmm(const SpmmArgs<T, I>& a) {
   const Isa isa = isa_for_ld<T>(a.ldb);
   const int64_t MB = spmm_m_block<T>(isa);
-  if (a.eoff && a.col_blocks > 1 && spmm_conv_in_blocks(a, isa)) return;
+  if (a.eoff && a.block_starts) {
+    spmm_conv_in_blocks(a, isa);
+    return;
+  }
   if (a.eoff) {
     // Convolution: tiles of up to kSpmmRowBlock positions of one CSR row (an output channel).
     // Consecutive tasks take the same positions for the next channels, so the input around those

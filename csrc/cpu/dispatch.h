@@ -8,6 +8,11 @@ namespace sparseops::cpu {
 template <typename T, typename I> void spmm(const SpmmArgs<T, I>& a);
 // This CPU's L2 cache per core (sysconf; 1 MiB where it does not say): what blocked kernels size to.
 int64_t l2_cache_bytes();
+// starts[r * (blocks + 1) + b]: the first entry of CSR row r with a column >= b * col_block (b =
+// blocks: the row's end), for spmm's column blocks. False if a row's columns are not sorted (they
+// are, from csr_layout): then they cannot be cut into blocks.
+template <typename I> bool column_block_starts(const I* row_ptr, const I* col, int64_t rows, int64_t col_block,
+                                               int64_t blocks, int64_t* starts);
 template <typename T, typename I> void sddmm(const SddmmArgs<T, I>& a);
 // dw values (one per kept entry, CSR order) of the implicit-im2col convolution, written to out (or
 // added to it: later passes over the batch); positions are split between threads, each summing

@@ -37,9 +37,10 @@ struct SpmmArgs {
   int64_t plane = 1;
   const int64_t* eoff = nullptr;
   const int64_t* poff = nullptr;
-  // Convolution only: columns per L2 block of the kernel's input window (0: one block), and how
-  // many blocks cover the columns (dispatch.cpp, spmm).
-  int64_t col_block = 0, col_blocks = 1;
+  // Convolution only: the entries in column blocks (dispatch.cpp, spmm), where each CSR row's
+  // entries of each block start (col_blocks + 1 per row: column_block_starts); null: one pass.
+  const int64_t* block_starts = nullptr;
+  int64_t col_blocks = 1;
 };
 
 // out[r, c] = the sum over the batch's slabs of dot(a[r, :], b[c, :]) over ld columns where (r, c) is

@@ -104,6 +104,21 @@ int64_t block_channels(int64_t Ho, int64_t Wo, int64_t step, int64_t KH, int64_t
   return fit >= channels ? 0 : fit;
 }
 
+// Where each CSR row's entries of each block of col_block columns (of cols) start, once per call
+// for every pass of the batch (cpu::column_block_starts); undefined for one block, or if a row's
+// columns are unsorted (the one-pass tiles then run).
+at::Tensor block_starts(const at::Tensor& row_ptr, const at::Tensor& col, int64_t col_block, int64_t cols) {
+  const int64_t rows = row_ptr.numel() - 1, blocks = col_block > 0 ? (cols + col_block - 1) / col_block : 1;
+  if (blocks <= 1) return at::Tensor();
+  auto starts = at::empty({rows * (blocks + 1)}, at::TensorOptions().dtype(at::kLong));
+  bool sorted = false;
+  AT_DISPATCH_INDEX_TYPES(row_ptr.scalar_type(), "block_starts", [&] {
+    sorted = cpu::column_block_starts(row_ptr.data_ptr<index_t>(), col.data_ptr<index_t>(), rows, col_block, blocks,
+                                      starts.data_ptr<int64_t>());
+  });
+  return sorted ? starts : at::Tensor();
+}
+
 // Element offset in xt of the tap (ci, kh, kw) = col[j] of each kept entry of W's CSR.
 at::Tensor forward_entry_offsets(const at::Tensor& col, const ConvGeom& g, int64_t ld) {
   auto k = col.to(at::kLong);
@@ -124,12 +139,11 @@ void dispatch(const at::Tensor& t, const at::Tensor& index, const F& f) {
 // out [N, rows, plane] (NCHW) = the implicit-im2col SpMM: CSR row r at every position p reads bt at
 // eoff[j] + poff[p] for its kept entries j (kernels.h, SpmmArgs), plus bias[r] if given (added as
 // the tiles are written: a separate add is one more pass over the output).
-// With col_block (columns per block, a multiple of the taps: whole input channels), the entries
-// run in column blocks (kernels_impl.h, spmm_conv_blocked).
+// With starts (block_starts), the entries run in column blocks (kernels_impl.h, spmm_conv_blocked).
 void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& vals,
                const at::Tensor& bt, int64_t N, int64_t ld, int64_t plane, const at::Tensor& eoff,
-               const at::Tensor& poff, const at::Tensor& bias = at::Tensor(), int64_t col_block = 0,
-               int64_t cols = 0) {
+               const at::Tensor& poff, const at::Tensor& bias = at::Tensor(),
+               const at::Tensor& starts = at::Tensor()) {
   const int64_t rows = (row_ptr.numel() - 1) * plane;
   dispatch(out, row_ptr, [&](auto t, auto i) {
     using T = decltype(t);
@@ -138,9 +152,9 @@ void conv_spmm(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col
                           bt.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr, out.data_ptr<T>(),
                           plane, eoff.data_ptr<int64_t>(),
                           poff.data_ptr<int64_t>()};
-    if (col_block > 0) {
-      a.col_block = col_block;
-      a.col_blocks = (cols + col_block - 1) / col_block;
+    if (starts.defined()) {
+      a.block_starts = starts.data_ptr<int64_t>();
+      a.col_blocks = starts.numel() / (row_ptr.numel() - 1) - 1;
     }
     cpu::spmm(a);
   });
@@ -167,13 +181,14 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const at:
     const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     const auto rowmap = nhwc_rowmap(g.Cin, g.H, g.W, g.ph, g.pw);
     // (W's columns are (ci, kh, kw): a block of input channels is a range of them)
-    const int64_t col_block =
-        block_channels(g.Ho, g.Wo, g.sh, g.KH, g.dh, g.Hp, g.Wp, g.Cin, ld, x.element_size()) * g.KH * g.KW;
+    const auto starts = block_starts(
+        rp, ci, block_channels(g.Ho, g.Wo, g.sh, g.KH, g.dh, g.Hp, g.Wp, g.Cin, ld, x.element_size()) * g.KH * g.KW,
+        g.K);
     for (int64_t n0 = 0; n0 < g.N; n0 += ld) {  // passes of ld images
       const int64_t nb = std::min(ld, g.N - n0);
       auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, rowmap);
       auto yb = y.narrow(0, n0, nb);
-      conv_spmm(yb, rp, ci, vals, xt, nb, ld, plane, eoff, poff, b, col_block, g.K);
+      conv_spmm(yb, rp, ci, vals, xt, nb, ld, plane, eoff, poff, b, starts);
     }
   } else if (bias.has_value() && bias->defined()) {  // nothing kept: every output is the bias
     y.copy_(bias->view({1, g.Cout, 1, 1}).expand_as(y));
@@ -220,8 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     dw = at::zeros(w.sizes(), w.options());  // fresh, in w's shape (an op returns no views)
   }
   const bool dw_work = need_dw && work;
-  at::Tensor t_rp, t_ci, t_vals, group_ptr, dx_eoff, dx_poff, dx_col;  // dx: the transposed convolution
-  int64_t dx_block = 0;
+  at::Tensor t_rp, t_ci, t_vals, group_ptr, dx_eoff, dx_poff, dx_starts;  // dx: the transposed convolution
   if (dx_work) {
     t_rp = t_row_ptr.contiguous();
     t_ci = t_col_idx.contiguous();
@@ -238,18 +252,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     // dx's own positions (h, w) sit at (h + ph, w + pw) of the padded input: only those are computed.
     dx_poff = position_offsets(g.H, g.W, 1, 1, Wq, g.Cout * ld).add_((g.ph * Wq + g.pw) * g.Cout * ld);
     // In blocks of output channels where the grad's window outgrows L2 (as the forward): a grouped
-    // row lists its entries tap by tap, so they are reordered by block (stably), and the SpMM reads
-    // each entry's block start as its column.
-    dx_block = block_channels(g.H, g.W, 1, g.KH, g.dh, Hq, Wq, g.Cout, ld, x.element_size());
+    // row lists its entries tap by tap, so they are reordered by block (stably), and the blocks'
+    // starts are found from each entry's block start.
+    const int64_t dx_block = block_channels(g.H, g.W, 1, g.KH, g.dh, Hq, Wq, g.Cout, ld, x.element_size());
     if (dx_block > 0) {
       auto co_block = t_ci.to(at::kLong).div(dx_block, "floor");
       auto group = k.div(g.KH * g.KW, "floor");  // each entry's grouped row: its input channel
       const auto order = std::get<1>(group.mul_(g.Cout).add_(co_block).sort(/*stable=*/std::optional<bool>(true), 0));
       t_vals = t_vals.index_select(0, order);
       dx_eoff = dx_eoff.index_select(0, order);
-      dx_col = co_block.index_select(0, order).mul_(dx_block).to(t_ci.scalar_type());
-    } else {
-      dx_col = t_ci;
+      const auto dx_col = co_block.index_select(0, order).mul_(dx_block).to(t_ci.scalar_type());
+      dx_starts = block_starts(group_ptr, dx_col, dx_block, g.Cout);
     }
   }
   at::Tensor rp, ci, eoff, poff, a_off, vals, x_rowmap;  // dw: the SDDMM per kept entry
@@ -292,8 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     }
     if (dx_work) {
       auto dxb = dx.narrow(0, n0, nb);
-      conv_spmm(dxb, group_ptr, dx_col, t_vals, gq, nb, ld, g.H * g.W, dx_eoff, dx_poff, at::Tensor(), dx_block,
-                g.Cout);
+      conv_spmm(dxb, group_ptr, t_ci, t_vals, gq, nb, ld, g.H * g.W, dx_eoff, dx_poff, at::Tensor(), dx_starts);
     }
     if (dw_work) {
       auto xt = nhwc_transpose(x.narrow(0, n0, nb), g.ph, g.pw, ld, kInput, x_rowmap);
